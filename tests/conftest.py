@@ -1,0 +1,28 @@
+import os
+import uuid
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.fixture(scope="session")
+def s3server():
+    """One real S3 server over HTTP on loopback for the whole test session."""
+    from streamtune.testing.s3server import start_local_s3
+
+    server = start_local_s3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3server):
+    """A fresh bucket URL (s3://name) on the loopback server."""
+    return s3server.create_bucket(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def s3opts(s3server):
+    return s3server.storage_options
