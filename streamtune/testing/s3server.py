@@ -43,11 +43,18 @@ class LocalS3:
         }
 
     def create_bucket(self, name: str) -> str:
-        import s3fs
+        import boto3
 
-        fs = s3fs.S3FileSystem(**self.storage_options)
-        if not fs.exists(name):
-            fs.mkdir(name)
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.key,
+            aws_secret_access_key=self.secret,
+            region_name=self.region,
+        )
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            client.create_bucket(Bucket=name)
         return f"s3://{name}"
 
     def stop(self) -> None:

@@ -1,0 +1,172 @@
+"""Pack source objects into raw Arrow shards (the `shard` stage).
+
+`plan_shards` groups a manifest's samples into shards of about `max_shard_bytes`; `write_raw_shard` fetches
+one shard's objects (concurrently), builds the raw rows and writes the shard; `commit_raw_shards` merges the
+results into the shard set's index (appending to an existing set for incremental runs) and writes it last.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pyarrow as pa
+
+from streamtune import quarantine, shards, storage
+from streamtune.manifest import sample_id_of
+
+MEDIA = ("audio", "image")
+
+
+def _samples(manifest: pa.Table) -> dict[str, list[dict]]:
+    by_sample: dict[str, list[dict]] = defaultdict(list)
+    for row in manifest.to_pylist():
+        if row["modality"] in ("sidecar", "unknown"):
+            continue
+        by_sample[row["sample_id"]].append(row)
+    return dict(sorted(by_sample.items()))
+
+
+def plan_shards(manifest: pa.Table, *, max_shard_bytes: int = 64 << 20, start_index: int = 0) -> list[dict]:
+    """Group samples (in key order) into shards of at most `max_shard_bytes` (a larger sample gets its own)."""
+    plans: list[dict] = []
+    current: dict = {"index": start_index, "sample_ids": [], "bytes": 0}
+    for sample_id, rows in _samples(manifest).items():
+        size = sum(r["size"] for r in rows)
+        if current["sample_ids"] and current["bytes"] + size > max_shard_bytes:
+            plans.append(current)
+            current = {"index": current["index"] + 1, "sample_ids": [], "bytes": 0}
+        current["sample_ids"].append(sample_id)
+        current["bytes"] += size
+    if current["sample_ids"]:
+        plans.append(current)
+    return plans
+
+
+def unusable_objects(manifest: pa.Table) -> list[dict]:
+    """Quarantine records for objects no stage can use (unknown type)."""
+    return [
+        quarantine.record(r["sample_id"], r["key"], "shard", "UnsupportedFormat", "not audio, image or text")
+        for r in manifest.to_pylist()
+        if r["modality"] == "unknown"
+    ]
+
+
+def _build_row(sample_id: str, rows: list[dict], blobs: dict[str, bytes], problems: list[dict]) -> dict:
+    out: dict = {"sample_id": sample_id, "audio": None, "image": None, "text": None, "meta": None, "sources": []}
+    meta: dict = {}
+    for r in sorted(rows, key=lambda r: r["key"]):
+        key, modality = r["key"], r["modality"]
+        data = blobs[key]
+        if r["sidecar"]:
+            meta.update(json.loads(r["sidecar"]))
+        if modality in MEDIA:
+            if out[modality] is not None:
+                problems.append(
+                    quarantine.record(sample_id, key, "shard", "DuplicateModality", f"sample already has {modality}")
+                )
+                continue
+            out[modality] = data
+        elif modality == "text":
+            try:
+                out["text"] = data.decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                problems.append(quarantine.record(sample_id, key, "shard", e, "text file is not UTF-8"))
+                continue
+        elif modality == "json":
+            try:
+                value = json.loads(data)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                problems.append(quarantine.record(sample_id, key, "shard", e, "invalid JSON"))
+                continue
+            meta.update(value if isinstance(value, dict) else {"json": value})
+        out["sources"].append(key)
+    if out["text"] is None:
+        for field in ("text", "caption", "transcription", "label"):
+            if isinstance(meta.get(field), str):
+                out["text"] = meta[field]
+                break
+    out["meta"] = json.dumps(meta, sort_keys=True, default=str) if meta else None
+    return out
+
+
+def write_raw_shard(
+    source_url: str,
+    manifest: pa.Table,
+    plan: dict,
+    out_prefix: str,
+    *,
+    source_options: dict | None = None,
+    out_options: dict | None = None,
+) -> dict:
+    """Fetch one planned shard's objects and write `out_prefix/shard-NNNNN.arrow`.
+
+    Returns {"entry": the shard's index entry (with "sources": {key: etag}), "quarantine": [records]}.
+    """
+    wanted = set(plan["sample_ids"])
+    by_sample = {s: rows for s, rows in _samples(manifest).items() if s in wanted}
+    fs, root = storage.get_fs(source_url, source_options)
+    root = root.rstrip("/")
+    keys = [r["key"] for rows in by_sample.values() for r in rows]
+    paths = [f"{root}/{k}" for k in keys]
+    fetched = fs.cat(paths, on_error="return") if paths else {}
+    problems: list[dict] = []
+    blobs: dict[str, bytes] = {}
+    for key, path in zip(keys, paths, strict=True):
+        value = fetched.get(path)
+        if isinstance(value, BaseException) or value is None:
+            problems.append(quarantine.record(sample_id_of(key), key, "shard", value or "Missing", "could not read"))
+            blobs[key] = b""
+        else:
+            blobs[key] = value
+    rows = []
+    for sample_id in plan["sample_ids"]:
+        sample_rows = [r for r in by_sample[sample_id] if not any(p["key"] == r["key"] for p in problems)]
+        if sample_rows:
+            rows.append(_build_row(sample_id, sample_rows, blobs, problems))
+    table = pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA)
+    url = storage.join(out_prefix, shards.shard_name(plan["index"]))
+    entry = shards.write_shard(table, url, out_options)
+    entry["sources"] = {
+        r["key"]: r["etag"] for s in plan["sample_ids"] for r in by_sample[s] if blobs.get(r["key"]) is not None
+    }
+    return {"entry": entry, "quarantine": problems}
+
+
+def ingested_sources(shards_prefix: str, storage_options: dict | None = None) -> dict[str, str]:
+    """{key: etag} of every object already in the committed shard set at `shards_prefix` (empty if none)."""
+    if not storage.exists(storage.join(shards_prefix, "index.json"), storage_options):
+        return {}
+    index = shards.read_index(shards_prefix, storage_options)
+    seen: dict[str, str] = {}
+    for entry in index["shards"]:
+        seen.update(entry.get("sources") or {})
+    return seen
+
+
+def next_shard_index(shards_prefix: str, storage_options: dict | None = None) -> int:
+    if not storage.exists(storage.join(shards_prefix, "index.json"), storage_options):
+        return 0
+    names = [e["path"] for e in shards.read_index(shards_prefix, storage_options)["shards"]]
+    return max((int(n.split("-")[1].split(".")[0]) for n in names), default=-1) + 1
+
+
+def commit_raw_shards(
+    out_prefix: str,
+    results: list[dict],
+    storage_options: dict | None = None,
+    *,
+    append: bool = True,
+    problems: list[dict] | None = None,
+) -> dict:
+    """Write the quarantine list, then index.json (last), merging with an existing index when appending."""
+    entries = [r["entry"] for r in results]
+    if append and storage.exists(storage.join(out_prefix, "index.json"), storage_options):
+        old = shards.read_index(out_prefix, storage_options)
+        new_paths = {e["path"] for e in entries}
+        entries = [e for e in old["shards"] if e["path"] not in new_paths] + entries
+    records = list(problems or []) + [q for r in results for q in r["quarantine"]]
+    qname = f"quarantine-{min((r['entry']['path'] for r in results), default='empty').split('.')[0]}.parquet"
+    if records:
+        quarantine.write_quarantine(storage.join(out_prefix, "quarantine", qname), records, storage_options)
+    return shards.commit_index(out_prefix, entries, shards.RAW_SCHEMA, storage_options)

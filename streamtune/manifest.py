@@ -1,0 +1,192 @@
+"""Manifest: list a source prefix, classify every object, join sidecar metadata.
+
+One row per object. A sample is every object sharing a key stem (`a01.wav`, `a01.jpg`, `a01.txt` → `a01`).
+Sidecars follow the AudioFolder/ImageFolder convention: `metadata.jsonl` / `metadata.csv` in a folder, one
+row per file with a `file_name` column; their fields attach to that file's sample. Rows a sidecar cannot
+provide (bad JSON, missing `file_name`, pointing outside its folder) become quarantine records.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streamtune import quarantine, storage
+from streamtune.sniff import SNIFF_BYTES, detect_modality
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("key", pa.string()),
+        ("size", pa.int64()),
+        ("etag", pa.string()),
+        ("modality", pa.string()),  # audio | image | text | json | sidecar | unknown
+        ("detected_by", pa.string()),  # content | extension | unknown
+        ("sidecar", pa.string()),  # JSON object of sidecar fields for this file, or null
+    ]
+)
+
+
+def _etag(info: dict) -> str:
+    for field in ("ETag", "etag", "md5"):
+        if info.get(field):
+            return str(info[field]).strip('"')
+    stamp = f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('created')}"
+    return "local-" + hashlib.sha1(stamp.encode()).hexdigest()[:16]
+
+
+def sample_id_of(key: str) -> str:
+    stem, _ = posixpath.splitext(key)
+    return stem
+
+
+def list_objects(source_url: str, storage_options: dict | None = None) -> list[dict]:
+    """Every object under the prefix: [{key (relative, '/'-separated), path, size, etag}], sorted by key."""
+    fs, root = storage.get_fs(source_url, storage_options)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise FileNotFoundError(f"source not found: {source_url}")
+    found = fs.find(root, detail=True)
+    objects = []
+    for path, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        key = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
+        if not key or posixpath.basename(key).startswith("."):
+            continue
+        objects.append({"key": key, "path": path, "size": int(info.get("size") or 0), "etag": _etag(info)})
+    return sorted(objects, key=lambda o: o["key"])
+
+
+def _read_heads(fs, objects: list[dict], max_workers: int = 16) -> list[bytes]:
+    def head(obj: dict) -> bytes:
+        if obj["size"] == 0:
+            return b""
+        try:
+            return fs.cat_file(obj["path"], start=0, end=min(SNIFF_BYTES, obj["size"]))
+        except (OSError, ValueError):
+            return b""
+
+    with ThreadPoolExecutor(max_workers) as pool:
+        return list(pool.map(head, objects))
+
+
+def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
+    """Rows of one sidecar file, keyed by the full key of the file they describe."""
+    folder = posixpath.dirname(key)
+    rows: dict[str, dict] = {}
+    bad: list[dict] = []
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return {}, [quarantine.record(None, key, "manifest", e, "sidecar is not UTF-8")]
+    if key.endswith(".csv"):
+        entries = [(i + 2, row) for i, row in enumerate(csv.DictReader(io.StringIO(text)))]
+    else:
+        entries = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                entries.append((i + 1, json.loads(line)))
+            except json.JSONDecodeError as e:
+                bad.append(quarantine.record(None, key, "manifest", e, f"line {i + 1}: {e}"))
+    for line_no, row in entries:
+        name = row.get("file_name") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not name:
+            bad.append(quarantine.record(None, key, "manifest", "SidecarRowError", f"line {line_no}: no file_name"))
+            continue
+        target = posixpath.normpath(posixpath.join(folder, name))
+        inside = not folder or target.startswith(folder + "/")
+        if not inside or target.startswith("../") or posixpath.isabs(name):
+            bad.append(
+                quarantine.record(None, key, "manifest", "SidecarRowError", f"line {line_no}: {name!r} leaves folder")
+            )
+            continue
+        rows[target] = {k: v for k, v in row.items() if k != "file_name"}
+    return rows, bad
+
+
+def build_manifest(
+    source_url: str,
+    storage_options: dict | None = None,
+    *,
+    exclude: dict[str, str] | None = None,
+) -> tuple[pa.Table, list[dict]]:
+    """List and classify `source_url`. Objects in `exclude` ({key: etag}) with an unchanged etag are skipped,
+    which makes incremental runs cheap. Returns (manifest table, quarantine records)."""
+    fs, _ = storage.get_fs(source_url, storage_options)
+    objects = list_objects(source_url, storage_options)
+    problems: list[dict] = []
+
+    sidecar_rows: dict[str, dict] = {}
+    for obj in objects:
+        if posixpath.basename(obj["key"]) in ("metadata.jsonl", "metadata.csv"):
+            rows, bad = _parse_sidecar(obj["key"], fs.cat_file(obj["path"]))
+            sidecar_rows.update(rows)
+            problems.extend(bad)
+
+    exclude = exclude or {}
+    todo = [o for o in objects if exclude.get(o["key"]) != o["etag"]]
+    heads = _read_heads(fs, todo)
+    records = []
+    for obj, head in zip(todo, heads, strict=True):
+        modality, how = detect_modality(obj["key"], head)
+        side = sidecar_rows.get(obj["key"])
+        records.append(
+            {
+                "sample_id": sample_id_of(obj["key"]),
+                "key": obj["key"],
+                "size": obj["size"],
+                "etag": obj["etag"],
+                "modality": modality,
+                "detected_by": how,
+                "sidecar": json.dumps(side, sort_keys=True, default=str) if side is not None else None,
+            }
+        )
+    for target in sidecar_rows:
+        if not any(o["key"] == target for o in objects):
+            problems.append(
+                quarantine.record(sample_id_of(target), target, "manifest", "SidecarRowError", "file_name not found")
+            )
+    return pa.Table.from_pylist(records, schema=SCHEMA), problems
+
+
+def manifest_hash(table: pa.Table) -> str:
+    """Content hash of a manifest (keys, etags, sizes, sidecar fields): the cache key of downstream stages."""
+    h = hashlib.sha256()
+    for row in sorted(table.select(["key", "etag", "size", "sidecar"]).to_pylist(), key=lambda r: r["key"]):
+        h.update(json.dumps(row, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def summarize_manifest(table: pa.Table) -> dict:
+    rows = table.to_pylist()
+    by_modality: dict[str, int] = {}
+    for r in rows:
+        by_modality[r["modality"]] = by_modality.get(r["modality"], 0) + 1
+    samples = {r["sample_id"] for r in rows if r["modality"] in ("audio", "image", "text", "json")}
+    return {
+        "objects": len(rows),
+        "samples": len(samples),
+        "bytes": sum(r["size"] for r in rows),
+        "by_modality": dict(sorted(by_modality.items())),
+        "with_sidecar": sum(1 for r in rows if r["sidecar"] is not None),
+    }
+
+
+def write_manifest(table: pa.Table, url: str, storage_options: dict | None = None) -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(url, buf.getvalue(), storage_options)
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(url, storage_options)))
