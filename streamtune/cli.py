@@ -6,7 +6,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -32,9 +31,11 @@ EndpointOpt = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint 
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("streamtune-demo"), "--workdir", help="Where outputs and summary.json go."),
+    workdir: Path = typer.Option(
+        Path("streamtune-demo"), "--workdir", help="Where outputs and summary.json go."
+    ),
     samples: int = typer.Option(24, help="Samples in the generated source set."),
-    iters: Optional[int] = typer.Option(None, help="Training steps (default: the demo's)."),
+    iters: int | None = typer.Option(None, help="Training steps (default: the demo's)."),
 ) -> None:
     """Run the whole pipeline on the embedded default: generated media on a loopback S3 server."""
     from streamtune.demo.run import run_demo
@@ -46,8 +47,8 @@ def demo(
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="YAML file with pipeline parameters."),
-    source_url: Optional[str] = typer.Option(None, help="Override source_url."),
-    work_url: Optional[str] = typer.Option(None, help="Override work_url."),
+    source_url: str | None = typer.Option(None, help="Override source_url."),
+    work_url: str | None = typer.Option(None, help="Override work_url."),
     summary_path: Path = typer.Option(Path("summary.json"), "--summary", help="Where to write summary.json."),
 ) -> None:
     """Run the pipeline flow on real sources (parameters from CONFIG, flags override)."""
@@ -72,7 +73,7 @@ def run(
 def manifest(
     source: str = typer.Argument(..., help="Source URL (s3://bucket/prefix, a folder, any fsspec URL)."),
     out: str = typer.Option(..., "--out", help="Where to write manifest.parquet."),
-    endpoint_url: Optional[str] = EndpointOpt,
+    endpoint_url: str | None = EndpointOpt,
 ) -> None:
     """List and classify a source; write the manifest."""
     from streamtune.manifest import build_manifest, summarize_manifest, write_manifest
@@ -85,11 +86,13 @@ def manifest(
 
 @app.command()
 def shard(
-    manifest_url: str = typer.Argument(..., metavar="MANIFEST", help="manifest.parquet written by `manifest`."),
+    manifest_url: str = typer.Argument(
+        ..., metavar="MANIFEST", help="manifest.parquet written by `manifest`."
+    ),
     source: str = typer.Option(..., "--source", help="The source URL the manifest lists."),
     out: str = typer.Option(..., "--out", help="Shard set prefix."),
     max_shard_mb: int = typer.Option(64, help="Target shard size."),
-    endpoint_url: Optional[str] = EndpointOpt,
+    endpoint_url: str | None = EndpointOpt,
 ) -> None:
     """Pack a manifest's samples into Arrow shards + index.json."""
     from streamtune.ingest import commit_raw_shards, plan_shards, unusable_objects, write_raw_shard
@@ -114,8 +117,8 @@ def decode(
     out: str = typer.Option(..., "--out", help="Feature shard set prefix."),
     whisper_model: str = typer.Option("offline:tiny.en", help="mlx-whisper folder, hub id or offline:NAME."),
     clip_model: str = typer.Option("ViT-B-32", help="open_clip model name."),
-    clip_pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag or checkpoint path."),
-    endpoint_url: Optional[str] = EndpointOpt,
+    clip_pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or checkpoint path."),
+    endpoint_url: str | None = EndpointOpt,
 ) -> None:
     """Decode raw shards into feature shards (transcripts, CLIP embeddings, tags)."""
     from streamtune.decode.features import DecodeConfig, decode_shards
@@ -128,12 +131,14 @@ def decode(
 @app.command()
 def train(
     features: str = typer.Argument(..., help="Feature shard set prefix."),
-    model: str = typer.Option("offline:smollm2", help="Base model: offline:smollm2, .gguf, mlx-lm folder, hub id."),
+    model: str = typer.Option(
+        "offline:smollm2", help="Base model: offline:smollm2, .gguf, mlx-lm folder, hub id."
+    ),
     adapter_path: Path = typer.Option(Path("adapters"), help="Output folder for the adapter."),
     qlora: bool = typer.Option(False, "--qlora", help="Keep the base quantized (QLoRA)."),
     iters: int = typer.Option(100, help="Training steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
-    endpoint_url: Optional[str] = EndpointOpt,
+    endpoint_url: str | None = EndpointOpt,
 ) -> None:
     """LoRA/QLoRA fine-tune a base model on a feature shard set, streamed."""
     from streamtune import CloudStreamingDataset
@@ -150,7 +155,7 @@ def train(
 @app.command()
 def generate(
     model: str = typer.Option("offline:smollm2", help="Base model."),
-    adapter_path: Optional[Path] = typer.Option(None, help="Adapter folder."),
+    adapter_path: Path | None = typer.Option(None, help="Adapter folder."),
     prompt: str = typer.Option(..., help="Prompt text."),
     max_tokens: int = typer.Option(64),
 ) -> None:
@@ -159,7 +164,9 @@ def generate(
 
     if adapter_path is not None and not (adapter_path / "adapters.safetensors").exists():
         raise UserError(f"no adapters.safetensors in {adapter_path}")
-    typer.echo(gen(model, prompt, adapter_path=str(adapter_path) if adapter_path else None, max_tokens=max_tokens))
+    typer.echo(
+        gen(model, prompt, adapter_path=str(adapter_path) if adapter_path else None, max_tokens=max_tokens)
+    )
 
 
 @app.command("export-base")
@@ -175,12 +182,11 @@ def export_base_cmd(
 
 @app.command()
 def serve(
-    config: Optional[Path] = typer.Argument(None, help="YAML pipeline parameters."),
+    config: Path | None = typer.Argument(None, help="YAML pipeline parameters."),
     cron: str = typer.Option("0 3 * * *", help="Cron schedule."),
 ) -> None:
     """Serve the pipeline flow on this machine with a cron schedule (Prefect flow.serve)."""
     import yaml
-
     from flows.pipeline import serve as serve_flow
 
     params = yaml.safe_load(config.read_text()) if config else {}
@@ -214,7 +220,11 @@ def _print_summary(summary: dict) -> None:
     ]
     if summary.get("generation"):
         g = summary["generation"]
-        lines += [f"prompt             {g['prompt']!r}", f"before             {g['before']!r}", f"after              {g['after']!r}"]
+        lines += [
+            f"prompt             {g['prompt']!r}",
+            f"before             {g['before']!r}",
+            f"after              {g['after']!r}",
+        ]
     console.print("\n".join(lines))
 
 

@@ -53,7 +53,14 @@ def unusable_objects(manifest: pa.Table) -> list[dict]:
 
 
 def _build_row(sample_id: str, rows: list[dict], blobs: dict[str, bytes], problems: list[dict]) -> dict:
-    out: dict = {"sample_id": sample_id, "audio": None, "image": None, "text": None, "meta": None, "sources": []}
+    out: dict = {
+        "sample_id": sample_id,
+        "audio": None,
+        "image": None,
+        "text": None,
+        "meta": None,
+        "sources": [],
+    }
     meta: dict = {}
     for r in sorted(rows, key=lambda r: r["key"]):
         key, modality = r["key"], r["modality"]
@@ -63,7 +70,9 @@ def _build_row(sample_id: str, rows: list[dict], blobs: dict[str, bytes], proble
         if modality in MEDIA:
             if out[modality] is not None:
                 problems.append(
-                    quarantine.record(sample_id, key, "shard", "DuplicateModality", f"sample already has {modality}")
+                    quarantine.record(
+                        sample_id, key, "shard", "DuplicateModality", f"sample already has {modality}"
+                    )
                 )
                 continue
             out[modality] = data
@@ -115,7 +124,9 @@ def write_raw_shard(
     for key, path in zip(keys, paths, strict=True):
         value = fetched.get(path)
         if isinstance(value, BaseException) or value is None:
-            problems.append(quarantine.record(sample_id_of(key), key, "shard", value or "Missing", "could not read"))
+            problems.append(
+                quarantine.record(sample_id_of(key), key, "shard", value or "Missing", "could not read")
+            )
             blobs[key] = b""
         else:
             blobs[key] = value
@@ -128,7 +139,10 @@ def write_raw_shard(
     url = storage.join(out_prefix, shards.shard_name(plan["index"]))
     entry = shards.write_shard(table, url, out_options)
     entry["sources"] = {
-        r["key"]: r["etag"] for s in plan["sample_ids"] for r in by_sample[s] if blobs.get(r["key"]) is not None
+        r["key"]: r["etag"]
+        for s in plan["sample_ids"]
+        for r in by_sample[s]
+        if blobs.get(r["key"]) is not None
     }
     return {"entry": entry, "quarantine": problems}
 

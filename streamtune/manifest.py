@@ -101,13 +101,17 @@ def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
     for line_no, row in entries:
         name = row.get("file_name") if isinstance(row, dict) else None
         if not isinstance(name, str) or not name:
-            bad.append(quarantine.record(None, key, "manifest", "SidecarRowError", f"line {line_no}: no file_name"))
+            bad.append(
+                quarantine.record(None, key, "manifest", "SidecarRowError", f"line {line_no}: no file_name")
+            )
             continue
         target = posixpath.normpath(posixpath.join(folder, name))
         inside = not folder or target.startswith(folder + "/")
         if not inside or target.startswith("../") or posixpath.isabs(name):
             bad.append(
-                quarantine.record(None, key, "manifest", "SidecarRowError", f"line {line_no}: {name!r} leaves folder")
+                quarantine.record(
+                    None, key, "manifest", "SidecarRowError", f"line {line_no}: {name!r} leaves folder"
+                )
             )
             continue
         rows[target] = {k: v for k, v in row.items() if k != "file_name"}
@@ -154,7 +158,9 @@ def build_manifest(
     for target in sidecar_rows:
         if not any(o["key"] == target for o in objects):
             problems.append(
-                quarantine.record(sample_id_of(target), target, "manifest", "SidecarRowError", "file_name not found")
+                quarantine.record(
+                    sample_id_of(target), target, "manifest", "SidecarRowError", "file_name not found"
+                )
             )
     return pa.Table.from_pylist(records, schema=SCHEMA), problems
 

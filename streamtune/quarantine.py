@@ -20,7 +20,9 @@ SCHEMA = pa.schema(
 )
 
 
-def record(sample_id: str | None, key: str | None, stage: str, error: str | BaseException, message: str = "") -> dict:
+def record(
+    sample_id: str | None, key: str | None, stage: str, error: str | BaseException, message: str = ""
+) -> dict:
     if isinstance(error, BaseException):
         message = message or str(error)
         error = type(error).__name__

@@ -60,7 +60,11 @@ def join(url: str, *parts: str) -> str:
     """Join URL path parts with '/', keeping the protocol."""
     if "://" in url:
         proto, rest = url.split("://", 1)
-        return f"{proto}://" + posixpath.join(rest.rstrip("/"), *parts) if rest else f"{proto}://" + "/".join(parts)
+        return (
+            f"{proto}://" + posixpath.join(rest.rstrip("/"), *parts)
+            if rest
+            else f"{proto}://" + "/".join(parts)
+        )
     return os.path.join(url, *parts)
 
 

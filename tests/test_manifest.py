@@ -1,13 +1,19 @@
 import io
 import json
 
+import numpy as np
 import pytest
 import soundfile as sf
-import numpy as np
 from PIL import Image
 
 from streamtune import storage
-from streamtune.manifest import build_manifest, manifest_hash, read_manifest, summarize_manifest, write_manifest
+from streamtune.manifest import (
+    build_manifest,
+    manifest_hash,
+    read_manifest,
+    summarize_manifest,
+    write_manifest,
+)
 
 
 def _wav() -> bytes:
@@ -62,9 +68,13 @@ def test_manifest_classifies_and_joins_sidecars(source, s3opts):
     assert json.loads(rows["images/c03.png"]["sidecar"]) == {"label": "cat"}
     assert rows["images/readme.xyz"]["modality"] == "unknown"
     assert all(r["etag"] for r in rows.values())
-    assert {r["sample_id"] for r in rows.values() if r["key"].startswith("interviews/a01")} == {"interviews/a01"}
+    assert {r["sample_id"] for r in rows.values() if r["key"].startswith("interviews/a01")} == {
+        "interviews/a01"
+    }
     reasons = " | ".join(p["message"] for p in problems)
-    assert len(problems) == 3, reasons  # bad JSON line, a file_name leaving its folder, a row without file_name
+    assert len(problems) == 3, (
+        reasons
+    )  # bad JSON line, a file_name leaving its folder, a row without file_name
     assert "leaves folder" in reasons and "no file_name" in reasons
     summary = summarize_manifest(table)
     assert summary["objects"] == 9 and summary["by_modality"]["audio"] == 2

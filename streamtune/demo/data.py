@@ -34,7 +34,9 @@ def speak(text: str, voice: str = "en-us", speed: int = 150) -> tuple[np.ndarray
     exe = shutil.which("espeak-ng") or shutil.which("espeak")
     if exe is None:
         raise RuntimeError("espeak-ng is not installed (Debian: apt-get install espeak-ng)")
-    wav = subprocess.run([exe, "-v", voice, "-s", str(speed), "--stdout", text], check=True, capture_output=True).stdout
+    wav = subprocess.run(
+        [exe, "-v", voice, "-s", str(speed), "--stdout", text], check=True, capture_output=True
+    ).stdout
     audio, rate = sf.read(io.BytesIO(wav), dtype="float32")
     return audio, rate
 

@@ -39,7 +39,9 @@ def run_demo(workdir: str, *, samples: int = 24, iters: int | None = None) -> di
 
     s3 = start_local_s3()
     try:
-        os.environ.update(s3.env())  # every stage, including Prefect task runs, reaches the bucket via the AWS env
+        os.environ.update(
+            s3.env()
+        )  # every stage, including Prefect task runs, reaches the bucket via the AWS env
         s3.create_bucket(BUCKET)
         uploaded = upload_dir(source_dir, f"s3://{BUCKET}/raw")
         print(f"[demo] uploaded {uploaded} bytes to s3://{BUCKET}/raw on {s3.endpoint_url}", flush=True)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ def start_local_s3(port: int | None = None) -> LocalS3:
     from moto.server import ThreadedMotoServer
 
     os.environ.setdefault("MOTO_ALLOW_NONEXISTENT_REGION", "true")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
