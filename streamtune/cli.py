@@ -160,10 +160,10 @@ def generate(
     max_tokens: int = typer.Option(64),
 ) -> None:
     """Generate text with a base model and optional adapter."""
-    from streamtune.train.generate import generate as gen
-
     if adapter_path is not None and not (adapter_path / "adapters.safetensors").exists():
         raise UserError(f"no adapters.safetensors in {adapter_path}")
+    from streamtune.train.generate import generate as gen
+
     typer.echo(
         gen(model, prompt, adapter_path=str(adapter_path) if adapter_path else None, max_tokens=max_tokens)
     )

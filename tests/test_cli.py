@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamtune", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        (["manifest", "/nonexistent/source", "--out", "/tmp/m.parquet"], "source not found"),
+        (["shard", "/nonexistent/manifest.parquet", "--source", "/x", "--out", "/tmp/s"], "manifest.parquet"),
+        (["run", "/nonexistent/config.yaml"], "config not found"),
+        (["generate", "--prompt", "hi", "--adapter-path", "/nonexistent/adapter"], "no adapters.safetensors"),
+    ],
+)
+def test_user_errors_are_one_line(args, reason):
+    result = _cli(*args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert reason in lines[0] and "Traceback" not in result.stderr
+
+
+def test_debug_shows_traceback():
+    result = _cli("--debug", "manifest", "/nonexistent/source", "--out", "/tmp/m.parquet")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_manifest_command_on_a_folder(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("hello")
+    out = tmp_path / "m.parquet"
+    result = _cli("manifest", str(tmp_path / "src"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert '"samples": 1' in result.stdout and out.exists()
