@@ -1,0 +1,155 @@
+"""CLIP through open_clip: batched image embeddings, the text tower, and zero-shot tags.
+
+`model_name` is any open_clip config name or a path to a config .json. `pretrained` is an open_clip
+tag (`laion2b_s34b_b79k`, needs network), a local checkpoint (`.safetensors`, `.pt`, `.bin`), or None
+for a random init (seeded, so reruns agree).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+PROMPT = "a photo of a {}."
+
+
+def resolve_model_name(model_name: str) -> str:
+    """An open_clip config name, or a path to a config .json (registered under its file stem)."""
+    import open_clip
+
+    if model_name.endswith(".json") and os.path.isfile(model_name):
+        open_clip.add_model_config(model_name)
+        model_name = os.path.splitext(os.path.basename(model_name))[0]
+    if open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    return model_name
+
+
+def _seeded_model(model_name: str, seed: int):
+    import open_clip
+    import torch
+
+    model_name = resolve_model_name(model_name)
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return open_clip.create_model(model_name, pretrained=None)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def save_random_checkpoint(model_name: str, path: str, seed: int = 0) -> str:
+    """Save a random-init open_clip model's state dict (`.safetensors`, else torch `.pt`); returns path."""
+    import torch
+
+    model = _seeded_model(model_name, seed)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    return path
+
+
+def embed_dim(model_name: str) -> int:
+    """Embedding width of an open_clip config, without building the model."""
+    import open_clip
+
+    return int(open_clip.get_model_config(resolve_model_name(model_name))["embed_dim"])
+
+
+class ClipEmbedder:
+    def __init__(
+        self,
+        model_name: str = "ViT-B-32",
+        pretrained: str | None = None,
+        labels: list[str] | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        seed: int = 0,
+    ):
+        import open_clip
+        import torch
+
+        model_name = resolve_model_name(model_name)
+        if pretrained and os.path.sep in pretrained and not os.path.exists(pretrained):
+            raise FileNotFoundError(f"CLIP checkpoint {pretrained} does not exist")
+        if pretrained:
+            model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
+        else:
+            model = _seeded_model(model_name, seed).to(device)
+        self.model = model.eval()
+        self.preprocess = open_clip.image_transform(
+            self.model.visual.image_size,
+            is_train=False,
+            mean=getattr(self.model.visual, "image_mean", None),
+            std=getattr(self.model.visual, "image_std", None),
+        )
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.torch = torch
+        self.device = device
+        self.batch_size = max(1, int(batch_size))
+        self.labels = list(labels or [])
+        self._label_embeddings: np.ndarray | None = None
+        self.dim = embed_dim(model_name)
+        self.stats = {"images": 0, "texts": 0, "batches": 0, "model_seconds": 0.0}
+
+    def prepare(self, image: Image.Image):
+        """The model input for one image (a small tensor), so callers need not keep full-size images."""
+        return self.preprocess(image.convert("RGB"))
+
+    def embed_prepared(self, tensors: list) -> np.ndarray:
+        """(N, D) float32, L2-normalised, from `prepare` outputs, `batch_size` at a time."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for b in range(0, len(tensors), self.batch_size):
+            batch = self.torch.stack(tensors[b : b + self.batch_size])
+            out.append(self._run(self.model.encode_image, batch))
+            self.stats["images"] += len(batch)
+        return np.concatenate(out)
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """(N, D) float32, L2-normalised."""
+        return self.embed_prepared([self.prepare(img) for img in images])
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """(N, D) float32, L2-normalised: the text tower, for search and zero-shot labels."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for b in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[b : b + self.batch_size]))
+            out.append(self._run(self.model.encode_text, tokens))
+            self.stats["texts"] += len(tokens)
+        return np.concatenate(out)
+
+    def _run(self, encode, batch) -> np.ndarray:
+        t0 = time.perf_counter()
+        with self.torch.inference_mode():
+            feats = encode(batch.to(self.device)).float()
+            feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        self.stats["batches"] += 1
+        self.stats["model_seconds"] += time.perf_counter() - t0
+        return feats.cpu().numpy().astype(np.float32)
+
+    def label_embeddings(self) -> np.ndarray:
+        if self._label_embeddings is None:
+            self._label_embeddings = self.embed_text([PROMPT.format(label) for label in self.labels])
+        return self._label_embeddings
+
+    def tag(self, embeddings: np.ndarray, top_k: int = 3) -> list[list[tuple[str, float]]]:
+        """Zero-shot labels per embedding: the top_k (label, probability) pairs over `labels`."""
+        if not self.labels or len(embeddings) == 0:
+            return [[] for _ in range(len(embeddings))]
+        scale = float(self.model.logit_scale.exp().item()) if hasattr(self.model, "logit_scale") else 100.0
+        logits = scale * np.asarray(embeddings, np.float32) @ self.label_embeddings().T
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, len(self.labels))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.labels[j], float(p[j])) for j in row] for row, p in zip(order, probs, strict=True)]

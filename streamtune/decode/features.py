@@ -1,0 +1,469 @@
+"""Raw shards -> feature shards (transcripts, CLIP embeddings, tags) plus a quarantine table.
+
+One feature shard per raw shard, same file name. Each is keyed by the raw shard's checksum and the decode
+settings (`DecodeConfig.key()`); a marker `_decode/<shard>.json` records the key, entry and quarantine
+records once the shard is written, so a rerun skips decoded shards and a changed model re-decodes them.
+`commit_features` writes `quarantine.parquet`, then `index.json` last. See README.md in this folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from streamtune import storage
+from streamtune.decode.media import MediaError, decode_audio, decode_image
+
+CODE_VERSION = "decode-1"
+MARKER_DIR = "_decode"
+QUARANTINE_NAME = "quarantine.parquet"
+SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+DEFAULT_LABELS = [
+    "person", "dog", "cat", "car", "bicycle", "tree", "flower", "food", "building", "street",
+    "beach", "mountain", "sky", "water", "book", "computer", "phone", "chair", "text document", "bird",
+]  # fmt: skip
+
+AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".aiff", ".aif")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("shard", pa.string()),
+    ]
+)
+
+
+@dataclass
+class DecodeConfig:
+    whisper_model: str = "offline:tiny.en"
+    language: str | None = "en"
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str | None = None
+    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
+    audio_batch: int = 8
+    image_batch: int = 32
+    max_pixels: int = 64_000_000
+    max_audio_seconds: float = 3600.0
+    top_k: int = 3
+    cache_dir: str | None = None
+
+    def key(self) -> str:
+        """Stable hash of everything that changes the features: models, settings, code version.
+
+        Batch sizes and the cache folder are left out: they change speed, not results.
+        """
+        settings = asdict(self)
+        for name in ("audio_batch", "image_batch", "cache_dir"):
+            settings.pop(name)
+        settings["whisper_files"] = _local_fingerprint(self.whisper_model)
+        settings["clip_files"] = _local_fingerprint(self.clip_pretrained)
+        settings["code"] = CODE_VERSION
+        blob = json.dumps(settings, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def _local_fingerprint(ref: str | None) -> str | None:
+    """Size and mtime of a local model's files, so replacing weights in place re-decodes."""
+    if not ref or not os.path.exists(os.path.expanduser(ref)):
+        return None
+    path = os.path.expanduser(ref)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs
+    )  # fmt: skip
+    return hashlib.sha256(
+        "".join(
+            f"{os.path.relpath(f, path)}:{os.path.getsize(f)}:{int(os.path.getmtime(f))};" for f in files
+        ).encode()
+    ).hexdigest()[:16]
+
+
+def features_schema(clip_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("meta", pa.string()),
+            pa.field("sources", pa.list_(pa.string())),
+            pa.field("transcript", pa.string()),
+            pa.field("segments", pa.string()),
+            pa.field("language", pa.string()),
+            pa.field("audio_seconds", pa.float32()),
+            pa.field("clip_embedding", pa.list_(pa.float32(), clip_dim)),
+            pa.field("tags", pa.list_(pa.string())),
+            pa.field("tag_scores", pa.list_(pa.float32())),
+        ]
+    )
+
+
+def _new_stats() -> dict[str, float]:
+    keys = ("samples", "features", "quarantined", "audio_files", "audio_seconds", "windows", "images",
+            "texts", "model_seconds", "decode_seconds", "shards", "skipped_shards")  # fmt: skip
+    return {k: 0 for k in keys}
+
+
+class Decoder:
+    """Decodes raw tables into feature tables. Models load on first use; `stats` counts model work."""
+
+    # Model work is flushed once this much decoded audio or this many images are pending (bounded memory).
+    pending_audio_seconds = 600.0
+
+    def __init__(self, cfg: DecodeConfig):
+        self.cfg = cfg
+        self._transcriber = None
+        self._clip = None
+        self.stats = _new_stats()
+        self.clip_dim = _clip_dim(cfg.clip_model)
+
+    @property
+    def transcriber(self):
+        if self._transcriber is None:
+            from streamtune.decode.whisper import Transcriber
+
+            self._transcriber = Transcriber(
+                self.cfg.whisper_model, self.cfg.language, self.cfg.audio_batch, self.cfg.cache_dir
+            )
+        return self._transcriber
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from streamtune.decode.clip import ClipEmbedder
+
+            self._clip = ClipEmbedder(
+                self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.labels, self.cfg.image_batch
+            )
+        return self._clip
+
+    def decode_table(self, raw: pa.Table) -> tuple[pa.Table, list[dict]]:
+        """Decode every row; rows with any undecodable part become quarantine records instead."""
+        t0 = time.perf_counter()
+        rows: list[dict] = []
+        quarantine: list[dict] = []
+        pending: list[dict] = []
+        pending_seconds, pending_images = 0.0, 0
+        for row in _iter_rows(raw):
+            self.stats["samples"] += 1
+            decoded, errors = self._decode_row(row)
+            if errors:
+                quarantine.extend(errors)
+                self.stats["quarantined"] += 1
+                continue
+            pending.append(decoded)
+            pending_seconds += decoded["audio"].size / 16000 if decoded["audio"] is not None else 0.0
+            pending_images += decoded["pixels"] is not None
+            if pending_seconds >= self.pending_audio_seconds or pending_images >= 4 * self.cfg.image_batch:
+                rows.extend(self._run_models(pending))
+                pending, pending_seconds, pending_images = [], 0.0, 0
+        rows.extend(self._run_models(pending))
+        self.stats["features"] += len(rows)
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        return self._to_table(rows), quarantine
+
+    def _decode_row(self, row: dict) -> tuple[dict, list[dict]]:
+        sid, sources = row["sample_id"], row["sources"]
+        errors: list[dict] = []
+
+        def fail(modality: str, error: str, message: str) -> None:
+            errors.append(
+                {"sample_id": sid, "key": _source_key(sources, modality, sid), "stage": "decode",
+                 "error": error, "message": message, "modality": modality}
+            )  # fmt: skip
+
+        if not sid:
+            fail("row", "bad_row", "sample has no sample_id")
+        text = None
+        if row["text"] is not None:
+            try:
+                text = row["text"].decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail("text", "encoding", f"text is not valid UTF-8 ({e.reason} at byte {e.start})")
+        meta = row["meta"]
+        if meta is not None:
+            try:
+                parsed = json.loads(meta)
+                if not isinstance(parsed, dict):
+                    raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
+                if parsed.get("_error"):
+                    raise ValueError(str(parsed["_error"]))
+            except (ValueError, UnicodeDecodeError) as e:
+                fail("meta", "broken_sidecar", f"metadata row is unusable: {e}")
+        audio = pixels = None
+        if row["audio"] is not None:
+            self.stats["audio_files"] += 1
+            try:
+                audio = decode_audio(row["audio"], 16000, max_seconds=self.cfg.max_audio_seconds)
+            except MediaError as e:
+                fail("audio", e.kind, e.reason)
+        if row["image"] is not None:
+            try:
+                image = decode_image(row["image"], self.cfg.max_pixels)
+                pixels = self.clip.prepare(image)
+            except MediaError as e:
+                fail("image", e.kind, e.reason)
+        if not errors and audio is None and pixels is None and not text and not meta:
+            fail("row", "empty", "sample has no audio, image, text or metadata")
+        decoded = {"sample_id": sid, "sources": sources, "text": text, "meta": meta}
+        return decoded | {"audio": audio, "pixels": pixels}, errors
+
+    def _run_models(self, pending: list[dict]) -> list[dict]:
+        with_audio = [r for r in pending if r["audio"] is not None]
+        with_image = [r for r in pending if r["pixels"] is not None]
+        if with_audio:
+            before = dict(self.transcriber.stats)
+            outs = self.transcriber.transcribe([r["audio"] for r in with_audio])
+            for r, out in zip(with_audio, outs, strict=True):
+                r["asr"] = out
+            self.stats["windows"] += self.transcriber.stats["windows"] - before["windows"]
+            self.stats["model_seconds"] += self.transcriber.stats["model_seconds"] - before["model_seconds"]
+            self.stats["audio_seconds"] += sum(o["seconds"] for o in outs)
+        if with_image:
+            t0 = time.perf_counter()
+            emb = self.clip.embed_prepared([r["pixels"] for r in with_image])
+            tags = self.clip.tag(emb, self.cfg.top_k)
+            for r, e, t in zip(with_image, emb, tags, strict=True):
+                r["embedding"], r["tags"] = e, t
+            self.stats["images"] += len(with_image)
+            self.stats["model_seconds"] += time.perf_counter() - t0
+        for r in pending:
+            r["audio"] = r["pixels"] = None  # release decoded media early
+        return pending
+
+    def _to_table(self, rows: list[dict]) -> pa.Table:
+        schema = features_schema(self.clip_dim)
+        dim = self.clip_dim
+        flat = np.zeros((len(rows), dim), np.float32)
+        has_image = np.zeros(len(rows), bool)
+        for i, r in enumerate(rows):
+            if r.get("embedding") is not None:
+                flat[i], has_image[i] = r["embedding"], True
+        embedding = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat.reshape(-1)), dim, mask=pa.array(~has_image)
+        )
+        asr = [r.get("asr") for r in rows]
+        columns = {
+            "sample_id": [r["sample_id"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "meta": [r["meta"] for r in rows],
+            "sources": [r["sources"] for r in rows],
+            "transcript": [a["text"] if a else None for a in asr],
+            "segments": [json.dumps(a["segments"], ensure_ascii=False) if a else None for a in asr],
+            "language": [a["language"] if a else None for a in asr],
+            "audio_seconds": [a["seconds"] if a else None for a in asr],
+            "clip_embedding": embedding,
+            "tags": [[t for t, _ in r["tags"]] if r.get("tags") is not None else None for r in rows],
+            "tag_scores": [[s for _, s in r["tags"]] if r.get("tags") is not None else None for r in rows],
+        }
+        arrays = [
+            columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], f.type)
+            for f in schema
+        ]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _clip_dim(model_name: str) -> int:
+    from streamtune.decode.clip import embed_dim
+
+    return embed_dim(model_name)
+
+
+def _iter_rows(raw: pa.Table):
+    """Rows as dicts with text as raw bytes (validated later) and absent columns as None."""
+    n = raw.num_rows
+
+    def column(name: str, as_binary: bool = False) -> list:
+        if name not in raw.column_names:
+            return [None] * n
+        col = raw.column(name)
+        if as_binary and (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            col = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary())
+        return col.to_pylist()
+
+    ids = column("sample_id")
+    texts, metas = column("text", as_binary=True), column("meta")
+    audios, images = column("audio"), column("image")
+    sources = column("sources")
+    for i in range(n):
+        yield {
+            "sample_id": ids[i],
+            "text": texts[i],
+            "meta": metas[i],
+            "audio": audios[i],
+            "image": images[i],
+            "sources": [s for s in (sources[i] or []) if s is not None],
+        }
+
+
+def _source_key(sources: list[str], modality: str, fallback: str | None) -> str:
+    exts = {"audio": AUDIO_EXTS, "image": IMAGE_EXTS, "text": (".txt", ".md", ".json", ".jsonl")}.get(
+        modality
+    )
+    if exts:
+        for s in sources:
+            if s.lower().endswith(exts):
+                return s
+    if modality == "meta":
+        for s in sources:
+            if posixpath.basename(s).startswith("metadata."):
+                return s
+    return sources[0] if len(sources) == 1 else (fallback or ";".join(sources))
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+def _safe_name(entry: dict) -> str:
+    name = str(entry.get("path", ""))
+    if not SAFE_SHARD_NAME.match(name) or name.endswith(".json"):
+        raise ValueError(f"refusing unsafe shard name {name!r} from the index")
+    return name
+
+
+def shard_key(entry: dict, cfg: DecodeConfig) -> str:
+    return hashlib.sha256(f"{entry['checksum']}|{cfg.key()}".encode()).hexdigest()[:24]
+
+
+def decode_shard(
+    raw_prefix: str,
+    entry: dict,
+    out_prefix: str,
+    cfg: DecodeConfig,
+    storage_options: dict[str, Any] | None = None,
+    decoder: Decoder | None = None,
+) -> dict:
+    """Decode one raw shard into a feature shard of the same name under `out_prefix`.
+
+    Returns {"entry", "quarantine", "stats", "skipped", "schema"}; JSON-serialisable, so it can be a
+    persisted task result. Skips all model work when the marker says this shard was decoded with this key.
+    """
+    from streamtune.shards import read_shard_table, write_shard
+    from streamtune.shards.format import schema_to_json
+
+    name = _safe_name(entry)
+    key = shard_key(entry, cfg)
+    marker_url = storage.join(out_prefix, MARKER_DIR, f"{name}.json")
+    done = _read_marker(marker_url, storage_options)
+    if done and done.get("key") == key and _shard_present(out_prefix, done["entry"], storage_options):
+        stats = _new_stats() | {"shards": 1, "skipped_shards": 1}
+        return {**done, "stats": stats, "skipped": True}
+
+    decoder = decoder or Decoder(cfg)
+    before = dict(decoder.stats)
+    raw = read_shard_table(raw_prefix, entry, storage_options)
+    features, quarantine = decoder.decode_table(raw)
+    for q in quarantine:
+        q["shard"] = name
+    out_entry = write_shard(features, storage.join(out_prefix, name), storage_options)
+    out_entry |= {"key": key, "source": {"path": name, "checksum": entry["checksum"]}}
+    stats = {k: decoder.stats[k] - before.get(k, 0) for k in decoder.stats} | {
+        "shards": 1,
+        "skipped_shards": 0,
+    }
+    result = {
+        "entry": out_entry,
+        "quarantine": quarantine,
+        "key": key,
+        "config_key": cfg.key(),
+        "schema": schema_to_json(features.schema),
+    }
+    storage.write_json(marker_url, result, storage_options)  # written after the shard: the shard's commit
+    return {**result, "stats": stats, "skipped": False}
+
+
+def _read_marker(url: str, storage_options) -> dict | None:
+    try:
+        marker = storage.read_json(url, storage_options)
+    except (FileNotFoundError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and "entry" in marker else None
+
+
+def _shard_present(prefix: str, entry: dict, storage_options) -> bool:
+    fs, path = storage.get_fs(storage.join(prefix, entry["path"]), storage_options)
+    try:
+        return fs.size(path) == entry["bytes"]
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def commit_features(
+    out_prefix: str, results: list[dict], storage_options: dict[str, Any] | None = None
+) -> dict:
+    """Write quarantine.parquet next to the feature shards, then index.json (the commit point)."""
+    import pyarrow.parquet as pq
+
+    from streamtune.shards import commit_index
+    from streamtune.shards.format import schema_from_json
+
+    records = [q for r in results for q in r.get("quarantine", [])]
+    table = pa.Table.from_pylist(
+        [
+            {f: (None if q.get(f) is None else str(q.get(f))) for f in QUARANTINE_SCHEMA.names}
+            for q in records
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(
+        storage.join(out_prefix, QUARANTINE_NAME), sink.getvalue().to_pybytes(), storage_options
+    )
+
+    schema = schema_from_json(results[0]["schema"]) if results else features_schema(_clip_dim("ViT-B-32"))
+    totals = _new_stats()
+    for r in results:
+        for k, v in r.get("stats", {}).items():
+            totals[k] = totals.get(k, 0) + v
+    by_error: dict[str, int] = {}
+    for q in records:
+        by_error[q["error"]] = by_error.get(q["error"], 0) + 1
+    extra = {
+        "kind": "features",
+        "config_keys": sorted({r["config_key"] for r in results if r.get("config_key")}),
+        "quarantine": {"path": QUARANTINE_NAME, "rows": len(records), "by_error": by_error},
+        "stats": totals,
+    }
+    return commit_index(out_prefix, [r["entry"] for r in results], schema, storage_options, extra=extra)
+
+
+def read_quarantine(out_prefix: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(storage.join(out_prefix, QUARANTINE_NAME), storage_options)
+    return pq.read_table(pa.BufferReader(data))
+
+
+def decode_shards(
+    raw_prefix: str,
+    out_prefix: str,
+    cfg: DecodeConfig,
+    storage_options: dict[str, Any] | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> dict:
+    """Decode a whole raw shard set, one shard after another, and commit the feature set."""
+    from streamtune.shards import read_index
+
+    index = read_index(raw_prefix, storage_options)
+    decoder = Decoder(cfg)
+    results = []
+    for i, entry in enumerate(index["shards"]):
+        results.append(decode_shard(raw_prefix, entry, out_prefix, cfg, storage_options, decoder))
+        if progress is not None:
+            progress(i + 1, len(index["shards"]), results[-1])
+    return commit_features(out_prefix, results, storage_options)

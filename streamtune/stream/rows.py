@@ -1,0 +1,97 @@
+"""Turn decoded record batches into Python rows cheaply.
+
+Binary and string values are sliced out of the Arrow buffers only when their row is yielded, so a
+fetched range costs its own bytes in memory and nothing more; small columns are converted per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+Getter = Callable[[int], object]
+
+
+def _varlen_getter(arr: pa.Array, as_text: bool) -> Getter:
+    large = pa.types.is_large_binary(arr.type) or pa.types.is_large_string(arr.type)
+    validity, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(
+        offsets_buf,
+        dtype=np.int64 if large else np.int32,
+        count=len(arr) + 1,
+        offset=arr.offset * (8 if large else 4),
+    ).tolist()
+    data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+    valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False).tolist()
+
+    if as_text:
+
+        def get(i: int) -> object:
+            if valid is not None and not valid[i]:
+                return None
+            return str(data[offsets[i] : offsets[i + 1]], "utf-8")
+    else:
+
+        def get(i: int) -> object:
+            if valid is not None and not valid[i]:
+                return None
+            return bytes(data[offsets[i] : offsets[i + 1]])
+
+    return get
+
+
+def _tensor_getter(arr: pa.FixedSizeListArray) -> Getter:
+    width = arr.type.list_size
+    values = arr.flatten() if arr.offset == 0 else arr.slice(0).flatten()
+    matrix = values.to_numpy(zero_copy_only=False).reshape(-1, width)
+    valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False).tolist()
+
+    def get(i: int) -> object:
+        if valid is not None and not valid[i]:
+            return None
+        return matrix[i].copy()
+
+    return get
+
+
+def column_getter(arr: pa.Array) -> Getter:
+    t = arr.type
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return _varlen_getter(arr, as_text=False)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return _varlen_getter(arr, as_text=True)
+    if pa.types.is_fixed_size_list(t) and (
+        pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)
+    ):
+        if arr.values.null_count == 0:
+            return _tensor_getter(arr)
+    return arr.to_pylist().__getitem__
+
+
+class RangeRows:
+    """Rows of one fetched range (one or more record batches), addressed by row number in the range."""
+
+    def __init__(self, batches: list[pa.RecordBatch], columns: list[str]):
+        self.columns = columns
+        self.nbytes = sum(b.nbytes for b in batches)
+        self._batches = batches
+        self._starts = np.cumsum([0] + [b.num_rows for b in batches]).tolist()
+        self._getters: list[list[Getter] | None] = [None] * len(batches)
+
+    def _batch_getters(self, k: int) -> list[Getter]:
+        getters = self._getters[k]
+        if getters is None:
+            batch = self._batches[k]
+            getters = [column_getter(batch.column(name)) for name in self.columns]
+            self._getters[k] = getters
+        return getters
+
+    def row(self, i: int) -> dict:
+        k = 0
+        if len(self._starts) > 2:
+            k = int(np.searchsorted(self._starts, i, side="right")) - 1
+        getters = self._batch_getters(k)
+        j = i - self._starts[k]
+        return {name: get(j) for name, get in zip(self.columns, getters, strict=True)}

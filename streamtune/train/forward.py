@@ -1,0 +1,104 @@
+"""Forward pass over packed rows for llama-family mlx-lm models, and the masked token loss.
+
+mlx-lm's model `__call__` builds a plain causal mask and positions 0..L-1. A packed row needs a
+block-diagonal causal mask and positions that restart per sample, so this reuses the model's own modules
+(including LoRA/DoRA/quantized layers and its RoPE variant) with those two inputs. Other architectures are
+trained one sample per row through the model's own `__call__`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+PACKED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports_packing(model: nn.Module) -> bool:
+    if getattr(model, "model_type", None) not in PACKED_ARCHS:
+        return False
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not layers or getattr(model.args, "sliding_window", None) and "sliding_attention" in (
+        getattr(model.args, "layer_types", None) or []
+    ):
+        return False
+    attn = layers[0].self_attn
+    return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "scale"))
+
+
+def attention_mask(segments: mx.array) -> mx.array:
+    """(B, 1, L, L) boolean: query i may see key j iff j <= i and both belong to the same sample."""
+    L = segments.shape[1]
+    causal = mx.arange(L)[:, None] >= mx.arange(L)[None, :]
+    same = segments[:, :, None] == segments[:, None, :]
+    return (same & causal)[:, None]
+
+
+def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
+    # x: (B, L, H, D). RoPE's offset may be a vector (one per leading index): make every token its own
+    # length-1 sequence so each gets its own position.
+    B, L, H, D = x.shape
+    out = rope(x.reshape(B * L, H, 1, D), offset=positions.reshape(-1))
+    return out.reshape(B, L, H, D)
+
+
+def _attention(attn: nn.Module, x: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    B, L, _ = x.shape
+    q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
+    k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q = _rope(attn.rope, q, positions).transpose(0, 2, 1, 3)
+    k = _rope(attn.rope, k, positions).transpose(0, 2, 1, 3)
+    v = v.transpose(0, 2, 1, 3)
+    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+    return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _block(layer: nn.Module, h: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    h = h + _attention(layer.self_attn, layer.input_layernorm(h), positions, mask)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _checkpointed_block(layer: nn.Module, h: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+    def inner(params, h, positions, mask):
+        layer.update(params)
+        return _block(layer, h, positions, mask)
+
+    return mx.checkpoint(inner)(layer.trainable_parameters(), h, positions, mask)
+
+
+def packed_logits(
+    model: nn.Module, inputs: mx.array, positions: mx.array, segments: mx.array, checkpoint: bool = False
+) -> mx.array:
+    inner = model.model
+    mask = attention_mask(segments)
+    h = inner.embed_tokens(inputs)
+    block = _checkpointed_block if checkpoint else _block
+    for layer in inner.layers:
+        h = block(layer, h, positions, mask)
+    h = inner.norm(h)
+    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return inner.embed_tokens.as_linear(h)
+    return model.lm_head(h)
+
+
+def loss_sum(
+    model: nn.Module,
+    inputs: mx.array,
+    targets: mx.array,
+    loss_mask: mx.array,
+    positions: mx.array,
+    segments: mx.array,
+    packed: bool = True,
+    checkpoint: bool = False,
+) -> mx.array:
+    """Sum of the cross-entropy over completion tokens (divide by `loss_mask.sum()` for the mean)."""
+    if packed:
+        logits = packed_logits(model, inputs, positions, segments, checkpoint)
+    else:
+        logits = model(inputs)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
+    return (ce * loss_mask).sum()

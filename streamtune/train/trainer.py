@@ -1,0 +1,463 @@
+"""The fine-tuning loop: LoRA/DoRA/full on an mlx-lm model, fed by a (streaming) dataset of feature rows.
+
+Per optimizer step: `grad_accum` packed micro-batches, gradients of the summed token loss accumulated and
+divided by the number of completion tokens (across processes under `mx.distributed`), one AdamW update.
+Checkpoints hold everything needed to continue bit-for-bit: trainable weights, optimizer state, step,
+the data loader's `state_dict`, and samples already read but not yet trained on. Dropout draws from an
+RNG reseeded from (seed, step) every step, so it needs no saved state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+import xxhash
+from mlx.utils import tree_flatten, tree_map
+
+from streamtune.train import checkpoint
+from streamtune.train.data import (
+    DEFAULT_TEMPLATE,
+    Batch,
+    ListSource,
+    Packer,
+    TemplateLike,
+    encode,
+    render,
+)
+from streamtune.train.forward import loss_sum, supports_packing
+from streamtune.train.models import load_base
+
+
+@dataclass
+class TrainArgs:
+    model: str = "offline:smollm2"
+    adapter_path: str = "adapters"
+    fine_tune_type: str = "lora"  # "lora" | "dora" | "full"
+    qlora: bool = False  # keep (or quantize) the base in `quantize_bits`
+    quantize_bits: int = 4
+    num_layers: int = -1  # blocks (from the top) that get adapters; -1 = all
+    rank: int = 8
+    scale: float = 20.0
+    dropout: float = 0.0
+    keys: list[str] | None = None  # e.g. ["self_attn.q_proj", "self_attn.v_proj"]; None = every linear
+    lr: float = 2e-4
+    warmup: int = 4
+    lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) | "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    iters: int = 40
+    epochs: int | None = None  # stop after this many passes over the data (if before `iters`)
+    batch_size: int = 4  # rows per optimizer micro-batch, over all processes
+    seq_len: int = 512
+    grad_accum: int = 1
+    grad_checkpoint: bool = False
+    compile: bool = True
+    packing: bool = True
+    template: TemplateLike = DEFAULT_TEMPLATE
+    eval_every: int = 0
+    val_fraction: float = 0.0
+    max_val_samples: int = 64
+    save_every: int = 0
+    checkpoint_url: str | None = None
+    storage_options: dict | None = None
+    keep_checkpoints: int = 2
+    resume: bool = False
+    seed: int = 0
+    dtype: str | None = None
+    progress: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def peak_memory_mb() -> float:
+    try:
+        gpu = mx.get_peak_memory()
+    except AttributeError:
+        gpu = 0
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(gpu / 2**20, rss_kb / 1024)
+
+
+def _schedule(args: TrainArgs):
+    if args.lr_schedule == "constant":
+        main = args.lr
+    elif args.lr_schedule == "cosine":
+        main = optim.cosine_decay(args.lr, max(args.iters - args.warmup, 1), args.lr * args.min_lr_ratio)
+    else:
+        raise ValueError(f"unknown lr_schedule {args.lr_schedule!r}")
+    if args.warmup <= 0:
+        return main
+    warm = optim.linear_schedule(args.lr / args.warmup, args.lr, args.warmup)
+    if not callable(main):
+        main = optim.linear_schedule(args.lr, args.lr, 1)
+    return optim.join_schedules([warm, main], [args.warmup])
+
+
+def setup_model(args: TrainArgs):
+    """Base model with adapters applied and everything but the adapters frozen."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    if args.fine_tune_type not in ("lora", "dora", "full"):
+        raise ValueError(f"fine_tune_type must be lora, dora or full, got {args.fine_tune_type!r}")
+    if args.qlora and args.fine_tune_type == "full":
+        raise ValueError("full fine-tuning needs an unquantized base (drop qlora)")
+    model, tokenizer, config = load_base(
+        args.model,
+        quantize=args.quantize_bits if args.qlora else None,
+        dequantize=not args.qlora,
+        dtype=args.dtype,
+    )
+    mx.random.seed(args.seed)
+    if args.fine_tune_type == "full":
+        model.unfreeze()
+    else:
+        model.freeze()
+        linear_to_lora_layers(
+            model, args.num_layers, lora_parameters(args), use_dora=args.fine_tune_type == "dora"
+        )
+    mx.eval(model.parameters())
+    return model, tokenizer, config
+
+
+def lora_parameters(args: TrainArgs) -> dict:
+    params = {"rank": args.rank, "scale": args.scale, "dropout": args.dropout}
+    if args.keys:
+        params["keys"] = list(args.keys)
+    return params
+
+
+def adapter_config(args: TrainArgs, config: dict) -> dict:
+    return {
+        "fine_tune_type": args.fine_tune_type,
+        "num_layers": args.num_layers,
+        "lora_parameters": lora_parameters(args),
+        "model": args.model,
+        "qlora": args.qlora,
+        "quantize_bits": args.quantize_bits if args.qlora else None,
+        "base_model_type": config.get("model_type"),
+        "seq_len": args.seq_len,
+    }
+
+
+def save_adapter(model: nn.Module, path: str, config: dict) -> str:
+    os.makedirs(path, exist_ok=True)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    tmp = os.path.join(path, "adapters.safetensors.tmp.safetensors")
+    mx.save_safetensors(tmp, weights, metadata={"format": "mlx"})
+    os.replace(tmp, os.path.join(path, "adapters.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return path
+
+
+class SampleStream:
+    """Feature rows -> encoded (ids, prompt_len) samples over epochs, with a held-out split."""
+
+    def __init__(self, dataset, tokenizer, args: TrainArgs, rank: int, world: int):
+        if isinstance(dataset, list | tuple):
+            dataset = ListSource(list(dataset))
+        if world > 1 and getattr(dataset, "world_size", 1) != world:
+            if not isinstance(dataset, ListSource):
+                raise ValueError(
+                    f"distributed training over {world} processes needs a dataset partitioned per rank "
+                    "(CloudStreamingDataset(rank=..., world_size=...)) or a list"
+                )
+            dataset = ListSource(dataset.rows[rank::world], shuffle=dataset.shuffle, seed=dataset.seed)
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.args = args
+        self.epoch = 0
+        self.iterator = None
+        self.yielded_this_epoch = 0
+        self.val: list[tuple[list[int], int]] = []
+        self.skipped = 0
+
+    def _is_val(self, row: dict, pair: tuple[str, str]) -> bool:
+        if self.args.val_fraction <= 0:
+            return False
+        key = str(row.get("sample_id") or pair[0] + pair[1])
+        return xxhash.xxh64_intdigest(key.encode(), seed=self.args.seed) % 10_000 < self.args.val_fraction * 10_000
+
+    def pull(self) -> tuple[list[int], int] | None:
+        while True:
+            if self.iterator is None:
+                if self.args.epochs is not None and self.epoch >= self.args.epochs:
+                    return None
+                self.iterator = iter(self.dataset)
+            row = next(self.iterator, None)
+            if row is None:
+                if self.yielded_this_epoch == 0:
+                    raise ValueError("the dataset yielded no trainable rows in a whole epoch")
+                self.epoch += 1
+                self.yielded_this_epoch = 0
+                self.iterator = None
+                if hasattr(self.dataset, "set_epoch") and (
+                    self.args.epochs is None or self.epoch < self.args.epochs
+                ):
+                    self.dataset.set_epoch(self.epoch)
+                continue
+            pair = render(row, self.args.template)
+            if pair is None:
+                self.skipped += 1
+                continue
+            system = getattr(self.args.template, "system", None)
+            ids, prompt_len = encode(self.tokenizer, *pair, max_len=self.args.seq_len + 1, system=system)
+            if len(ids) <= max(prompt_len, 1):
+                self.skipped += 1
+                continue
+            if self._is_val(row, pair):
+                if self.epoch == 0 and len(self.val) < self.args.max_val_samples:
+                    self.val.append((ids, prompt_len))
+                continue
+            self.yielded_this_epoch += 1
+            return ids, prompt_len
+
+    def state_dict(self) -> dict:
+        if not hasattr(self.dataset, "state_dict"):
+            raise ValueError("checkpointing needs a dataset with state_dict()/load_state_dict()")
+        return {
+            "epoch": self.epoch,
+            "yielded_this_epoch": self.yielded_this_epoch,
+            "loader": self.dataset.state_dict(),
+            "val": [[ids, p] for ids, p in self.val],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+        self.yielded_this_epoch = state["yielded_this_epoch"]
+        self.val = [(list(ids), int(p)) for ids, p in state["val"]]
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self.dataset.load_state_dict(state["loader"])
+        self.iterator = None
+
+
+def _arrays(batch: Batch) -> tuple[mx.array, ...]:
+    return (
+        mx.array(batch.inputs),
+        mx.array(batch.targets),
+        mx.array(batch.loss_mask),
+        mx.array(batch.positions),
+        mx.array(batch.segments),
+    )
+
+
+def _all_sum(x, world: int):
+    return mx.distributed.all_sum(x) if world > 1 else x
+
+
+def train(
+    args: TrainArgs,
+    dataset: Iterable[dict],
+    *,
+    on_step: Callable[[dict], None] | None = None,
+    model_bundle: tuple | None = None,
+) -> dict:
+    """Train adapters on `dataset` (feature rows; streamed, never materialised) and save them to
+    `args.adapter_path`. `model_bundle` = (model, tokenizer, config) from `setup_model` skips loading."""
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    if args.batch_size % world:
+        raise ValueError(f"batch_size {args.batch_size} is not divisible by {world} processes")
+    if args.save_every and not args.checkpoint_url:
+        raise ValueError("save_every needs checkpoint_url")
+    model, tokenizer, config = model_bundle or setup_model(args)
+    packed = args.packing and supports_packing(model)
+    rows = args.batch_size // world
+    stream = SampleStream(dataset, tokenizer, args, rank, world)
+    packer = Packer(rows, args.seq_len)
+
+    optimizer = optim.AdamW(learning_rate=_schedule(args), weight_decay=args.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    step, losses, history = 0, [], []
+    if args.resume and args.checkpoint_url:
+        found = checkpoint.load(args.checkpoint_url, args.storage_options)
+        if found is not None:
+            params, opt_state, state = found
+            model.load_weights(list(params.items()), strict=False)
+            optimizer.state = opt_state
+            stream.load_state_dict(state["stream"][rank])
+            packer.load_state_dict(state["packer"][rank])
+            step, losses = state["step"], state["losses"]
+            mx.eval(model.parameters(), optimizer.state)
+
+    def compute(inputs, targets, mask, positions, segments):
+        return loss_sum(model, inputs, targets, mask, positions, segments, packed, args.grad_checkpoint)
+
+    value_and_grad = nn.value_and_grad(model, compute)
+    if args.grad_checkpoint and not packed:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.layers[0])
+    if args.compile:
+        state = [model.state, mx.random.state]
+        value_and_grad = partial(mx.compile, inputs=state, outputs=state)(value_and_grad)
+
+    def next_batch() -> Batch | None:
+        if packed:
+            return packer.next_batch(stream.pull)
+        row = [s for s in (stream.pull() for _ in range(rows)) if s is not None]
+        return None if not row else _one_per_row(row, rows, args.seq_len)
+
+    bar = None
+    if args.progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.iters, initial=step, desc="train", unit="step")
+
+    model.train()
+    tokens_total = samples_total = 0
+    timed_tokens, timed_seconds = 0, 0.0
+    first_loss = losses[0] if losses else None
+    start = time.perf_counter()
+    while step < args.iters:
+        t0 = time.perf_counter()
+        mx.random.seed(args.seed * 1_000_003 + step)
+        grads, loss_acc, count, tokens, samples, slots = None, mx.array(0.0), 0, 0, 0, 0
+        for _ in range(args.grad_accum):
+            batch = next_batch()
+            if batch is None:
+                break
+            lvalue, g = value_and_grad(*_arrays(batch))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_acc = loss_acc + lvalue
+            count += batch.targets_count
+            tokens += batch.tokens
+            samples += batch.samples
+            slots += batch.inputs.size
+            mx.eval(grads, loss_acc)
+        if grads is None:
+            break
+        totals = _all_sum(mx.array([count, tokens, samples, slots], dtype=mx.float32), world)
+        count, tokens, samples, slots = (int(v) for v in totals.tolist())
+        grads = tree_map(lambda g: _all_sum(g, world) / max(count, 1), grads)
+        loss_acc = _all_sum(loss_acc, world)
+        lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else args.lr
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss_acc)
+        step += 1
+        loss = loss_acc.item() / max(count, 1)
+        losses.append(loss)
+        first_loss = losses[0]
+        dt = time.perf_counter() - t0
+        if step > 1 or len(losses) > 1:
+            timed_tokens += tokens
+            timed_seconds += dt
+        tokens_total += tokens
+        samples_total += samples
+        metrics = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "tokens": tokens,
+            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+            "pad_fraction": 1 - tokens / max(slots, 1),
+            "samples": samples,
+            "epoch": stream.epoch,
+            "peak_mem_mb": peak_memory_mb(),
+            "seconds": dt,
+        }
+        if args.eval_every and step % args.eval_every == 0 and stream.val:
+            metrics["val_loss"] = evaluate(model, stream.val, args, packed, world)
+        history.append(metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if on_step is not None and rank == 0:
+            on_step(metrics)
+        if args.save_every and step % args.save_every == 0:
+            _save_checkpoint(args, model, optimizer, stream, packer, step, losses, group)
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+    if rank == 0:
+        save_adapter(model, args.adapter_path, adapter_config(args, config))
+    final_val = evaluate(model, stream.val, args, packed, world) if stream.val else None
+    return {
+        "steps": step,
+        "loss_first": first_loss,
+        "loss_last": losses[-1] if losses else None,
+        "losses": losses,
+        "val_loss": final_val,
+        "tokens": tokens_total,
+        "samples": samples_total,
+        "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else (tokens_total / seconds if seconds else 0),
+        "adapter_path": args.adapter_path,
+        "peak_mem_mb": peak_memory_mb(),
+        "seconds": seconds,
+        "packed": packed,
+        "world_size": world,
+        "skipped_rows": stream.skipped,
+        "history": history,
+        "args": {k: v for k, v in asdict(args).items() if k not in ("template", "storage_options")},
+    }
+
+
+def _one_per_row(samples: list[tuple[list[int], int]], rows: int, seq_len: int) -> Batch:
+    from streamtune.train.data import pack_rows
+
+    return pack_rows([[s] for s in samples] + [[] for _ in range(rows - len(samples))], seq_len)
+
+
+def evaluate(model: nn.Module, samples: list[tuple[list[int], int]], args: TrainArgs, packed: bool, world: int):
+    """Mean completion-token loss over held-out samples."""
+    if not samples:
+        return None
+    model.eval()
+    total, count = mx.array(0.0), 0
+    pending = list(samples)
+    packer = Packer(max(args.batch_size // world, 1), args.seq_len)
+    while True:
+        if packed:
+            batch = packer.next_batch(lambda: pending.pop(0) if pending else None)
+        else:
+            take, pending = pending[: packer.rows], pending[packer.rows :]
+            batch = _one_per_row(take, packer.rows, args.seq_len) if take else None
+        if batch is None:
+            break
+        total = total + loss_sum(model, *_arrays(batch), packed=packed)
+        count += batch.targets_count
+    totals = _all_sum(mx.concatenate([total.reshape(1), mx.array([float(count)])]), world)
+    model.train()
+    return totals[0].item() / max(totals[1].item(), 1)
+
+
+def _save_checkpoint(args, model, optimizer, stream, packer, step, losses, group):
+    world = group.size()
+    local = json.dumps({"stream": stream.state_dict(), "packer": packer.state_dict()})
+    if world > 1:
+        # gather every rank's loader/packer state on rank 0 as bytes
+        data = np.frombuffer(local.encode(), dtype=np.uint8)
+        sizes = mx.distributed.all_gather(mx.array([data.size]), group=group).tolist()
+        padded = np.zeros(max(sizes), np.uint8)
+        padded[: data.size] = data
+        gathered = np.array(mx.distributed.all_gather(mx.array(padded)[None], group=group))
+        states = [json.loads(gathered[i, : sizes[i]].tobytes()) for i in range(world)]
+    else:
+        states = [json.loads(local)]
+    if group.rank() == 0:
+        checkpoint.save(
+            args.checkpoint_url,
+            step,
+            params=dict(tree_flatten(model.trainable_parameters())),
+            optimizer_state=optimizer.state,
+            state={
+                "stream": [s["stream"] for s in states],
+                "packer": [s["packer"] for s in states],
+                "losses": losses,
+                "rng": {"seed": args.seed, "rule": "seed * 1000003 + step"},
+            },
+            storage_options=args.storage_options,
+            keep=args.keep_checkpoints,
+        )
+    if world > 1:
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # barrier: checkpoint committed

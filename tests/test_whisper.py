@@ -1,0 +1,200 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from corpus import speech
+
+import streamtune  # noqa: F401
+from streamtune.decode.media import decode_audio
+from streamtune.decode.whisper import (
+    Transcriber,
+    offline_whisper_dir,
+    resolve_whisper,
+)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("whisper-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(cache):
+    return offline_whisper_dir("tiny.en", cache)
+
+
+def load_weights(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(folder, "weights.safetensors"))
+
+
+def test_ct2_conversion_matches_mlx_whisper_model(tiny_dir, cache):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_whisper.load_models import load_model
+
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        dims = json.load(f)
+    assert dims["n_vocab"] == 51864 and dims["n_audio_layer"] == 4 and dims["n_text_head"] == 6
+    weights = load_weights(tiny_dir)
+    model = load_model(tiny_dir, dtype=mx.float32)
+    params = dict(tree_flatten(model.parameters()))
+    params.pop("encoder._positional_embedding", None)
+    params.pop("alignment_heads", None)  # set from config, not weights
+    assert set(params) == set(weights)
+    for name, value in weights.items():
+        assert tuple(params[name].shape) == value.shape, name
+        assert np.isfinite(value).all(), name
+    # A second call reuses the cached conversion instead of converting again.
+    mtime = os.path.getmtime(os.path.join(tiny_dir, "weights.safetensors"))
+    assert offline_whisper_dir("tiny.en", cache) == tiny_dir
+    assert os.path.getmtime(os.path.join(tiny_dir, "weights.safetensors")) == mtime
+
+
+def test_openai_and_transformers_checkpoints_convert_to_the_same_weights(tiny_dir, tmp_path):
+    import torch
+    from safetensors.numpy import save_file
+
+    weights = load_weights(tiny_dir)
+    with open(os.path.join(tiny_dir, "config.json")) as f:
+        dims = {k: v for k, v in json.load(f).items() if k != "model_type"}
+
+    # OpenAI layout: mlp.0/mlp.2, conv weights (out, in, k), a stored encoder positional embedding.
+    state = {}
+    for key, value in weights.items():
+        if "conv" in key and value.ndim == 3:
+            value = value.transpose(0, 2, 1)
+        state[key.replace(".mlp1.", ".mlp.0.").replace(".mlp2.", ".mlp.2.")] = torch.from_numpy(value.copy())
+    state["encoder.positional_embedding"] = torch.zeros(dims["n_audio_ctx"], dims["n_audio_state"])
+    torch.save({"dims": dims, "model_state_dict": state}, tmp_path / "tiny.pt")
+    converted = load_weights(resolve_whisper(str(tmp_path / "tiny.pt"), str(tmp_path / "cache")))
+    assert set(converted) == set(weights)
+    for key in weights:
+        np.testing.assert_array_equal(converted[key], weights[key])
+
+    # transformers layout.
+    renames = [
+        ("encoder.ln_post.", "model.encoder.layer_norm."),
+        ("decoder.ln.", "model.decoder.layer_norm."),
+        ("decoder.token_embedding.", "model.decoder.embed_tokens."),
+        ("decoder.positional_embedding", "model.decoder.embed_positions.weight"),
+        (".cross_attn_ln.", ".encoder_attn_layer_norm."),
+        (".attn_ln.", ".self_attn_layer_norm."),
+        (".mlp_ln.", ".final_layer_norm."),
+        (".cross_attn.", ".encoder_attn."),
+        (".attn.", ".self_attn."),
+        (".query.", ".q_proj."),
+        (".key.", ".k_proj."),
+        (".value.", ".v_proj."),
+        (".out.", ".out_proj."),
+        (".mlp1.", ".fc1."),
+        (".mlp2.", ".fc2."),
+        (".blocks.", ".layers."),
+    ]
+    hf = {}
+    for key, value in weights.items():
+        new = key
+        for old, repl in renames:
+            new = new.replace(old, repl)
+        if not new.startswith("model."):
+            new = "model." + new
+        hf[new] = value.transpose(0, 2, 1).copy() if "conv" in key and value.ndim == 3 else value
+    hf["proj_out.weight"] = weights["decoder.token_embedding.weight"]
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file(hf, str(hf_dir / "model.safetensors"))
+    config = {
+        "model_type": "whisper",
+        "num_mel_bins": dims["n_mels"],
+        "max_source_positions": dims["n_audio_ctx"],
+        "d_model": dims["n_audio_state"],
+        "encoder_attention_heads": dims["n_audio_head"],
+        "encoder_layers": dims["n_audio_layer"],
+        "vocab_size": dims["n_vocab"],
+        "max_target_positions": dims["n_text_ctx"],
+        "decoder_attention_heads": dims["n_text_head"],
+        "decoder_layers": dims["n_text_layer"],
+    }
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    converted = load_weights(resolve_whisper(str(hf_dir), str(tmp_path / "cache")))
+    assert set(converted) == set(weights)
+    for key in weights:
+        np.testing.assert_array_equal(converted[key], weights[key])
+
+
+def test_bad_model_references(tmp_path):
+    with pytest.raises(ValueError, match="no offline whisper"):
+        resolve_whisper("offline:large-v9")
+    with pytest.raises(ValueError, match="not found"):
+        resolve_whisper(str(tmp_path / "missing-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an mlx-whisper"):
+        resolve_whisper(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="English-only"):
+        Transcriber("offline:tiny.en", language="de", cache_dir=str(tmp_path))
+
+
+SENTENCES = ["hello world this is a test", "the quick brown fox jumps over the lazy dog", "good morning everyone"]
+
+
+@pytest.fixture(scope="module")
+def clips():
+    audios = [decode_audio(speech(s)) for s in SENTENCES]
+    # A long clip: speech, 33 s of silence, speech again -> two 30 s windows.
+    long = np.concatenate([audios[0], np.zeros(33 * 16000, np.float32), audios[1]])
+    return audios + [long]
+
+
+@pytest.fixture(scope="module")
+def transcripts(tiny_dir, clips):
+    batched = Transcriber(tiny_dir, batch_size=8)
+    single = Transcriber(tiny_dir, batch_size=1)
+    return batched.transcribe(clips), single.transcribe(clips), batched, single
+
+
+@pytest.mark.slow
+def test_espeak_speech_keywords_tiny_en(transcripts):
+    out = transcripts[0]
+    assert "world" in out[0]["text"].lower() and "test" in out[0]["text"].lower()
+    assert "fox" in out[1]["text"].lower() and "dog" in out[1]["text"].lower()
+    assert "morning" in out[2]["text"].lower()
+    for r in out:
+        assert r["language"] == "en" and r["segments"]
+        for s in r["segments"]:
+            assert 0 <= s["start"] <= s["end"] <= r["seconds"] + 0.01
+
+
+@pytest.mark.slow
+def test_batched_equals_unbatched(transcripts):
+    batched, single, b_model, s_model = transcripts
+    assert [r["text"] for r in batched] == [r["text"] for r in single]
+    for a, b in zip(batched, single, strict=True):
+        assert len(a["segments"]) == len(b["segments"])
+        for x, y in zip(a["segments"], b["segments"], strict=True):
+            assert x["text"] == y["text"]
+            assert abs(x["start"] - y["start"]) <= 0.02 and abs(x["end"] - y["end"]) <= 0.02
+    assert b_model.stats["windows"] == s_model.stats["windows"] == 5
+    assert b_model.stats["batches"] == 1 and s_model.stats["batches"] == 5
+
+
+@pytest.mark.slow
+def test_long_audio_has_absolute_timestamps(transcripts):
+    long = transcripts[0][3]
+    assert long["seconds"] > 35
+    text = long["text"].lower()
+    assert "world" in text and "fox" in text
+    late = [s for s in long["segments"] if s["start"] >= 30]
+    assert late and any("fox" in s["text"].lower() for s in late)
+    assert all(s["end"] < 30.5 for s in long["segments"] if "world" in s["text"].lower())
+
+
+@pytest.mark.slow
+def test_multilingual_base_detects_english(tmp_path):
+    clip = decode_audio(speech("hello world this is a test"))
+    base = Transcriber("offline:base", language=None, cache_dir=str(tmp_path))
+    assert base.model.is_multilingual
+    out = base.transcribe([clip])[0]
+    assert out["language"] == "en"
+    assert "hello" in out["text"].lower() and "world" in out["text"].lower()
