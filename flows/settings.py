@@ -18,6 +18,8 @@ DEFAULTS = {
     # Reruns skip finished work only if every result is persisted.
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
     "PREFECT_RESULTS_DEFAULT_SERIALIZER": "json",
+    # A loaded 2-core machine can take longer than the 20 s default to start the ephemeral API.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 RESULT_STORAGE_ENV = "STREAMTUNE_RESULT_STORAGE"

@@ -187,6 +187,7 @@ def serve(
 ) -> None:
     """Serve the pipeline flow on this machine with a cron schedule (Prefect flow.serve)."""
     import yaml
+
     from flows.pipeline import serve as serve_flow
 
     params = yaml.safe_load(config.read_text()) if config else {}

@@ -6,6 +6,7 @@ prefix, so a cached result always points at objects that exist.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -134,17 +135,21 @@ def shard_checksums(results: list[dict[str, Any]]) -> list[str]:
     return [f"{r['entry']['path']}:{r['entry']['checksum']}" for r in results]
 
 
-_DECODERS: dict[str, Any] = {}
+_DECODERS: dict[str, tuple[Any, threading.Lock]] = {}
+_DECODERS_LOCK = threading.Lock()
 
 
-def shared_decoder(cfg: Any) -> Any:
-    """One decoder (Whisper + CLIP loaded once) per process and config, shared by the mapped decode tasks."""
+def shared_decoder(cfg: Any) -> tuple[Any, threading.Lock]:
+    """One decoder (Whisper + CLIP loaded once) per process and config, shared by the mapped decode tasks,
+    with the lock its users hold: the decoder's batching state and models are not safe to share between
+    threads, so thread-runner tasks take turns and parallel decode runs in processes (Dask, Ray)."""
     from streamtune.decode.features import Decoder
 
     key = cfg.key()
-    if key not in _DECODERS:
-        _DECODERS[key] = Decoder(cfg)
-    return _DECODERS[key]
+    with _DECODERS_LOCK:
+        if key not in _DECODERS:
+            _DECODERS[key] = (Decoder(cfg), threading.Lock())
+        return _DECODERS[key]
 
 
 @task(
@@ -168,7 +173,9 @@ def decode_shard_task(
 
     cfg = DecodeConfig(**decode_settings)
     t0 = time.perf_counter()
-    result = decode_shard(raw_prefix, entry, out_prefix, cfg, work_options, decoder=shared_decoder(cfg))
+    decoder, lock = shared_decoder(cfg)
+    with lock:
+        result = decode_shard(raw_prefix, entry, out_prefix, cfg, work_options, decoder=decoder)
     get_run_logger().info(
         "decoded %s in %.1fs: %s", entry["path"], time.perf_counter() - t0, result.get("stats")
     )

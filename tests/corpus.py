@@ -159,9 +159,11 @@ def video_only_mp4() -> bytes:
 def build() -> list[Item]:
     """The corpus: good files first, then hostile ones."""
     hello = speech("hello world this is a test")
-    pcm = tone(1.5)
-    mp3 = encode_audio(pcm, 44100, "mp3", "libmp3lame")
-    flac = encode_audio(pcm, 44100, "flac", "flac")
+    import soundfile as sf
+
+    pcm, rate = sf.read(io.BytesIO(speech("good morning")), dtype="float32")
+    mp3 = encode_audio(pcm, rate, "mp3", "libmp3lame")
+    flac = encode_audio(pcm, rate, "flac", "flac")
     jpeg = image_bytes(gradient(), "JPEG", quality=90)
     png = image_bytes(gradient(), "PNG")
     tiff = image_bytes(gradient(), "TIFF")
@@ -174,12 +176,12 @@ def build() -> list[Item]:
     bad = frozenset
     items = [
         Item("speech wav", "audio", hello, ext=".wav", extra={"words": ("world", "test")}),
-        Item("tone flac", "audio", flac, ext=".flac"),
-        Item("tone mp3", "audio", mp3, ext=".mp3"),
-        Item("tone opus", "audio", encode_audio(pcm, 44100, "ogg", "libopus"), ext=".opus"),
-        Item("tone m4a", "audio", encode_audio(pcm, 44100, "ipod", "aac"), ext=".m4a"),
-        Item("tone webm", "audio", encode_audio(pcm, 44100, "webm", "libopus"), ext=".webm"),
-        Item("float wav", "audio", float_wav(tone(1.0, SR)), ext=".wav"),
+        Item("speech flac", "audio", flac, ext=".flac"),
+        Item("speech mp3", "audio", mp3, ext=".mp3"),
+        Item("speech opus", "audio", encode_audio(pcm, rate, "ogg", "libopus"), ext=".opus"),
+        Item("speech m4a", "audio", encode_audio(pcm, rate, "ipod", "aac"), ext=".m4a"),
+        Item("speech webm", "audio", encode_audio(pcm, rate, "webm", "libopus"), ext=".webm"),
+        Item("float wav", "audio", float_wav(tone(1.0, SR)), ext=".wav", extra={"tone": 440}),
         Item("photo jpeg", "image", jpeg, ext=".jpg"),
         Item("exif rotated", "image", exif_rotated_jpeg(), ext=".jpg", extra={"size": (64, 96)}),
         Item("rgba png", "image", image_bytes(rgba, "PNG"), ext=".png"),

@@ -11,7 +11,9 @@ LABELS = ["cat", "dog", "car", "tree", "beach"]
 
 def images(n: int) -> list[Image.Image]:
     rng = np.random.RandomState(0)
-    return [Image.fromarray(rng.randint(0, 255, (40 + 7 * i, 90 - 5 * i, 3), dtype=np.uint8)) for i in range(n)]
+    return [
+        Image.fromarray(rng.randint(0, 255, (40 + 7 * i, 90 - 5 * i, 3), dtype=np.uint8)) for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")

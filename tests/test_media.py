@@ -2,7 +2,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from corpus import build, png_bomb
+from corpus import build, encode_audio, float_wav, png_bomb, tone
 
 import streamtune  # noqa: F401
 from streamtune.decode.media import MediaError, decode_audio, decode_image, sniff
@@ -34,12 +34,15 @@ def test_corpus_item_decodes_or_fails_with_reason(item):
 
 
 def test_audio_is_resampled_to_16k_mono():
-    item = next(it for it in CORPUS if it.name == "tone flac")  # 1.5 s at 44.1 kHz
-    audio = decode_audio(item.data)
+    pcm = np.stack([tone(1.5, 44100, 440.0), tone(1.5, 44100, 440.0)], axis=1)  # stereo 44.1 kHz
+    data = encode_audio(pcm.mean(axis=1), 44100, "flac", "flac")
+    audio = decode_audio(data)
     assert abs(audio.size - 24000) <= 64
     spectrum = np.abs(np.fft.rfft(audio))
     assert abs(np.argmax(spectrum) * 16000 / audio.size - 440) < 5
-    assert decode_audio(item.data, sample_rate=8000).size == pytest.approx(12000, abs=64)
+    assert decode_audio(data, sample_rate=8000).size == pytest.approx(12000, abs=64)
+    stereo = float_wav(pcm, 44100)
+    assert decode_audio(stereo).size == pytest.approx(24000, abs=64)
 
 
 def test_exif_orientation_and_gif_first_frame():
@@ -82,7 +85,7 @@ def test_audio_length_limit():
 
 def test_sniff():
     kinds = {it.name: sniff(it.data) for it in CORPUS if isinstance(it.data, bytes) and it.data}
-    for name in ("speech wav", "tone flac", "tone mp3", "tone opus", "tone m4a", "tone webm"):
+    for name in ("speech wav", "speech flac", "speech mp3", "speech opus", "speech m4a", "speech webm"):
         assert kinds[name] == "audio", name
     for name in ("photo jpeg", "rgba png", "photo webp", "animated gif", "photo bmp", "photo tiff"):
         assert kinds[name] == "image", name
@@ -91,3 +94,15 @@ def test_sniff():
     assert sniff(b"") is None and sniff(b"\x00\x01\x02\x03" * 10) is None
     assert sniff(b"BMW makes cars") == "text"
     assert sniff("café".encode("latin-1")) is None
+
+
+def test_jpeg_draft_decodes_at_reduced_scale_but_never_below_min_side():
+    from corpus import gradient, image_bytes
+
+    data = image_bytes(gradient(1600, 1000), "JPEG", quality=90)
+    full = decode_image(data)
+    small = decode_image(data, min_side=224)
+    assert full.size == (1600, 1000)
+    assert small.size == (400, 250) and min(small.size) >= 224
+    png = image_bytes(gradient(800, 600), "PNG")
+    assert decode_image(png, min_side=224).size == (800, 600)  # only JPEG has DCT scaling

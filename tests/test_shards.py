@@ -86,7 +86,8 @@ def test_writer_rolls_shards_and_round_trips_over_s3(bucket, s3opts):
     for e in loaded["shards"]:
         assert e["bytes"] <= 300_000 * 1.2
         assert len(e["batches"]) >= 2
-        assert e["compression"] is None  # media dominates raw shards
+        assert e["compression"] == "zstd"  # text columns; media stored as is
+        assert e["uncompressed_columns"] == ["audio", "image"]
 
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4", None, "auto"])
@@ -115,15 +116,30 @@ def test_compressed_text_shard_is_smaller():
     assert entry["compression"] == "zstd" and len(packed) < 0.7 * len(plain)
 
 
-def test_per_column_compression_resolves_by_byte_share():
+def test_per_column_compression_keeps_media_raw():
     from streamtune.shards import encode_shard
 
-    rows = raw_rows(50)
+    rows = raw_rows(300)
+    for row in rows:
+        row["text"] = "a long caption that compresses well " * 20
     table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
+    plain, _ = encode_shard(table, compression=None)
+    data, entry = encode_shard(table, batch_bytes=100_000, compression="auto")
+    assert entry["compression"] == "zstd" and entry["uncompressed_columns"] == ["audio", "image"]
+    media = sum(len(r["audio"] or b"") + len(r["image"]) for r in rows)
+    text = sum(len(r["text"]) for r in rows)
+    assert len(data) < len(plain) - 0.8 * text  # text shrank
+    assert len(data) > media  # media kept, not recompressed
+    assert pa.ipc.open_file(pa.py_buffer(data)).read_all().equals(table)
+    for b in entry["batches"]:
+        batch = decode_batch(data[b["offset"] : b["offset"] + b["length"]], RAW_SCHEMA)
+        assert batch.num_rows == b["rows"]
+
     _, entry = encode_shard(table, compression={"text": "zstd", "meta": "zstd", "sources": "lz4"})
-    assert entry["compression"] is None  # audio/image (no codec) hold most bytes
+    assert entry["compression"] == "zstd"
+    assert entry["uncompressed_columns"] == ["sample_id", "audio", "image"]
     _, entry = encode_shard(table.select(["sample_id", "text", "meta"]), compression={"text": "lz4"})
-    assert entry["compression"] == "lz4"
+    assert entry["compression"] == "lz4" and entry["uncompressed_columns"] == ["sample_id", "meta"]
     with pytest.raises(ValueError, match="unknown columns"):
         encode_shard(table, compression={"nope": "zstd"})
     with pytest.raises(ValueError, match="unknown codecs"):

@@ -136,7 +136,7 @@ def test_bad_model_references(tmp_path):
         Transcriber("offline:tiny.en", language="de", cache_dir=str(tmp_path))
 
 
-SENTENCES = ["hello world this is a test", "the quick brown fox jumps over the lazy dog", "good morning everyone"]
+SENTENCES = ["hello world this is a test", "the quick brown fox jumps over the lazy dog"]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,6 @@ def test_espeak_speech_keywords_tiny_en(transcripts):
     out = transcripts[0]
     assert "world" in out[0]["text"].lower() and "test" in out[0]["text"].lower()
     assert "fox" in out[1]["text"].lower() and "dog" in out[1]["text"].lower()
-    assert "morning" in out[2]["text"].lower()
     for r in out:
         assert r["language"] == "en" and r["segments"]
         for s in r["segments"]:
@@ -175,13 +174,13 @@ def test_batched_equals_unbatched(transcripts):
         for x, y in zip(a["segments"], b["segments"], strict=True):
             assert x["text"] == y["text"]
             assert abs(x["start"] - y["start"]) <= 0.02 and abs(x["end"] - y["end"]) <= 0.02
-    assert b_model.stats["windows"] == s_model.stats["windows"] == 5
-    assert b_model.stats["batches"] == 1 and s_model.stats["batches"] == 5
+    assert b_model.stats["windows"] == s_model.stats["windows"] == 4
+    assert b_model.stats["batches"] == 1 and s_model.stats["batches"] == 4
 
 
 @pytest.mark.slow
 def test_long_audio_has_absolute_timestamps(transcripts):
-    long = transcripts[0][3]
+    long = transcripts[0][2]
     assert long["seconds"] > 35
     text = long["text"].lower()
     assert "world" in text and "fox" in text
@@ -198,3 +197,22 @@ def test_multilingual_base_detects_english(tmp_path):
     out = base.transcribe([clip])[0]
     assert out["language"] == "en"
     assert "hello" in out["text"].lower() and "world" in out["text"].lower()
+
+
+def test_cached_decoder_step_matches_mlx_whisper_decoder(tiny_dir):
+    import mlx.core as mx
+    from mlx_whisper.load_models import load_model
+
+    from streamtune.decode.whisper import cross_attention_cache, decoder_step
+
+    model = load_model(tiny_dir, dtype=mx.float32)
+    features = mx.random.normal((3, 1500, 384), key=mx.random.key(0)) * 0.5
+    prompt = mx.array([[50257, 50363, 464, 2068]] * 3)
+    ref, ref_cache, _ = model.decoder(prompt, features)
+    cross = cross_attention_cache(model, features)
+    got, cache = decoder_step(model, prompt, cross, None)
+    np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-3)
+    step = mx.array([[7586], [318], [257]])
+    ref, _, _ = model.decoder(step, features, kv_cache=ref_cache)
+    got, _ = decoder_step(model, step, cross, cache)
+    np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-3)

@@ -92,6 +92,8 @@ class ClipEmbedder:
             mean=getattr(self.model.visual, "image_mean", None),
             std=getattr(self.model.visual, "image_std", None),
         )
+        size = self.model.visual.image_size
+        self.image_size = int(max(size) if isinstance(size, tuple | list) else size)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.torch = torch
         self.device = device

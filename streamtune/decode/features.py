@@ -13,6 +13,7 @@ import json
 import os
 import posixpath
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ import pyarrow as pa
 from streamtune import storage
 from streamtune.decode.media import MediaError, decode_audio, decode_image
 
-CODE_VERSION = "decode-1"
+CODE_VERSION = "decode-2"
 MARKER_DIR = "_decode"
 QUARANTINE_NAME = "quarantine.parquet"
 SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -119,7 +120,11 @@ def _new_stats() -> dict[str, float]:
 
 
 class Decoder:
-    """Decodes raw tables into feature tables. Models load on first use; `stats` counts model work."""
+    """Decodes raw tables into feature tables. Models load on first use; `stats` counts model work.
+
+    One Decoder may serve several threads (mapped tasks sharing loaded models): media decoding runs
+    concurrently, model calls take turns.
+    """
 
     # Model work is flushed once this much decoded audio or this many images are pending (bounded memory).
     pending_audio_seconds = 600.0
@@ -128,55 +133,67 @@ class Decoder:
         self.cfg = cfg
         self._transcriber = None
         self._clip = None
+        self._lock = threading.RLock()
         self.stats = _new_stats()
         self.clip_dim = _clip_dim(cfg.clip_model)
 
     @property
     def transcriber(self):
-        if self._transcriber is None:
-            from streamtune.decode.whisper import Transcriber
+        with self._lock:
+            if self._transcriber is None:
+                from streamtune.decode.whisper import Transcriber
 
-            self._transcriber = Transcriber(
-                self.cfg.whisper_model, self.cfg.language, self.cfg.audio_batch, self.cfg.cache_dir
-            )
-        return self._transcriber
+                self._transcriber = Transcriber(
+                    self.cfg.whisper_model, self.cfg.language, self.cfg.audio_batch, self.cfg.cache_dir
+                )
+            return self._transcriber
 
     @property
     def clip(self):
-        if self._clip is None:
-            from streamtune.decode.clip import ClipEmbedder
+        with self._lock:
+            if self._clip is None:
+                from streamtune.decode.clip import ClipEmbedder
 
-            self._clip = ClipEmbedder(
-                self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.labels, self.cfg.image_batch
-            )
-        return self._clip
+                self._clip = ClipEmbedder(
+                    self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.labels, self.cfg.image_batch
+                )
+            return self._clip
 
     def decode_table(self, raw: pa.Table) -> tuple[pa.Table, list[dict]]:
         """Decode every row; rows with any undecodable part become quarantine records instead."""
+        table, quarantine, _ = self.decode_table_stats(raw)
+        return table, quarantine
+
+    def decode_table_stats(self, raw: pa.Table) -> tuple[pa.Table, list[dict], dict]:
+        """`decode_table` plus the counters of this call alone."""
         t0 = time.perf_counter()
+        stats = _new_stats()
         rows: list[dict] = []
         quarantine: list[dict] = []
         pending: list[dict] = []
         pending_seconds, pending_images = 0.0, 0
         for row in _iter_rows(raw):
-            self.stats["samples"] += 1
-            decoded, errors = self._decode_row(row)
+            stats["samples"] += 1
+            decoded, errors = self._decode_row(row, stats)
             if errors:
                 quarantine.extend(errors)
-                self.stats["quarantined"] += 1
+                stats["quarantined"] += 1
                 continue
             pending.append(decoded)
             pending_seconds += decoded["audio"].size / 16000 if decoded["audio"] is not None else 0.0
             pending_images += decoded["pixels"] is not None
             if pending_seconds >= self.pending_audio_seconds or pending_images >= 4 * self.cfg.image_batch:
-                rows.extend(self._run_models(pending))
+                rows.extend(self._run_models(pending, stats))
                 pending, pending_seconds, pending_images = [], 0.0, 0
-        rows.extend(self._run_models(pending))
-        self.stats["features"] += len(rows)
-        self.stats["decode_seconds"] += time.perf_counter() - t0
-        return self._to_table(rows), quarantine
+        rows.extend(self._run_models(pending, stats))
+        stats["features"] = len(rows)
+        stats["decode_seconds"] = time.perf_counter() - t0
+        with self._lock:
+            for k, v in stats.items():
+                self.stats[k] += v
+        return self._to_table(rows), quarantine, stats
 
-    def _decode_row(self, row: dict) -> tuple[dict, list[dict]]:
+    def _decode_row(self, row: dict, stats: dict) -> tuple[dict, list[dict]]:
         sid, sources = row["sample_id"], row["sources"]
         errors: list[dict] = []
 
@@ -200,20 +217,18 @@ class Decoder:
                 parsed = json.loads(meta)
                 if not isinstance(parsed, dict):
                     raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
-                if parsed.get("_error"):
-                    raise ValueError(str(parsed["_error"]))
             except (ValueError, UnicodeDecodeError) as e:
                 fail("meta", "broken_sidecar", f"metadata row is unusable: {e}")
         audio = pixels = None
         if row["audio"] is not None:
-            self.stats["audio_files"] += 1
+            stats["audio_files"] += 1
             try:
                 audio = decode_audio(row["audio"], 16000, max_seconds=self.cfg.max_audio_seconds)
             except MediaError as e:
                 fail("audio", e.kind, e.reason)
         if row["image"] is not None:
             try:
-                image = decode_image(row["image"], self.cfg.max_pixels)
+                image = decode_image(row["image"], self.cfg.max_pixels, min_side=self.clip.image_size)
                 pixels = self.clip.prepare(image)
             except MediaError as e:
                 fail("image", e.kind, e.reason)
@@ -222,25 +237,26 @@ class Decoder:
         decoded = {"sample_id": sid, "sources": sources, "text": text, "meta": meta}
         return decoded | {"audio": audio, "pixels": pixels}, errors
 
-    def _run_models(self, pending: list[dict]) -> list[dict]:
+    def _run_models(self, pending: list[dict], stats: dict) -> list[dict]:
         with_audio = [r for r in pending if r["audio"] is not None]
         with_image = [r for r in pending if r["pixels"] is not None]
-        if with_audio:
-            before = dict(self.transcriber.stats)
-            outs = self.transcriber.transcribe([r["audio"] for r in with_audio])
-            for r, out in zip(with_audio, outs, strict=True):
-                r["asr"] = out
-            self.stats["windows"] += self.transcriber.stats["windows"] - before["windows"]
-            self.stats["model_seconds"] += self.transcriber.stats["model_seconds"] - before["model_seconds"]
-            self.stats["audio_seconds"] += sum(o["seconds"] for o in outs)
-        if with_image:
-            t0 = time.perf_counter()
-            emb = self.clip.embed_prepared([r["pixels"] for r in with_image])
-            tags = self.clip.tag(emb, self.cfg.top_k)
-            for r, e, t in zip(with_image, emb, tags, strict=True):
-                r["embedding"], r["tags"] = e, t
-            self.stats["images"] += len(with_image)
-            self.stats["model_seconds"] += time.perf_counter() - t0
+        with self._lock:
+            if with_audio:
+                windows, seconds = self.transcriber.stats["windows"], self.transcriber.stats["model_seconds"]
+                outs = self.transcriber.transcribe([r["audio"] for r in with_audio])
+                for r, out in zip(with_audio, outs, strict=True):
+                    r["asr"] = out
+                stats["windows"] += self.transcriber.stats["windows"] - windows
+                stats["model_seconds"] += self.transcriber.stats["model_seconds"] - seconds
+                stats["audio_seconds"] += sum(o["seconds"] for o in outs)
+            if with_image:
+                t0 = time.perf_counter()
+                emb = self.clip.embed_prepared([r["pixels"] for r in with_image])
+                tags = self.clip.tag(emb, self.cfg.top_k)
+                for r, e, t in zip(with_image, emb, tags, strict=True):
+                    r["embedding"], r["tags"] = e, t
+                stats["images"] += len(with_image)
+                stats["model_seconds"] += time.perf_counter() - t0
         for r in pending:
             r["audio"] = r["pixels"] = None  # release decoded media early
         return pending
@@ -352,7 +368,7 @@ def decode_shard(
     Returns {"entry", "quarantine", "stats", "skipped", "schema"}; JSON-serialisable, so it can be a
     persisted task result. Skips all model work when the marker says this shard was decoded with this key.
     """
-    from streamtune.shards import read_shard_table, write_shard
+    from streamtune.shards import ShardError, read_shard_table, write_shard
     from streamtune.shards.format import schema_to_json
 
     name = _safe_name(entry)
@@ -364,17 +380,25 @@ def decode_shard(
         return {**done, "stats": stats, "skipped": True}
 
     decoder = decoder or Decoder(cfg)
-    before = dict(decoder.stats)
-    raw = read_shard_table(raw_prefix, entry, storage_options)
-    features, quarantine = decoder.decode_table(raw)
+    try:
+        raw = read_shard_table(raw_prefix, entry, storage_options)
+    except ShardError as e:
+        # A missing or corrupt raw shard: an empty feature shard keeps the set consistent, the record says
+        # why, and no marker is written, so the next run tries again.
+        features = features_schema(decoder.clip_dim).empty_table()
+        quarantine = [{"sample_id": None, "key": name, "stage": "read", "error": "corrupt_shard",
+                       "message": str(e), "modality": "shard", "shard": name}]  # fmt: skip
+        out_entry = write_shard(features, storage.join(out_prefix, name), storage_options)
+        out_entry |= {"key": None, "source": {"path": name, "checksum": entry.get("checksum")}}
+        stats = _new_stats() | {"shards": 1, "quarantined": 1}
+        result = {"entry": out_entry, "quarantine": quarantine, "key": None, "config_key": cfg.key()}
+        return result | {"schema": schema_to_json(features.schema), "stats": stats, "skipped": False}
+    features, quarantine, stats = decoder.decode_table_stats(raw)
     for q in quarantine:
         q["shard"] = name
     out_entry = write_shard(features, storage.join(out_prefix, name), storage_options)
     out_entry |= {"key": key, "source": {"path": name, "checksum": entry["checksum"]}}
-    stats = {k: decoder.stats[k] - before.get(k, 0) for k in decoder.stats} | {
-        "shards": 1,
-        "skipped_shards": 0,
-    }
+    stats |= {"shards": 1, "skipped_shards": 0}
     result = {
         "entry": out_entry,
         "quarantine": quarantine,

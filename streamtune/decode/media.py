@@ -226,10 +226,12 @@ def _decode_soundfile(data: bytes, sample_rate: int, max_seconds: float | None) 
 # ----------------------------------------------------------------------------------------------- images
 
 
-def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int = 64_000_000, min_side: int | None = None) -> Image.Image:
     """Decode an image to RGB with EXIF orientation applied (first frame of animations).
 
     The declared size is checked against `max_pixels` from the header, before any pixel is allocated.
+    With `min_side`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides
+    at least that long: a model that resizes to 224 px need not decode all 12 MP of a photo.
     """
     if not data:
         raise MediaError("empty", "zero-byte image")
@@ -247,6 +249,8 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000) -> Image.Image:
             if width * height > max_pixels:
                 raise MediaError("bomb", f"{width}x{height} exceeds the {max_pixels} pixel limit")
             img.seek(0)
+            if min_side and img.format == "JPEG":
+                img.draft(None, (min_side, min_side))
             img.load()
             img = ImageOps.exif_transpose(img) or img
             return _to_rgb(img)

@@ -44,6 +44,7 @@ DIM_FIELDS = (
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 30
 MAX_INITIAL_TIMESTAMP = 50  # 1 s in 20 ms steps, Whisper's default
+MAX_TOKENS_PER_SECOND = 10  # fast speech is ~4 text tokens/s plus two timestamps per segment
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -411,6 +412,72 @@ def resolve_whisper(model: str, cache_dir: str | None = None) -> str:
 # ---------------------------------------------------------------------------------------- transcription
 
 
+def _heads(x, n_head: int):
+    """(B, T, D) -> (B, H, T, D/H)."""
+    b, t, d = x.shape
+    return x.reshape(b, t, n_head, d // n_head).transpose(0, 2, 1, 3)
+
+
+def cross_attention_cache(model, features) -> list:
+    """Per decoder block, cross-attention keys as (B, H, d, S), pre-scaled, and values as (B, H, S, d).
+
+    mlx-whisper's own decoder re-splits, transposes and re-scales the cached keys on every step, which
+    costs B x 1500 x D element work per layer per token; laying them out once makes a step's cost
+    independent of the encoder length apart from two small matmuls.
+    """
+    import mlx.core as mx
+
+    cache = []
+    for block in model.decoder.blocks:
+        attn = block.cross_attn
+        k = _heads(attn.key(features), attn.n_head)
+        scale = k.shape[-1] ** -0.5
+        cache.append(
+            (
+                mx.contiguous(k.transpose(0, 1, 3, 2) * scale),
+                mx.contiguous(_heads(attn.value(features), attn.n_head)),
+            )
+        )
+    mx.eval(cache)
+    return cache
+
+
+def decoder_step(model, tokens, cross: list, cache: list | None):
+    """One pass of mlx-whisper's text decoder over `tokens` (B, T) with the layouts above.
+
+    Same weights and operations as `model.decoder` (logits agree to float tolerance); returns
+    (logits (B, T, vocab), self-attention cache).
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    dec = model.decoder
+    offset = cache[0][0].shape[2] if cache else 0
+    n = tokens.shape[1]
+    h = dec.token_embedding(tokens) + dec.positional_embedding[offset : offset + n]
+    mask = nn.MultiHeadAttention.create_additive_causal_mask(n).astype(h.dtype) if n > 1 else None
+    new_cache = []
+    for i, block in enumerate(dec.blocks):
+        attn, b = block.attn, h.shape[0]
+        a = block.attn_ln(h)
+        q, k, v = (_heads(proj(a), attn.n_head) for proj in (attn.query, attn.key, attn.value))
+        if cache:
+            k = mx.concatenate([cache[i][0], k], axis=2)
+            v = mx.concatenate([cache[i][1], v], axis=2)
+        new_cache.append((k, v))
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(0, 1, 3, 2)
+        if mask is not None:
+            scores = scores + mask
+        out = mx.softmax(scores, axis=-1, precise=True) @ v
+        h = h + attn.out(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        cross_attn = block.cross_attn
+        q = _heads(cross_attn.query(block.cross_attn_ln(h)), cross_attn.n_head)
+        out = mx.softmax(q @ cross[i][0], axis=-1, precise=True) @ cross[i][1]
+        h = h + cross_attn.out(out.transpose(0, 2, 1, 3).reshape(b, n, -1))
+        h = h + block.mlp2(nn.gelu(block.mlp1(block.mlp_ln(h))))
+    return dec.token_embedding.as_linear(dec.ln(h)), new_cache
+
+
 class Transcriber:
     """Batched greedy Whisper transcription of 16 kHz mono float32 arrays."""
 
@@ -431,7 +498,13 @@ class Transcriber:
         self.tokenizer = get_tokenizer(
             self.model.is_multilingual, num_languages=self.model.num_languages, language=self.language
         )
-        self.stats = {"windows": 0, "batches": 0, "audio_seconds": 0.0, "model_seconds": 0.0}
+        self.stats = {
+            "windows": 0,
+            "batches": 0,
+            "audio_seconds": 0.0,
+            "model_seconds": 0.0,
+            "encoder_seconds": 0.0,
+        }
 
     def transcribe(self, audios: list[np.ndarray]) -> list[dict]:
         """One dict per clip: text, segments [{start, end, text}] in seconds, language, seconds."""
@@ -491,6 +564,8 @@ class Transcriber:
             [log_mel_spectrogram(pad_or_trim(mx.array(c), N_SAMPLES), n_mels=n_mels) for c in chunks]
         )
         features = self.model.encoder(mel)
+        mx.eval(features)
+        self.stats["encoder_seconds"] += time.perf_counter() - t0
         n = len(chunks)
         initial = np.tile(np.array(tok.sot_sequence, dtype=np.int64), (n, 1))
         languages = [self.language or "en"] * n
@@ -499,14 +574,17 @@ class Transcriber:
             languages = [max(p, key=p.get) for p in lang_probs]
             initial[:, 1] = np.array(lang_tokens)
         sample_begin = initial.shape[1]
-        max_len = sample_begin + self.model.dims.n_text_ctx // 2
+        # Whisper's cap is n_text_ctx // 2 tokens a window; short windows get a proportional cap, so a
+        # repetition loop on a 2 s clip costs a few dozen steps, not hundreds.
+        limit = [min(self.model.dims.n_text_ctx // 2, 16 + int(MAX_TOKENS_PER_SECOND * c.size / SAMPLE_RATE))
+                 for c in chunks]  # fmt: skip
         tokens = [list(map(int, row)) for row in initial]
         sum_logprobs = np.zeros(n)
         no_speech = np.full(n, np.nan)
         active = list(range(n))
-        x, cache, feats = mx.array(initial), None, features
+        x, cache, cross = mx.array(initial), None, cross_attention_cache(self.model, features)
         while active:
-            logits, cache, _ = self.model.decoder(x, feats, kv_cache=cache)
+            logits, cache = decoder_step(self.model, x, cross, cache)
             if x.shape[1] > 1 and self._no_speech is not None:
                 first = np.array(logits[:, tok.sot_sequence.index(tok.sot)].astype(mx.float32))
                 no_speech[active] = _softmax(first)[:, self._no_speech]
@@ -518,12 +596,11 @@ class Transcriber:
             for j, i in enumerate(active):
                 tokens[i].append(int(nxt[j]))
                 sum_logprobs[i] += logprobs[j]
-                if nxt[j] != tok.eot and len(tokens[i]) < max_len:
+                if nxt[j] != tok.eot and len(tokens[i]) < sample_begin + limit[i]:
                     keep.append(j)
             if len(keep) < len(active) and keep:
                 rows = mx.array(keep)
-                cache = tree_map(lambda a, rows=rows: a[rows], cache)
-                feats = feats[rows]
+                cache, cross = tree_map(lambda a, rows=rows: a[rows], (cache, cross))
             active = [active[j] for j in keep]
             x = mx.array([[tokens[i][-1]] for i in active]) if active else x
         self.stats["windows"] += n

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamtune import storage
+from streamtune.shards import ipc
 from streamtune.shards.format import INDEX_NAME, MEDIA_COLUMNS, ShardError, checksum, shard_name
 from streamtune.shards.index import commit_index, read_index
 
@@ -48,18 +49,20 @@ def split_rows(sizes: np.ndarray, limit: int) -> list[tuple[int, int]]:
     return runs
 
 
-def resolve_compression(table: pa.Table, compression: dict[str, str | None] | str | None) -> str | None:
-    """One codec per shard file.
+def compression_plan(
+    table: pa.Table, compression: dict[str, str | None] | str | None
+) -> tuple[str | None, list[str]]:
+    """(codec of the file, columns stored uncompressed) for a compression setting.
 
-    Arrow IPC compresses all buffers of a record batch with one codec, so per-column wishes are resolved
-    by byte share: the codec asked for by the columns holding most of the bytes wins. "auto" asks zstd
-    for text/JSON/list/numeric columns and nothing for media columns (already-compressed audio/images),
-    so media-heavy shards stay uncompressed and feature/text shards get zstd.
+    "auto" asks zstd for text/JSON/list/numeric columns and nothing for media columns (already-compressed
+    audio/images). A dict maps column -> codec or None (unlisted columns: None). Arrow compresses with
+    one codec per record batch, but single buffers may opt out, so "no codec" columns are honoured exactly
+    when they are binary/string; otherwise wishes are resolved by byte share.
     """
     if compression is None or isinstance(compression, str) and compression != "auto":
         if compression is not None and compression not in CODECS:
             raise ValueError(f"compression must be 'auto', None, {CODECS} or a dict, not {compression!r}")
-        return compression
+        return compression, []
     if compression == "auto":
         wishes = {f.name: None if _is_media(f) else "zstd" for f in table.schema}
     else:
@@ -73,7 +76,24 @@ def resolve_compression(table: pa.Table, compression: dict[str, str | None] | st
     share: dict[str | None, int] = {}
     for name, codec in wishes.items():
         share[codec] = share.get(codec, 0) + table.column(name).nbytes
-    return max(share.items(), key=lambda kv: (kv[1], kv[0] is not None))[0] if share else None
+    codecs = {c: n for c, n in share.items() if c is not None}
+    if not codecs:
+        return None, []
+    codec = max(codecs, key=codecs.__getitem__)
+    raw = [name for name, c in wishes.items() if c is None]
+    raw_ok = all(_is_varlen(table.schema.field(name).type) for name in raw) and ipc.supported(table.schema)
+    if raw and raw_ok:
+        return codec, raw
+    return max(share.items(), key=lambda kv: (kv[1], kv[0] is not None))[0], []
+
+
+def _is_varlen(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_string(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_large_string(t)
+    )
 
 
 def _is_media(field: pa.Field) -> bool:
@@ -94,25 +114,31 @@ def encode_shard(
 ) -> tuple[bytes, dict]:
     """Serialize `table` as one Arrow IPC file; return (file bytes, index entry without "path")."""
     table = _plain_types(table)
-    codec = resolve_compression(table, compression)
-    options = pa.ipc.IpcWriteOptions(compression=codec)
-    sink = pa.BufferOutputStream()
+    codec, raw = compression_plan(table, compression)
     runs = split_rows(row_nbytes(table), batch_bytes)
-    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
-        for start, stop in runs:
-            writer.write_batch(_one_batch(table.slice(start, stop - start)))
-    data = sink.getvalue()
+    record_batches = [_one_batch(table.slice(start, stop - start)) for start, stop in runs]
+    nbytes = [b.nbytes for b in record_batches]
+    if raw and record_batches:
+        data = pa.py_buffer(ipc.write_mixed_file(record_batches, set(raw), codec))
+    else:
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as writer:
+            for batch in record_batches:
+                writer.write_batch(batch)
+        data = sink.getvalue()
     batches = list(_batch_messages(data))
     if len(batches) != len(runs):
         raise ShardError(f"expected {len(runs)} record batches in the shard, found {len(batches)}")
-    for b, (start, stop) in zip(batches, runs, strict=True):
+    for b, (start, stop), size in zip(batches, runs, nbytes, strict=True):
         b["rows"] = stop - start
+        b["nbytes"] = size  # decoded size: what a reader holds in memory
         b["checksum"] = checksum(memoryview(data)[b["offset"] : b["offset"] + b["length"]])
     entry = {
         "bytes": data.size,
         "rows": table.num_rows,
         "checksum": checksum(memoryview(data)),
         "compression": codec,
+        "uncompressed_columns": raw,
         "batches": batches,
     }
     return data.to_pybytes(), entry

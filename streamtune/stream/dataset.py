@@ -31,7 +31,10 @@ class CloudStreamingDataset:
     process resumes with exactly the samples not yet yielded. `rank`/`world_size` and
     `worker_id`/`num_workers` cut the epoch's sample sequence into disjoint contiguous partitions.
     Memory: fetched-but-unconsumed bytes stay under `prefetch_bytes` (the shuffle block is capped at
-    half of it so the next block can load while the current one is consumed).
+    half of it so the next block can load while the current one is consumed). Binary values are `bytes`
+    copies; `zero_copy=True` yields read-only memoryviews into the fetched range instead (faster, but a
+    kept value keeps its whole range in memory, outside the budget).
+    See README.md in this folder for the order, the state_dict format and the cache.
     """
 
     def __init__(
@@ -47,7 +50,7 @@ class CloudStreamingDataset:
         max_concurrency: int = 16,
         columns: list[str] | None = None,
         *,
-        range_bytes: int = 16 << 20,
+        range_bytes: int = 8 << 20,
         shuffle_shards: int = 8,
         shuffle_block_bytes: int = 64 << 20,
         worker_id: int | None = None,
@@ -57,16 +60,18 @@ class CloudStreamingDataset:
         retries: int = 8,
         backoff_s: float = 0.05,
         timeout_s: float = 60.0,
+        zero_copy: bool = False,
     ):
+        self._init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if prefetch_bytes <= 0 or max_concurrency <= 0 or range_bytes <= 0:
             raise ValueError("prefetch_bytes, max_concurrency and range_bytes must be positive")
         self.url = url.rstrip("/")
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
-        if worker_id is None and num_workers is None:
-            worker_id, num_workers = _torch_worker()
+        self._auto_workers = worker_id is None and num_workers is None
         self.worker_id, self.num_workers = int(worker_id or 0), int(num_workers or 1)
+        self.zero_copy = bool(zero_copy)
         self.prefetch_bytes = int(prefetch_bytes)
         self.max_concurrency = int(max_concurrency)
         self.range_bytes = int(range_bytes)
@@ -78,7 +83,7 @@ class CloudStreamingDataset:
         self._fetcher = RangeFetcher(
             self.url, storage_options, policy=policy, timeout_s=timeout_s, cache=cache, stats=self._stats
         )
-        self.index = parse_index(self._fetcher.read_object(INDEX_NAME), f"{self.url}/{INDEX_NAME}")
+        self.index = self._read_index(policy.checksum_retries)
         schema: pa.Schema = self.index["schema"]
         self.schema = schema
         if columns is not None:
@@ -88,13 +93,37 @@ class CloudStreamingDataset:
         self.columns = list(columns) if columns is not None else list(schema.names)
         self._shards = self.index["shards"]
         self._ranges = build_ranges(self._shards, self.range_bytes)
-        self._parts = [(self.rank, self.world_size), (self.worker_id, self.num_workers)]
-        lo, hi = partition_bounds(self._ranges.total_rows, self._parts)
-        self._len = hi - lo
+        self._set_workers(self.worker_id, self.num_workers)
         self.epoch = int(epoch)
         self._position = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         self._generation = 0
+
+    def _set_workers(self, worker_id: int, num_workers: int) -> None:
+        self.worker_id, self.num_workers = worker_id, num_workers
+        self._parts = [(self.rank, self.world_size), (worker_id, num_workers)]
+        lo, hi = partition_bounds(self._ranges.total_rows, self._parts)
+        self._len = hi - lo
+        self._order_cache = None
+
+    def __getstate__(self) -> dict:
+        """Pickles as its arguments and position (threads and connections are rebuilt on unpickling)."""
+        return {"args": self._init_args, "epoch": self.epoch, "position": self._position}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["args"])
+        self.epoch, self._position = state["epoch"], state["position"]
+
+    def _read_index(self, refetches: int) -> dict:
+        # index.json has no checksum of its own: a damaged read shows up as a parse error, so re-read.
+        for attempt in range(refetches + 1):
+            try:
+                return parse_index(self._fetcher.read_object(INDEX_NAME), f"{self.url}/{INDEX_NAME}")
+            except ShardError as e:
+                if "not valid JSON" not in str(e) or attempt == refetches:
+                    raise
+                self._stats.add(retries=1)
+        raise AssertionError("unreachable")
 
     # --- order and state -------------------------------------------------------------------------
 
@@ -189,9 +218,13 @@ class CloudStreamingDataset:
                     f"index says {b['rows']}"
                 )
             decoded.append(batch)
-        return RangeRows(decoded, self.columns)
+        return RangeRows(decoded, self.columns, zero_copy=self.zero_copy)
 
     def __iter__(self) -> Iterator[dict]:
+        if self._auto_workers:  # inside a torch DataLoader worker: take this worker's share
+            worker = _torch_worker()
+            if worker != (self.worker_id, self.num_workers):
+                self._set_workers(*worker)
         self._generation += 1
         generation = self._generation
         epoch, start = self.epoch, self._position
@@ -203,22 +236,23 @@ class CloudStreamingDataset:
         first = self._ranges.first.tolist()
         prefetcher = Prefetcher(
             need.tolist(),
-            lambda r: int(self._ranges.length[r]),
+            self._ranges.memory.tolist().__getitem__,
             self._load_range,
             budget_bytes=self.prefetch_bytes,
             max_concurrency=self.max_concurrency,
             stats=self._stats,
         )
         try:
-            current, rows = -1, None
+            loaded: dict[int, RangeRows] = {}
             for g, r in zip(rest.tolist(), rid.tolist(), strict=True):
-                if r != current:
-                    rows = prefetcher.get(r)
-                    current = r
+                rows = loaded.get(r)
+                if rows is None:
+                    rows = loaded[r] = prefetcher.get(r)
                 sample = rows.row(g - first[r])
                 left = uses[r] - 1
                 uses[r] = left
                 if left == 0:
+                    del loaded[r]
                     prefetcher.release(r)
                 if generation == self._generation:
                     self._position += 1

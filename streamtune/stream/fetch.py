@@ -122,52 +122,77 @@ class RangeFetcher:
             self._files.pop(name, None)
 
     def read_object(self, name: str) -> bytes:
-        """A whole small object (index.json), with the same retry policy."""
+        """A whole small object (index.json), with the same retries and short-read handling."""
+        size = self._with_retries(name, lambda: self._file(name).size(), name=name)
+        try:
+            return self.read_range(name, 0, size, [], use_cache=False)
+        finally:
+            self._drop(name)  # the next open sees a rewritten index
 
-        def attempt() -> bytes:
-            self.stats.add(requests=1)
-            with self.fs.open_input_stream(self._path(name)) as f:
-                data = f.read()
-            self.stats.add(bytes=len(data))
-            return data
-
-        return self._with_retries(name, attempt, verify=None)
-
-    def read_range(self, name: str, offset: int, length: int, checks: list[tuple[int, int, str]]) -> bytes:
+    def read_range(
+        self, name: str, offset: int, length: int, checks: list[tuple[int, int, str]], use_cache: bool = True
+    ) -> bytes:
         """Bytes [offset, offset+length) of `name`, verified against (relative offset, length, checksum)s."""
         key = (name, offset, length, checks[0][2] if checks else "")
-        if self.cache is not None:
-            data = self.cache.get(key)
-            if data is not None and _verify(data, checks) is None:
+        cache = self.cache if use_cache else None
+        if cache is not None:
+            data = cache.get(key)
+            if data is not None and not _failures(data, checks):
                 self.stats.add(cache_hits=1)
                 return data
             if data is not None:
-                self.cache.discard(key)
+                cache.discard(key)
 
-        def attempt() -> bytes:
-            f = self._file(name)
-            self.stats.add(requests=1)
-            data = f.read_at(length, offset)
-            self.stats.add(bytes=len(data))
-            # A short body: fetch only what is missing instead of starting over.
-            while len(data) < length:
-                more = f.read_at(length - len(data), offset + len(data))
-                self.stats.add(requests=1, bytes=len(more), refetched_bytes=len(more))
-                if not more:
-                    raise TransientError(f"{name}: body ended at {len(data)} of {length} bytes")
-                data += more
-            return data
-
-        data = self._with_retries(f"{name} bytes {offset}+{length}", attempt, verify=checks, name=name)
-        if self.cache is not None:
-            self.cache.put(key, data)
+        what = f"shard {name} bytes {offset}+{length}"
+        data = self._with_retries(what, lambda: self._read_exact(name, offset, length), name=name)
+        # Bad batches are fetched again on their own; good ones are kept. This also repairs short bodies:
+        # pyarrow's S3 read_at reports the full length even when a server answers a shorter 206.
+        bad = _failures(data, checks)
+        rounds = 0
+        while bad:
+            rounds += 1
+            self.stats.add(checksum_failures=1)
+            if rounds > self.policy.checksum_retries:
+                off, n, expected = checks[bad[0]]
+                raise ShardError(
+                    f"{what} under {self.prefix_url}: batch at +{off} ({n} bytes) failed its checksum "
+                    f"{expected} {rounds} times"
+                )
+            self.stats.add(retries=1)
+            self.policy.sleep(rounds - 1)
+            repaired = bytearray(data)
+            for i in bad:
+                off, n, _ = checks[i]
+                part = self._with_retries(
+                    what, lambda o=off, k=n: self._read_exact(name, offset + o, k), name=name
+                )
+                repaired[off : off + n] = part
+                self.stats.add(refetched_bytes=n)
+            data = bytes(repaired)
+            bad = _failures(data, checks)
+        if cache is not None:
+            cache.put(key, data)
         return data
 
-    def _with_retries(self, what: str, attempt, verify, name: str | None = None) -> bytes:
-        errors, corrupt = 0, 0
+    def _read_exact(self, name: str, offset: int, length: int) -> bytes:
+        f = self._file(name)
+        self.stats.add(requests=1)
+        data = f.read_at(length, offset)
+        self.stats.add(bytes=len(data))
+        while len(data) < length:  # a short body: fetch only what is missing
+            self.stats.add(requests=1)
+            more = f.read_at(length - len(data), offset + len(data))
+            self.stats.add(bytes=len(more), refetched_bytes=len(more))
+            if not more:
+                raise TransientError(f"{name}: body ended at {len(data)} of {length} bytes")
+            data += more
+        return data
+
+    def _with_retries(self, what: str, attempt, name: str | None = None):
+        errors = 0
         while True:
             try:
-                data = attempt()
+                return attempt()
             except FileNotFoundError as e:
                 raise ShardError(f"{what}: object not found under {self.prefix_url}") from e
             except (OSError, pa.ArrowException) as e:
@@ -178,22 +203,8 @@ class RangeFetcher:
                     raise ShardError(f"{what}: gave up after {errors} attempts: {e}") from e
                 self.stats.add(retries=1)
                 self.policy.sleep(errors - 1)
-                continue
-            bad = _verify(data, verify) if verify else None
-            if bad is None:
-                return data
-            corrupt += 1
-            self.stats.add(checksum_failures=1)
-            if corrupt > self.policy.checksum_retries:
-                raise ShardError(f"{what} under {self.prefix_url} failed its checksum {corrupt} times: {bad}")
-            self.stats.add(retries=1)
-            self.policy.sleep(corrupt - 1)
 
 
-def _verify(data: bytes, checks: list[tuple[int, int, str]]) -> str | None:
+def _failures(data: bytes, checks: list[tuple[int, int, str]]) -> list[int]:
     view = memoryview(data)
-    for off, length, expected in checks:
-        got = checksum(view[off : off + length])
-        if got != expected:
-            return f"batch at +{off} ({length} bytes) has {got}, index says {expected}"
-    return None
+    return [i for i, (off, n, expected) in enumerate(checks) if checksum(view[off : off + n]) != expected]

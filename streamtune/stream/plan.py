@@ -33,6 +33,7 @@ class Ranges:
     rows: np.ndarray  # (R,)
     batches: list[list[dict]]  # index batch entries of each range
     shard_ranges: list[np.ndarray]  # range ids of each shard, in file order
+    memory: np.ndarray  # (R,) bytes a loaded range holds: fetched bytes, or more if batches decompress
 
     @property
     def total_rows(self) -> int:
@@ -63,7 +64,13 @@ def build_ranges(shards: list[dict], range_bytes: int) -> Ranges:
             sample = _add(run, s, sample, shard, offset, length, first, rows, batches)
         shard_ranges.append(np.asarray(ids, dtype=np.int64))
     as64 = lambda xs: np.asarray(xs, dtype=np.int64)  # noqa: E731
-    return Ranges(as64(shard), as64(offset), as64(length), as64(first), as64(rows), batches, shard_ranges)
+    memory = [
+        max(n, sum(int(b.get("nbytes", b["length"])) for b in run))
+        for n, run in zip(length, batches, strict=True)
+    ]
+    return Ranges(
+        as64(shard), as64(offset), as64(length), as64(first), as64(rows), batches, shard_ranges, as64(memory)
+    )
 
 
 def _add(run, s, sample, shard, offset, length, first, rows, batches) -> int:
@@ -125,7 +132,7 @@ def block_shuffle(
     rid = ranges.range_of(samples)
     change = np.flatnonzero(np.diff(rid)) + 1
     run_start = np.concatenate([[0], change])
-    run_bytes = ranges.length[rid[run_start]]
+    run_bytes = ranges.memory[rid[run_start]]
     block_of_run = np.zeros(len(run_start), dtype=np.int64)
     block, acc = 0, 0
     for i, nbytes in enumerate(run_bytes.tolist()):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +46,9 @@ class Prefetcher:
         self._lock = threading.Lock()
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=self._max, thread_name_prefix="streamtune-fetch")
+        self._freed = 0
+        self._trim_every = max(1, min(budget_bytes // 4, 64 << 20))
+        self._trimmer = _Trimmer()
         self._pump()
 
     @property
@@ -105,8 +111,13 @@ class Prefetcher:
 
     def release(self, r: int) -> None:
         with self._lock:
-            self._live -= self._reserved.pop(r, 0)
+            size = self._reserved.pop(r, 0)
+            self._live -= size
             self._futures.pop(r, None)
+        self._freed += size
+        if self._freed >= self._trim_every:
+            self._freed = 0
+            self._trimmer.request()
         self._pump()
 
     def close(self) -> None:
@@ -117,3 +128,48 @@ class Prefetcher:
         for f in futures:
             f.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._trimmer.stop()
+
+
+def _load_malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+class _Trimmer:
+    """Gives freed range buffers back to the OS from a background thread.
+
+    glibc raises its mmap threshold after large frees, so later multi-MB buffers come from per-thread
+    arenas that keep their pages: without a trim RSS drifts well above the prefetch budget. A trim costs
+    milliseconds, so it runs off the consumer's path, once per quarter budget (at most 64 MiB) released.
+    """
+
+    def __init__(self):
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = None
+        if _malloc_trim is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="streamtune-trim")
+            self._thread.start()
+
+    def request(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopped:
+                return
+            _malloc_trim(0)

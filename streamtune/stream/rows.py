@@ -14,30 +14,26 @@ import pyarrow as pa
 Getter = Callable[[int], object]
 
 
-def _varlen_getter(arr: pa.Array, as_text: bool) -> Getter:
+def _varlen_getter(arr: pa.Array, as_text: bool, zero_copy: bool = False) -> Getter:
     large = pa.types.is_large_binary(arr.type) or pa.types.is_large_string(arr.type)
-    validity, offsets_buf, data_buf = arr.buffers()
+    _, offsets_buf, data_buf = arr.buffers()
+    width = 8 if large else 4
     offsets = np.frombuffer(
-        offsets_buf,
-        dtype=np.int64 if large else np.int32,
-        count=len(arr) + 1,
-        offset=arr.offset * (8 if large else 4),
+        offsets_buf, dtype=np.int64 if large else np.int32, count=len(arr) + 1, offset=arr.offset * width
     ).tolist()
     data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
     valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False).tolist()
-
     if as_text:
-
-        def get(i: int) -> object:
-            if valid is not None and not valid[i]:
-                return None
-            return str(data[offsets[i] : offsets[i + 1]], "utf-8")
+        convert = lambda view: str(view, "utf-8")  # noqa: E731
+    elif zero_copy:
+        convert = lambda view: view  # noqa: E731
     else:
+        convert = bytes
 
-        def get(i: int) -> object:
-            if valid is not None and not valid[i]:
-                return None
-            return bytes(data[offsets[i] : offsets[i + 1]])
+    def get(i: int) -> object:
+        if valid is not None and not valid[i]:
+            return None
+        return convert(data[offsets[i] : offsets[i + 1]])
 
     return get
 
@@ -56,10 +52,10 @@ def _tensor_getter(arr: pa.FixedSizeListArray) -> Getter:
     return get
 
 
-def column_getter(arr: pa.Array) -> Getter:
+def column_getter(arr: pa.Array, zero_copy: bool = False) -> Getter:
     t = arr.type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return _varlen_getter(arr, as_text=False)
+        return _varlen_getter(arr, as_text=False, zero_copy=zero_copy)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return _varlen_getter(arr, as_text=True)
     if pa.types.is_fixed_size_list(t) and (
@@ -73,8 +69,9 @@ def column_getter(arr: pa.Array) -> Getter:
 class RangeRows:
     """Rows of one fetched range (one or more record batches), addressed by row number in the range."""
 
-    def __init__(self, batches: list[pa.RecordBatch], columns: list[str]):
+    def __init__(self, batches: list[pa.RecordBatch], columns: list[str], zero_copy: bool = False):
         self.columns = columns
+        self.zero_copy = zero_copy
         self.nbytes = sum(b.nbytes for b in batches)
         self._batches = batches
         self._starts = np.cumsum([0] + [b.num_rows for b in batches]).tolist()
@@ -84,7 +81,7 @@ class RangeRows:
         getters = self._getters[k]
         if getters is None:
             batch = self._batches[k]
-            getters = [column_getter(batch.column(name)) for name in self.columns]
+            getters = [column_getter(batch.column(name), self.zero_copy) for name in self.columns]
             self._getters[k] = getters
         return getters
 

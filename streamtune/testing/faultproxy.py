@@ -26,6 +26,7 @@ class Faults:
     slowdown: float = 0.0  # probability of answering 503 SlowDown
     reset: float = 0.0  # probability of resetting the connection before answering
     truncate: float = 0.0  # probability of cutting the response body short and closing
+    short: float = 0.0  # probability of a well-formed 206 answer holding only the first half of the range
     latency_s: float = 0.0  # added before every request is forwarded
     methods: tuple[str, ...] = ("GET",)
 
@@ -36,6 +37,7 @@ class FaultCounts:
     slowdown: int = 0
     reset: int = 0
     truncate: int = 0
+    short: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str) -> None:
@@ -48,6 +50,7 @@ class FaultCounts:
             "slowdown": self.slowdown,
             "reset": self.reset,
             "truncate": self.truncate,
+            "short": self.short,
         }
 
 
@@ -130,6 +133,22 @@ def _headers(head: bytes) -> tuple[str, dict[str, str]]:
     return lines[0], fields
 
 
+def _shorten(head: bytes, keep: int) -> bytes:
+    """A 206 head rewritten to announce only the first `keep` bytes of its range."""
+    lines = head.decode("latin-1").split("\r\n")
+    out = []
+    for line in lines:
+        key = line.split(":", 1)[0].strip().lower()
+        if key == "content-length":
+            line = f"Content-Length: {keep}"
+        elif key == "content-range":
+            unit_start, _, total = line.split(":", 1)[1].strip().partition("/")
+            start = int(unit_start.split()[-1].split("-")[0])
+            line = f"Content-Range: bytes {start}-{start + keep - 1}/{total}"
+        out.append(line)
+    return "\r\n".join(out).encode("latin-1")
+
+
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
@@ -180,7 +199,12 @@ class FaultProxy:
         f = self.faults
         with self._rng_lock:
             x = self._rng.random()
-        for name, p in (("slowdown", f.slowdown), ("reset", f.reset), ("truncate", f.truncate)):
+        for name, p in (
+            ("slowdown", f.slowdown),
+            ("reset", f.reset),
+            ("truncate", f.truncate),
+            ("short", f.short),
+        ):
             if x < p:
                 return name
             x -= p
@@ -241,6 +265,12 @@ class FaultProxy:
                     upstream.relay(int(length) // 2, client_sock, scratch)
                     _reset(client_sock)
                     return
+                if fault == "short" and status == 206 and length and int(length) > 1:
+                    self.counts.add("short")
+                    client_sock.sendall(_shorten(resp_head, int(length) // 2))
+                    upstream.relay(int(length) // 2, client_sock, scratch)
+                    upstream.relay(int(length) - int(length) // 2, _Sink(), scratch)  # type: ignore[arg-type]
+                    continue
                 client_sock.sendall(resp_head)
                 if no_body:
                     pass

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 PACKED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+Mask = mx.array | tuple[mx.array, int]  # dense boolean mask, or (segments, window) for local attention
 
 
 def supports_packing(model: nn.Module) -> bool:
@@ -19,8 +20,10 @@ def supports_packing(model: nn.Module) -> bool:
         return False
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
-    if not layers or getattr(model.args, "sliding_window", None) and "sliding_attention" in (
-        getattr(model.args, "layer_types", None) or []
+    if (
+        not layers
+        or getattr(model.args, "sliding_window", None)
+        and "sliding_attention" in (getattr(model.args, "layer_types", None) or [])
     ):
         return False
     attn = layers[0].self_attn
@@ -35,6 +38,42 @@ def attention_mask(segments: mx.array) -> mx.array:
     return (same & causal)[:, None]
 
 
+def local_attention(
+    q: mx.array, k: mx.array, v: mx.array, segments: mx.array, scale: float, window: int
+) -> mx.array:
+    """Exact attention for packed rows whose samples are at most `window` tokens long.
+
+    The row is cut into chunks of `window` queries. A sample that fits in a window and contains a query
+    of chunk c starts no earlier than chunk c - 1, so each chunk attends to keys of its own and the
+    previous chunk only: cost L * 2W instead of L * L.
+    """
+    B, H, L, D = q.shape
+    KV, W = k.shape[1], window
+    r, n = H // KV, L // W
+    qc = (q * scale).reshape(B, KV, r, n, W, D).transpose(0, 1, 3, 2, 4, 5)  # B KV n r W D
+
+    def with_previous(x, fill):
+        chunks = x.reshape(*x.shape[:-2], n, W, x.shape[-1]) if x.ndim == 4 else x.reshape(B, n, W)
+        axis = chunks.ndim - (3 if x.ndim == 4 else 2)
+        pad = [(0, 0)] * chunks.ndim
+        pad[axis] = (1, 0)
+        prev = mx.pad(chunks, pad, constant_values=fill)
+        prev = mx.take(prev, mx.arange(n), axis=axis)
+        return mx.concatenate([prev, chunks], axis=axis + 1)
+
+    kk = with_previous(k, 0.0)  # B KV n 2W D
+    vv = with_previous(v, 0.0)
+    seg_q = segments.reshape(B, n, W)
+    seg_k = with_previous(segments, -1)  # B n 2W
+    causal = mx.arange(2 * W)[None, :] <= (mx.arange(W)[:, None] + W)
+    allowed = (seg_q[..., :, None] == seg_k[..., None, :]) & causal  # B n W 2W
+    scores = qc @ kk[:, :, :, None].swapaxes(-1, -2)  # B KV n r W 2W
+    scores = mx.where(allowed[:, None, :, None], scores, mx.array(-1e30, scores.dtype))
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    out = probs @ vv[:, :, :, None]  # B KV n r W D
+    return out.transpose(0, 1, 3, 2, 4, 5).reshape(B, H, L, D)
+
+
 def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
     # x: (B, L, H, D). RoPE's offset may be a vector (one per leading index): make every token its own
     # length-1 sequence so each gets its own position.
@@ -43,7 +82,7 @@ def _rope(rope: nn.Module, x: mx.array, positions: mx.array) -> mx.array:
     return out.reshape(B, L, H, D)
 
 
-def _attention(attn: nn.Module, x: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+def _attention(attn: nn.Module, x: mx.array, positions: mx.array, mask: Mask) -> mx.array:
     B, L, _ = x.shape
     q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1)
     k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1)
@@ -53,16 +92,20 @@ def _attention(attn: nn.Module, x: mx.array, positions: mx.array, mask: mx.array
     q = _rope(attn.rope, q, positions).transpose(0, 2, 1, 3)
     k = _rope(attn.rope, k, positions).transpose(0, 2, 1, 3)
     v = v.transpose(0, 2, 1, 3)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
+    if isinstance(mask, tuple):
+        segments, window = mask
+        out = local_attention(q, k, v, segments, attn.scale, window)
+    else:
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
-def _block(layer: nn.Module, h: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+def _block(layer: nn.Module, h: mx.array, positions: mx.array, mask: Mask) -> mx.array:
     h = h + _attention(layer.self_attn, layer.input_layernorm(h), positions, mask)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
-def _checkpointed_block(layer: nn.Module, h: mx.array, positions: mx.array, mask: mx.array) -> mx.array:
+def _checkpointed_block(layer: nn.Module, h: mx.array, positions: mx.array, mask: Mask) -> mx.array:
     def inner(params, h, positions, mask):
         layer.update(params)
         return _block(layer, h, positions, mask)
@@ -71,10 +114,21 @@ def _checkpointed_block(layer: nn.Module, h: mx.array, positions: mx.array, mask
 
 
 def packed_logits(
-    model: nn.Module, inputs: mx.array, positions: mx.array, segments: mx.array, checkpoint: bool = False
+    model: nn.Module,
+    inputs: mx.array,
+    positions: mx.array,
+    segments: mx.array,
+    checkpoint: bool = False,
+    window: int | None = None,
 ) -> mx.array:
+    """Logits of packed rows. `window`: the longest sample, if shorter than half a row (enables
+    `local_attention`)."""
     inner = model.model
-    mask = attention_mask(segments)
+    L = inputs.shape[1]
+    if window and 2 * window <= L and L % window == 0:
+        mask = (segments, window)
+    else:
+        mask = attention_mask(segments)
     h = inner.embed_tokens(inputs)
     block = _checkpointed_block if checkpoint else _block
     for layer in inner.layers:
@@ -94,10 +148,11 @@ def loss_sum(
     segments: mx.array,
     packed: bool = True,
     checkpoint: bool = False,
+    window: int | None = None,
 ) -> mx.array:
     """Sum of the cross-entropy over completion tokens (divide by `loss_mask.sum()` for the mean)."""
     if packed:
-        logits = packed_logits(model, inputs, positions, segments, checkpoint)
+        logits = packed_logits(model, inputs, positions, segments, checkpoint, window)
     else:
         logits = model(inputs)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)

@@ -69,7 +69,9 @@ def model_config(meta: dict) -> dict:
     """mlx-lm `config.json` fields for a llama-family GGUF."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})")
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHS)})"
+        )
 
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)

@@ -55,9 +55,7 @@ def _dtype(name: str | None) -> mx.Dtype:
         raise ValueError(f"unknown dtype {name!r}") from None
 
 
-def load_base(
-    model: str, *, quantize: int | None = None, dequantize: bool = False, dtype: str | None = None
-):
+def load_base(model: str, *, quantize: int | None = None, dequantize: bool = False, dtype: str | None = None):
     """Load `model` -> (nn.Module, TokenizerWrapper, config dict).
 
     quantize: 4 or 8 quantizes the floating-point weights (QLoRA base); a quantized base stays quantized
@@ -102,7 +100,9 @@ def _load_gguf(path: str, *, dequantize: bool, dtype: mx.Dtype):
     if dequantize or not quant:
         weights = gguf.dequantize_all(weights, dtype)
     else:
-        weights = {k: v.astype(dtype) if v.dtype in (mx.float16, mx.bfloat16) else v for k, v in weights.items()}
+        weights = {
+            k: v.astype(dtype) if v.dtype in (mx.float16, mx.bfloat16) else v for k, v in weights.items()
+        }
         nn.quantize(net, class_predicate=lambda p, m: quant.get(p, False))
         config["quantization"] = {"group_size": gguf.GGUF_GROUP_SIZE, "bits": 4, **quant}
     if config["tie_word_embeddings"]:
@@ -126,7 +126,9 @@ def _load_mlx_lm(path: str, *, dequantize: bool, dtype: mx.Dtype):
     except Exception as exc:
         if local.exists():
             raise
-        raise FileNotFoundError(f"cannot load model {path!r}: not a local path and the hub failed: {exc}") from exc
+        raise FileNotFoundError(
+            f"cannot load model {path!r}: not a local path and the hub failed: {exc}"
+        ) from exc
     if dequantize and config.get("quantization"):
         from mlx_lm.utils import dequantize_model
 

@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -24,6 +25,7 @@ import numpy as np
 import xxhash
 from mlx.utils import tree_flatten, tree_map
 
+from streamtune.accel import default_dtype
 from streamtune.train import checkpoint
 from streamtune.train.data import (
     DEFAULT_TEMPLATE,
@@ -45,24 +47,25 @@ class TrainArgs:
     fine_tune_type: str = "lora"  # "lora" | "dora" | "full"
     qlora: bool = False  # keep (or quantize) the base in `quantize_bits`
     quantize_bits: int = 4
-    num_layers: int = -1  # blocks (from the top) that get adapters; -1 = all
+    num_layers: int = 8  # blocks (from the top) that get adapters; -1 = all
     rank: int = 8
     scale: float = 20.0
     dropout: float = 0.0
     keys: list[str] | None = None  # e.g. ["self_attn.q_proj", "self_attn.v_proj"]; None = every linear
-    lr: float = 2e-4
-    warmup: int = 4
+    lr: float = 5e-4
+    warmup: int = 2
     lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) | "constant"
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
-    iters: int = 40
+    iters: int = 6
     epochs: int | None = None  # stop after this many passes over the data (if before `iters`)
-    batch_size: int = 4  # rows per optimizer micro-batch, over all processes
-    seq_len: int = 512
+    batch_size: int = 2  # packed rows per micro-batch, over all processes
+    seq_len: int = 256  # tokens per row; longer samples are truncated
     grad_accum: int = 1
     grad_checkpoint: bool = False
-    compile: bool = True
+    compile: bool | None = None  # None: on GPU only (CPU compilation costs more than it saves)
     packing: bool = True
+    attention_window: int | None = None  # longest sample (< seq_len / 2): attention over 2 windows only
     template: TemplateLike = DEFAULT_TEMPLATE
     eval_every: int = 0
     val_fraction: float = 0.0
@@ -100,6 +103,22 @@ def _schedule(args: TrainArgs):
     if not callable(main):
         main = optim.linear_schedule(args.lr, args.lr, 1)
     return optim.join_schedules([warm, main], [args.warmup])
+
+
+def validate(args: TrainArgs) -> None:
+    for name in ("batch_size", "grad_accum", "rank"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(args, name)}")
+    if args.seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {args.seq_len}")
+    if args.iters < 0 or args.lr <= 0:
+        raise ValueError("iters must be >= 0 and lr > 0")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {args.val_fraction}")
+    if args.fine_tune_type not in ("lora", "dora", "full"):
+        raise ValueError(f"fine_tune_type must be lora, dora or full, got {args.fine_tune_type!r}")
+    if args.save_every and not args.checkpoint_url:
+        raise ValueError("save_every needs checkpoint_url")
 
 
 def setup_model(args: TrainArgs):
@@ -185,7 +204,10 @@ class SampleStream:
         if self.args.val_fraction <= 0:
             return False
         key = str(row.get("sample_id") or pair[0] + pair[1])
-        return xxhash.xxh64_intdigest(key.encode(), seed=self.args.seed) % 10_000 < self.args.val_fraction * 10_000
+        return (
+            xxhash.xxh64_intdigest(key.encode(), seed=self.args.seed) % 10_000
+            < self.args.val_fraction * 10_000
+        )
 
     def pull(self) -> tuple[list[int], int] | None:
         while True:
@@ -210,7 +232,8 @@ class SampleStream:
                 self.skipped += 1
                 continue
             system = getattr(self.args.template, "system", None)
-            ids, prompt_len = encode(self.tokenizer, *pair, max_len=self.args.seq_len + 1, system=system)
+            longest = min(self.args.seq_len, self.args.attention_window or self.args.seq_len)
+            ids, prompt_len = encode(self.tokenizer, *pair, max_len=longest + 1, system=system)
             if len(ids) <= max(prompt_len, 1):
                 self.skipped += 1
                 continue
@@ -251,6 +274,10 @@ def _arrays(batch: Batch) -> tuple[mx.array, ...]:
     )
 
 
+def _average(g: mx.array, world: int, count: int) -> mx.array:
+    return _all_sum(g, world) / max(count, 1)
+
+
 def _all_sum(x, world: int):
     return mx.distributed.all_sum(x) if world > 1 else x
 
@@ -264,12 +291,11 @@ def train(
 ) -> dict:
     """Train adapters on `dataset` (feature rows; streamed, never materialised) and save them to
     `args.adapter_path`. `model_bundle` = (model, tokenizer, config) from `setup_model` skips loading."""
+    validate(args)
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
     if args.batch_size % world:
         raise ValueError(f"batch_size {args.batch_size} is not divisible by {world} processes")
-    if args.save_every and not args.checkpoint_url:
-        raise ValueError("save_every needs checkpoint_url")
     model, tokenizer, config = model_bundle or setup_model(args)
     packed = args.packing and supports_packing(model)
     rows = args.batch_size // world
@@ -287,18 +313,30 @@ def train(
             optimizer.state = opt_state
             stream.load_state_dict(state["stream"][rank])
             packer.load_state_dict(state["packer"][rank])
+            if len(state["stream"]) != world:
+                raise ValueError(f"checkpoint was written by {len(state['stream'])} processes, not {world}")
             step, losses = state["step"], state["losses"]
             mx.eval(model.parameters(), optimizer.state)
 
     def compute(inputs, targets, mask, positions, segments):
-        return loss_sum(model, inputs, targets, mask, positions, segments, packed, args.grad_checkpoint)
+        return loss_sum(
+            model,
+            inputs,
+            targets,
+            mask,
+            positions,
+            segments,
+            packed,
+            args.grad_checkpoint,
+            args.attention_window,
+        )
 
     value_and_grad = nn.value_and_grad(model, compute)
     if args.grad_checkpoint and not packed:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
-    if args.compile:
+    if args.compile or (args.compile is None and default_dtype() != "float32"):
         state = [model.state, mx.random.state]
         value_and_grad = partial(mx.compile, inputs=state, outputs=state)(value_and_grad)
 
@@ -339,7 +377,7 @@ def train(
             break
         totals = _all_sum(mx.array([count, tokens, samples, slots], dtype=mx.float32), world)
         count, tokens, samples, slots = (int(v) for v in totals.tolist())
-        grads = tree_map(lambda g: _all_sum(g, world) / max(count, 1), grads)
+        grads = tree_map(partial(_average, world=world, count=count), grads)
         loss_acc = _all_sum(loss_acc, world)
         lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else args.lr
         optimizer.update(model, grads)
@@ -390,7 +428,9 @@ def train(
         "val_loss": final_val,
         "tokens": tokens_total,
         "samples": samples_total,
-        "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else (tokens_total / seconds if seconds else 0),
+        "tokens_per_s": timed_tokens / timed_seconds
+        if timed_seconds
+        else (tokens_total / seconds if seconds else 0),
         "adapter_path": args.adapter_path,
         "peak_mem_mb": peak_memory_mb(),
         "seconds": seconds,
@@ -408,23 +448,29 @@ def _one_per_row(samples: list[tuple[list[int], int]], rows: int, seq_len: int) 
     return pack_rows([[s] for s in samples] + [[] for _ in range(rows - len(samples))], seq_len)
 
 
-def evaluate(model: nn.Module, samples: list[tuple[list[int], int]], args: TrainArgs, packed: bool, world: int):
+def evaluate(
+    model: nn.Module, samples: list[tuple[list[int], int]], args: TrainArgs, packed: bool, world: int
+):
     """Mean completion-token loss over held-out samples."""
     if not samples:
         return None
     model.eval()
     total, count = mx.array(0.0), 0
-    pending = list(samples)
+    pending = deque(samples)
     packer = Packer(max(args.batch_size // world, 1), args.seq_len)
+
+    def pull():
+        return pending.popleft() if pending else None
+
     while True:
         if packed:
-            batch = packer.next_batch(lambda: pending.pop(0) if pending else None)
+            batch = packer.next_batch(pull)
         else:
-            take, pending = pending[: packer.rows], pending[packer.rows :]
+            take = [s for s in (pull() for _ in range(packer.rows)) if s is not None]
             batch = _one_per_row(take, packer.rows, args.seq_len) if take else None
         if batch is None:
             break
-        total = total + loss_sum(model, *_arrays(batch), packed=packed)
+        total = total + loss_sum(model, *_arrays(batch), packed=packed, window=args.attention_window)
         count += batch.targets_count
     totals = _all_sum(mx.concatenate([total.reshape(1), mx.array([float(count)])]), world)
     model.train()

@@ -1,0 +1,266 @@
+"""Training throughput: streamtune's packed trainer vs mlx-lm's trainer (and PyTorch+PEFT on CUDA).
+
+Same model, same rows, same batch shape (rows x seq_len), same LoRA (rank 8, every linear of every block).
+Tokens/s count non-pad input tokens only and leave out `--warmup` steps. Runs:
+  ram      streamtune trainer fed from a list in RAM
+  stream   streamtune trainer fed by CloudStreamingDataset over Arrow feature shards (loopback S3 or file)
+  mlx_lm   mlx_lm.tuner.trainer.train on the same prompt/completion pairs (its own padding/batching)
+  peft     (--peft, needs CUDA) transformers + peft LoRA, padded batches, bf16
+
+    python bench/train.py                                  # CPU: SmolLM2-135M, loopback S3
+    python bench/train.py --shape llama-3.2-1b --storage file --peft --batch-size 4 --seq-len 2048
+
+Last stdout line: one JSON object with tokens_s, mlx_lm_tokens_s, ratio_mlx_lm, stream_vs_ram, peak_mem_mb
+(and peft_tokens_s, ratio_peft with --peft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402,I001
+import numpy as np  # noqa: E402
+
+import streamtune  # noqa: E402,F401  (BLAS before mlx)
+from streamtune.train.data import encode, render  # noqa: E402
+from streamtune.train.trainer import TrainArgs, setup_model, train  # noqa: E402
+
+WORDS = "the a dog cat bird rain street music voice laughs door car engine wind kitchen park water people talk".split()
+
+
+def make_rows(n: int, seed: int, max_words: int) -> list[dict]:
+    """Feature rows with transcript lengths spread like real clips (few long, many short)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        words = int(np.clip(rng.lognormal(np.log(max_words / 6), 0.8), 3, max_words))
+        rows.append(
+            {
+                "sample_id": f"clip/{i:06d}",
+                "transcript": " ".join(rng.choice(WORDS, words)),
+                "tags": list(rng.choice(WORDS, 3)),
+                "text": " ".join(rng.choice(WORDS, int(rng.integers(4, 24)))),
+                "meta": json.dumps({"notes": f"take {i % 7}"}),
+                "language": "en",
+            }
+        )
+    return rows
+
+
+def write_shards(rows: list[dict], url: str, storage_options: dict | None) -> None:
+    import pyarrow as pa
+
+    from streamtune.shards.writer import ShardSetWriter
+
+    schema = pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("transcript", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("text", pa.string()),
+            ("meta", pa.string()),
+            ("language", pa.string()),
+        ]
+    )
+    writer = ShardSetWriter(url, schema, storage_options, max_shard_bytes=256 << 10)
+    writer.write(pa.Table.from_pylist(rows, schema))
+    writer.close()
+
+
+def run_ours(args: TrainArgs, bundle, data) -> dict:
+    res = train(args, data, model_bundle=bundle)
+    return res
+
+
+def _steady(history: list[dict], warmup: int) -> float:
+    rest = history[warmup:] or history
+    return sum(h["tokens"] for h in rest) / sum(h["seconds"] for h in rest)
+
+
+def run_mlx_lm(bundle, rows, opts) -> float:
+    """mlx-lm's own trainer on the same (prompt, completion) pairs, through the same chat template."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.datasets import CacheDataset, CompletionsDataset
+    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import train as mlx_lm_train
+
+    model, tokenizer, _ = bundle
+    pairs = [render(r) for r in rows]
+    data = [{"prompt": p, "completion": c} for p, c in pairs if p]
+    dataset = CacheDataset(CompletionsDataset(data, tokenizer, "prompt", "completion", mask_prompt=True))
+    reports = []
+
+    class Collect:
+        def on_train_loss_report(self, info):
+            reports.append(info)
+
+        def on_val_loss_report(self, info):
+            pass
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlx_lm_train(
+            model,
+            optim.Adam(learning_rate=1e-5),
+            dataset,
+            dataset,
+            TrainingArgs(
+                batch_size=opts.batch_size,
+                iters=opts.iters,
+                val_batches=1,
+                steps_per_report=1,
+                steps_per_eval=10**9,
+                steps_per_save=10**9,
+                max_seq_length=opts.seq_len,
+                adapter_file=os.path.join(tmp, "a.safetensors"),
+            ),
+            training_callback=Collect(),
+        )
+    rest = reports[opts.warmup :] or reports
+    seconds = sum(1 / r["iterations_per_second"] for r in rest)
+    tokens = sum(r["tokens_per_second"] / r["iterations_per_second"] for r in rest)
+    return tokens / seconds
+
+
+def run_peft(model_dir: str, rows, opts) -> float:
+    """PyTorch + PEFT LoRA (rank 8, same 7 projections), padded batches in data order, bf16 on CUDA."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    lora = LoraConfig(
+        r=opts.rank,
+        lora_alpha=opts.rank * 2,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+    )
+    model = get_peft_model(model, lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    encoded = [encode(tokenizer, *render(r), max_len=opts.seq_len) for r in rows]
+    pad = tokenizer.pad_token_id or 0
+    times, tokens = [], []
+    for step in range(opts.iters):
+        chunk = [encoded[(step * opts.batch_size + j) % len(encoded)] for j in range(opts.batch_size)]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        attn = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, (x, p) in enumerate(chunk):
+            ids[j, : len(x)] = torch.tensor(x)
+            labels[j, p : len(x)] = torch.tensor(x[p:])
+            attn[j, : len(x)] = 1
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model(input_ids=ids.cuda(), attention_mask=attn.cuda(), labels=labels.cuda())
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens.append(sum(len(x) - 1 for x, _ in chunk))
+    w = opts.warmup
+    return sum(tokens[w:]) / sum(times[w:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="offline:smollm2")
+    ap.add_argument(
+        "--shape", default=None, help="random-weight llama shape instead of --model (e.g. llama-3.2-1b)"
+    )
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files for --shape (default: SmolLM2's)")
+    ap.add_argument("--rows", type=int, default=400)
+    ap.add_argument("--max-words", type=int, default=120)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--storage", choices=["s3", "file"], default="s3")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--peft", action="store_true")
+    ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument("--dtype", default=None)
+    opts = ap.parse_args()
+
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    model_ref = opts.model
+    if opts.shape:
+        from streamtune.train.synthetic import write_random_model
+
+        model_ref = write_random_model(
+            os.path.join(tmp, "model"),
+            opts.shape,
+            dtype=opts.dtype or "float32",
+            tokenizer_dir=opts.tokenizer_dir,
+        )
+    rows = make_rows(opts.rows, 0, opts.max_words)
+    server, storage_options = None, None
+    if opts.storage == "s3":
+        from streamtune.testing.s3server import start_local_s3
+
+        server = start_local_s3()
+        url = server.create_bucket("bench-train") + "/features"
+        storage_options = server.storage_options
+    else:
+        url = "file://" + os.path.join(tmp, "features")
+    write_shards(rows, url, storage_options)
+
+    compile_flag = {"auto": None, "on": True, "off": False}[opts.compile]
+    args = TrainArgs(
+        model=model_ref,
+        adapter_path=os.path.join(tmp, "adapters"),
+        num_layers=-1,
+        rank=opts.rank,
+        batch_size=opts.batch_size,
+        seq_len=opts.seq_len,
+        iters=opts.iters,
+        lr=1e-5,
+        compile=compile_flag,
+        dtype=opts.dtype,
+    )
+    bundle = setup_model(args)
+    results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}
+    from streamtune import CloudStreamingDataset
+    from streamtune.train.data import ListSource
+
+    ram = run_ours(args, bundle, ListSource(rows))
+    stream = run_ours(args, bundle, CloudStreamingDataset(url, storage_options))
+    ram2 = run_ours(args, bundle, ListSource(rows))
+    ram_tps = (_steady(ram["history"], opts.warmup) + _steady(ram2["history"], opts.warmup)) / 2
+    stream_tps = _steady(stream["history"], opts.warmup)
+    results.update(
+        tokens_s=round(ram_tps, 1),
+        stream_tokens_s=round(stream_tps, 1),
+        stream_vs_ram=round(stream_tps / ram_tps, 3),
+        pad_fraction=round(float(np.mean([h["pad_fraction"] for h in ram["history"]])), 3),
+        packed=ram["packed"],
+    )
+    if not opts.skip_mlx_lm:
+        mlx_lm_tps = run_mlx_lm(bundle, rows, opts)
+        results.update(mlx_lm_tokens_s=round(mlx_lm_tps, 1), ratio_mlx_lm=round(ram_tps / mlx_lm_tps, 3))
+    results["peak_mem_mb"] = round(ram["peak_mem_mb"], 1)
+    if opts.peft:
+        del bundle
+        mx.clear_cache()
+        peft_tps = run_peft(model_ref, rows, opts)
+        results.update(peft_tokens_s=round(peft_tps, 1), ratio_peft=round(ram_tps / peft_tps, 3))
+    results["device"] = str(mx.default_device())
+    if server is not None:
+        server.stop()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
