@@ -135,7 +135,10 @@ def run_peft(model_dir: str, rows, opts) -> float:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    try:
+        config = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
+    except (TypeError, ValueError):  # rope scaling spelled differently across versions: irrelevant to speed
+        config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "rope_scaling")})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
@@ -189,6 +192,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--storage", choices=["s3", "file"], default="s3")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--window", type=int, default=None, help="attention_window (longest sample) for packed rows")
     ap.add_argument("--peft", action="store_true")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--dtype", default=None)
@@ -229,6 +233,7 @@ def main() -> None:
         lr=1e-5,
         compile=compile_flag,
         dtype=opts.dtype,
+        attention_window=opts.window,
     )
     bundle = setup_model(args)
     results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}

@@ -16,6 +16,8 @@ SCHEMA = pa.schema(
         ("stage", pa.string()),
         ("error", pa.string()),
         ("message", pa.string()),
+        ("modality", pa.string()),  # where known: audio | image | text | meta
+        ("shard", pa.string()),  # where known: the shard the record came from
     ]
 )
 
@@ -30,7 +32,8 @@ def record(
 
 
 def to_table(records: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist([{f: r.get(f) for f in SCHEMA.names} for r in records], schema=SCHEMA)
+    rows = [{f: None if r.get(f) is None else str(r[f]) for f in SCHEMA.names} for r in records]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 
 def write_quarantine(url: str, records: list[dict], storage_options: dict | None = None) -> None:

@@ -85,7 +85,16 @@ def loss_curve_png(losses: Sequence[float], title: str = "training loss") -> byt
 
     fig = Figure(figsize=(6, 3.2), dpi=100)
     ax = fig.subplots()
-    ax.plot(range(1, len(losses) + 1), list(losses), lw=1.5, color="#1f77b4")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.plot(
+        range(1, len(losses) + 1),
+        list(losses),
+        lw=1.5,
+        color="#1f77b4",
+        marker="." if len(losses) < 50 else "",
+    )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
@@ -108,6 +117,10 @@ def loss_curve_artifact(png: bytes, png_url: str, train: dict[str, Any]) -> UUID
         f"Saved at `{png_url}`\n\n" + markdown_table(rows)
     )
     return create_markdown_artifact(body, key="loss-curve", description="Training loss per step")
+
+
+def _round(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value
 
 
 def throughput_artifact(rows: Sequence[dict[str, Any]]) -> UUID:

@@ -12,7 +12,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.cache import keyed
+from tasks.cache import digest, keyed
 from tasks.policy import task_options
 
 
@@ -251,8 +251,9 @@ def train_task(
 ) -> dict:
     """LoRA/QLoRA fine-tune on the streamed feature shards; save the adapter and its loss curve next to it.
 
-    Checkpoints go under `checkpoint_url/<features digest>`, so a retried task continues exactly where the
-    crashed attempt stopped; `resume_from="latest"` starts from the adapter a previous run left.
+    Checkpoints go under `checkpoint_url/<digest of this task's inputs>`, so a retry of this very task
+    continues exactly where the crashed attempt stopped, while a run with other data or settings starts
+    its own; `resume_from="latest"` starts from the adapter a previous run left.
     """
     import os
 
@@ -267,7 +268,9 @@ def train_task(
     args = TrainArgs(
         **train_settings,
         adapter_path=local_dir,
-        checkpoint_url=storage.join(checkpoint_url, features_digest[:16]),
+        checkpoint_url=storage.join(
+            checkpoint_url, digest(features_digest, train_settings, adapter_url, resume_from)[:16]
+        ),
         storage_options=work_options,
         save_every=max(iters // 4, 1),
         resume=True,

@@ -178,3 +178,6 @@ def test_config_key_tracks_settings_not_batching(models):
     assert a.key() != make_cfg(models, whisper_model="offline:base").key()
     assert a.key() != make_cfg(models, clip_pretrained=models["ckpt2"]).key()
     assert a.key() != make_cfg(models, max_pixels=10).key()
+    for bad in ({"audio_batch": 0}, {"labels": "cat"}, {"labels": ["ok", ""]}, {"max_audio_seconds": 0}):
+        with pytest.raises(ValueError, match="DecodeConfig"):
+            make_cfg(models, **bad)

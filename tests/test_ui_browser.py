@@ -57,6 +57,8 @@ def finished_run(prefect_server: PrefectServer, s3server, tmp_path_factory):
                 seq_len=64,
             )
             summary = pipeline(params)
+            summary["params"] = params
+            summary["results"] = str(base / "results")
     finally:
         for k, v in saved.items():
             if v is None:
@@ -115,3 +117,30 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
     assert hosts <= {prefect_server.url.split("/")[2]}  # the UI fetched nothing from outside
     for name in ("flow-run.png", "artifacts.png", "loss-curve.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_resume_from_latest_continues_from_the_trained_adapter(finished_run, prefect_server, s3server):
+    """A scheduled run with `resume_from: latest` starts from the adapter the last run left."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.pipeline import train_flow
+
+    first = finished_run
+    params = first["params"].model_copy(update={"resume_from": "latest", "iters": 1})
+    saved = {k: os.environ.get(k) for k in s3server.env()}
+    os.environ.update(s3server.env())
+    try:
+        with temporary_settings(
+            {PREFECT_API_URL: prefect_server.api_url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: first["results"]}
+        ):
+            resumed = train_flow(params)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert resumed["steps"] == 1
+    # the first step of the resumed run starts where the trained adapter left off, below a fresh start
+    assert resumed["loss_first"] < first["train"]["loss_first"]

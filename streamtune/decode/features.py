@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from streamtune import quarantine as quarantine_table
 from streamtune import storage
 from streamtune.decode.media import MediaError, decode_audio, decode_image
+from streamtune.sniff import AUDIO_EXT, IMAGE_EXT, JSON_EXT, TEXT_EXT
 
 CODE_VERSION = "decode-2"
 MARKER_DIR = "_decode"
@@ -34,21 +36,6 @@ DEFAULT_LABELS = [
     "person", "dog", "cat", "car", "bicycle", "tree", "flower", "food", "building", "street",
     "beach", "mountain", "sky", "water", "book", "computer", "phone", "chair", "text document", "bird",
 ]  # fmt: skip
-
-AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".webm", ".mp4", ".aiff", ".aif")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string()),
-        pa.field("key", pa.string()),
-        pa.field("stage", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("message", pa.string()),
-        pa.field("modality", pa.string()),
-        pa.field("shard", pa.string()),
-    ]
-)
 
 
 @dataclass
@@ -64,6 +51,18 @@ class DecodeConfig:
     max_audio_seconds: float = 3600.0
     top_k: int = 3
     cache_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("audio_batch", "image_batch", "max_pixels", "top_k"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"DecodeConfig.{name} must be at least 1, got {getattr(self, name)!r}")
+        if not self.max_audio_seconds > 0:
+            raise ValueError(
+                f"DecodeConfig.max_audio_seconds must be positive, got {self.max_audio_seconds!r}"
+            )
+        if isinstance(self.labels, str) or not all(isinstance(x, str) and x.strip() for x in self.labels):
+            raise ValueError("DecodeConfig.labels must be a list of non-empty strings")
+        self.labels = list(self.labels)
 
     def key(self) -> str:
         """Stable hash of everything that changes the features: models, settings, code version.
@@ -327,9 +326,11 @@ def _iter_rows(raw: pa.Table):
 
 
 def _source_key(sources: list[str], modality: str, fallback: str | None) -> str:
-    exts = {"audio": AUDIO_EXTS, "image": IMAGE_EXTS, "text": (".txt", ".md", ".json", ".jsonl")}.get(
-        modality
-    )
+    exts = {
+        "audio": tuple(AUDIO_EXT),
+        "image": tuple(IMAGE_EXT),
+        "text": tuple(TEXT_EXT | JSON_EXT),
+    }.get(modality)
     if exts:
         for s in sources:
             if s.lower().endswith(exts):
@@ -430,24 +431,11 @@ def commit_features(
     out_prefix: str, results: list[dict], storage_options: dict[str, Any] | None = None
 ) -> dict:
     """Write quarantine.parquet next to the feature shards, then index.json (the commit point)."""
-    import pyarrow.parquet as pq
-
     from streamtune.shards import commit_index
     from streamtune.shards.format import schema_from_json
 
     records = [q for r in results for q in r.get("quarantine", [])]
-    table = pa.Table.from_pylist(
-        [
-            {f: (None if q.get(f) is None else str(q.get(f))) for f in QUARANTINE_SCHEMA.names}
-            for q in records
-        ],
-        schema=QUARANTINE_SCHEMA,
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    storage.write_bytes(
-        storage.join(out_prefix, QUARANTINE_NAME), sink.getvalue().to_pybytes(), storage_options
-    )
+    quarantine_table.write_quarantine(storage.join(out_prefix, QUARANTINE_NAME), records, storage_options)
 
     schema = schema_from_json(results[0]["schema"]) if results else features_schema(_clip_dim("ViT-B-32"))
     totals = _new_stats()
@@ -467,10 +455,7 @@ def commit_features(
 
 
 def read_quarantine(out_prefix: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    data = storage.read_bytes(storage.join(out_prefix, QUARANTINE_NAME), storage_options)
-    return pq.read_table(pa.BufferReader(data))
+    return quarantine_table.read_quarantine(storage.join(out_prefix, QUARANTINE_NAME), storage_options)
 
 
 def decode_shards(

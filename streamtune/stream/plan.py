@@ -11,7 +11,8 @@ Units of fetching are *ranges*: runs of neighbouring record batches of one shard
    shared edge ranges);
 4. inside a partition, consecutive ranges are grouped into blocks of at most `block_bytes` and samples
    are shuffled within each block (block shuffle): memory stays bounded by one block while the stream
-   mixes samples from many shards.
+   mixes samples from many shards. Block sizes ramp up (one range, then doubling) so the first sample
+   of an epoch only waits for one range.
 
 Everything is a pure function of the index and these parameters, so a position in the order is all the
 state a resume needs.
@@ -135,9 +136,11 @@ def block_shuffle(
     run_bytes = ranges.memory[rid[run_start]]
     block_of_run = np.zeros(len(run_start), dtype=np.int64)
     block, acc = 0, 0
+    limit = min(block_bytes, int(run_bytes[0]))  # ramp: the first samples wait for one range, not a block
     for i, nbytes in enumerate(run_bytes.tolist()):
-        if acc and acc + nbytes > block_bytes:
+        if acc and acc + nbytes > limit:
             block, acc = block + 1, 0
+            limit = min(block_bytes, limit * 2)
         acc += nbytes
         block_of_run[i] = block
     run_len = np.diff(np.concatenate([run_start, [len(samples)]]))
