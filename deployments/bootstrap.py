@@ -64,7 +64,7 @@ def deploy() -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    import flows  # noqa: F401  (privacy and result settings)
+    from flows.settings import RESULT_STORAGE_ENV, save_result_storage_block
     from tasks.policy import TRAIN_TAG, ensure_concurrency_limits
 
     wait_for_api()
@@ -75,6 +75,9 @@ def deploy() -> None:
         except ObjectAlreadyExists:
             print(f"work pool {POOL} exists", flush=True)
     ensure_concurrency_limits({TRAIN_TAG: 1})
+    block = save_result_storage_block()
+    if block:
+        print(f"result storage block {block} -> {os.environ[RESULT_STORAGE_ENV]}", flush=True)
     env = {**os.environ, "STREAMTUNE_APP_DIR": os.environ.get("STREAMTUNE_APP_DIR", str(HERE.parent))}
     cmd = ["prefect", "--no-prompt", "deploy", "--prefect-file", str(HERE / "prefect.yaml"), "--all"]
     subprocess.run(cmd, check=True, cwd=HERE.parent, env=env)

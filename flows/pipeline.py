@@ -14,7 +14,7 @@ from prefect.runtime import flow_run as current_flow_run
 from pydantic import BaseModel, Field, field_validator
 
 import flows  # noqa: F401  (applies the Prefect settings defaults first)
-from flows.settings import result_storage
+from flows.settings import save_result_storage_block
 from tasks import artifacts
 from tasks.cache import digest, prefix_key, source_fingerprint
 from tasks.policy import TRAIN_TAG, ensure_concurrency_limits, model_tag
@@ -42,7 +42,6 @@ SECRET_OPTIONS = {
     "secret_key",
     "access_key",
 }
-RESULTS = result_storage()
 
 
 class PipelineParams(BaseModel):
@@ -63,7 +62,7 @@ class PipelineParams(BaseModel):
     labels: list[str] = Field(
         default_factory=list, description="Zero-shot tag vocabulary; empty: the default"
     )
-    decode_concurrency: int = Field(1, ge=1, description="Decode tasks running at once per model")
+    decode_concurrency: int = Field(1, ge=1, description="Decode tasks at once per model, across runs")
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     dask_address: str | None = Field(None, description="Existing Dask scheduler; default a LocalCluster")
     dask_workers: int = Field(2, ge=1)
@@ -126,13 +125,7 @@ def _flow_run_name() -> str:
     return f"streamtune-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-@flow(
-    name="manifest",
-    flow_run_name="manifest",
-    persist_result=True,
-    result_serializer="json",
-    result_storage=RESULTS,
-)
+@flow(name="manifest", flow_run_name="manifest", persist_result=True, result_serializer="json")
 def manifest_flow(params: PipelineParams) -> dict:
     """List the source, skipping objects already in the shard set when incremental; write the manifest."""
     from streamtune.ingest import ingested_sources
@@ -152,9 +145,7 @@ def manifest_flow(params: PipelineParams) -> dict:
     return result
 
 
-@flow(
-    name="shard", flow_run_name="shard", persist_result=True, result_serializer="json", result_storage=RESULTS
-)
+@flow(name="shard", flow_run_name="shard", persist_result=True, result_serializer="json")
 def shard_flow(params: PipelineParams, manifest: dict) -> dict:
     """Plan shards from the manifest and write them as mapped tasks; commit the index once all exist."""
     from streamtune.ingest import next_shard_index
@@ -222,13 +213,7 @@ def shard_number(path: str) -> int:
     return int(path.split("-")[1].split(".")[0])
 
 
-@flow(
-    name="decode",
-    flow_run_name="decode",
-    persist_result=True,
-    result_serializer="json",
-    result_storage=RESULTS,
-)
+@flow(name="decode", flow_run_name="decode", persist_result=True, result_serializer="json")
 def decode_flow(params: PipelineParams) -> dict:
     """Decode every committed raw shard as mapped tasks and commit the feature index.
 
@@ -248,6 +233,9 @@ def decode_flow(params: PipelineParams) -> dict:
     settings = params.decode_settings()
     decode_key = DecodeConfig(**settings).key()
     decode = _refresh(decode_shard_task, "decode", params)
+    decode = decode.with_options(
+        tags=[*decode.tags, model_tag(params.whisper_model), model_tag(params.clip_model)]
+    )
     t0 = time.perf_counter()
     futures = decode.map(
         index=[shard_number(e["path"]) for e in entries],
@@ -269,14 +257,20 @@ def decode_flow(params: PipelineParams) -> dict:
     stats = merge_stats([r.get("stats") or {} for r in fresh])
     stats["seconds"] = round(seconds, 2)
     quarantine = [q for r in fresh for q in r.get("quarantine") or []]
-    artifacts.decode_artifacts(stats, quarantine)
+    artifacts.decode_artifact(stats)
     artifacts.shard_table_artifact([r["entry"] for r in results], key="feature-shard-table")
     return {
-        "decoded": {"audio": int(stats.get("audio_files", 0)), "image": int(stats.get("images", 0))},
+        "decoded": decoded_counts(stats, quarantine),
         "stats": stats,
         "quarantine": quarantine,
         "new_shards": [r["entry"]["path"] for r in fresh],
     }
+
+
+def decoded_counts(stats: dict, quarantine: list[dict]) -> dict[str, int]:
+    """Audio files transcribed and images embedded (files that failed to decode are not counted)."""
+    bad_audio = {q.get("sample_id") for q in quarantine if q.get("modality") == "audio"}
+    return {"audio": int(stats.get("audio_files", 0)) - len(bad_audio), "image": int(stats.get("images", 0))}
 
 
 def merge_stats(stats: list[dict]) -> dict:
@@ -288,9 +282,7 @@ def merge_stats(stats: list[dict]) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()}
 
 
-@flow(
-    name="train", flow_run_name="train", persist_result=True, result_serializer="json", result_storage=RESULTS
-)
+@flow(name="train", flow_run_name="train", persist_result=True, result_serializer="json")
 def train_flow(params: PipelineParams) -> dict:
     """Fine-tune on the committed features (one training at a time: the `streamtune-train` tag limit)."""
     from streamtune import storage
@@ -300,7 +292,8 @@ def train_flow(params: PipelineParams) -> dict:
     features = prefix_key(params.url("features"))
     index = read_index(features, wo)
     features_digest = digest([(e["path"], e["checksum"]) for e in index["shards"]])
-    train = _refresh(train_task, "train", params).with_options(tags=[TRAIN_TAG, model_tag(params.model)])
+    train = _refresh(train_task, "train", params)
+    train = train.with_options(tags=[*train.tags, TRAIN_TAG, model_tag(params.model)])
     result = train(
         features_url=features,
         features_digest=features_digest,
@@ -321,16 +314,18 @@ def train_flow(params: PipelineParams) -> dict:
     flow_run_name=_flow_run_name,
     persist_result=True,
     result_serializer="json",
-    result_storage=RESULTS,
     log_prints=True,
 )
 def pipeline(params: PipelineParams) -> dict:
     """Manifest -> shard -> decode -> train. Returns the run summary (the fields of summary.json)."""
     log = get_run_logger()
     t0 = time.perf_counter()
+    per_model = params.decode_concurrency
+    if params.task_runner != "threads":  # every worker process holds its own copy of the models
+        per_model = max(per_model, params.dask_workers)
     limits = {
-        model_tag(params.whisper_model): params.decode_concurrency,
-        model_tag(params.clip_model): params.decode_concurrency,
+        model_tag(params.whisper_model): per_model,
+        model_tag(params.clip_model): per_model,
         TRAIN_TAG: 1,
     }
     ensure_concurrency_limits(limits)
@@ -355,6 +350,7 @@ def pipeline(params: PipelineParams) -> dict:
         "bytes_streamed": shards["bytes"],
         "audio_seconds": decoded["stats"].get("audio_seconds", 0),
         "images_embedded": decoded["decoded"]["image"],
+        "features": decoded["stats"].get("features", 0),
         "seconds": round(time.perf_counter() - t0, 1),
         "urls": {
             "source": params.source_url,
@@ -365,6 +361,7 @@ def pipeline(params: PipelineParams) -> dict:
             "checkpoints": params.url("checkpoints"),
         },
     }
+    artifacts.quarantine_artifact(shards["quarantine"] + decoded["quarantine"])
     artifacts.throughput_artifact(throughput_rows(summary, decoded["stats"], train))
     log.info("pipeline summary: %s", {k: summary[k] for k in ("samples", "shards", "decoded", "quarantined")})
     return summary
@@ -394,4 +391,5 @@ def serve(
     """Serve the pipeline on this machine (Prefect `flow.serve`): a cron-scheduled deployment whose runs are
     incremental and continue from the latest adapter unless `parameters` say otherwise."""
     params = {"incremental": True, "resume_from": "latest", **(parameters or {})}
+    save_result_storage_block()  # no-op unless STREAMTUNE_RESULT_STORAGE is a remote URL
     pipeline.serve(name=name, cron=cron, parameters={"params": params}, tags=["streamtune"])

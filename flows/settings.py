@@ -23,12 +23,28 @@ DEFAULTS = {
 }
 
 RESULT_STORAGE_ENV = "STREAMTUNE_RESULT_STORAGE"
+RESULT_BLOCK = "remote-file-system/streamtune-results"
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
 
 
 def apply_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """Set the defaults that are not set yet; return what was applied."""
+    """Set the defaults that are not set yet; return what was applied.
+
+    `STREAMTUNE_RESULT_STORAGE` picks where task results persist: a folder becomes Prefect's local storage
+    path; a remote URL (s3://bucket/prefect-results) selects the `streamtune-results` block, which
+    `save_result_storage_block` creates on the server (the deploy job and `serve` do it).
+    """
     env = os.environ if environ is None else environ
-    applied = {k: v for k, v in DEFAULTS.items() if k not in env}
+    wanted = dict(DEFAULTS)
+    url = env.get(RESULT_STORAGE_ENV)
+    if url and _is_local(url):
+        wanted["PREFECT_LOCAL_STORAGE_PATH"] = os.path.abspath(url.removeprefix("file://"))
+    elif url:
+        wanted["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = RESULT_BLOCK
+    applied = {k: v for k, v in wanted.items() if k not in env}
     env.update(applied)
     if environ is None and applied and "prefect.context" in sys.modules:
         from prefect.context import refresh_global_settings_context
@@ -37,17 +53,16 @@ def apply_defaults(environ: MutableMapping[str, str] | None = None) -> dict[str,
     return applied
 
 
-def result_storage(url: str | None = None):
-    """The block results are persisted to: `STREAMTUNE_RESULT_STORAGE` (a folder or any fsspec URL such as
-    s3://bucket/prefect-results), else None, meaning Prefect's local folder ($PREFECT_HOME/storage or
-    PREFECT_LOCAL_STORAGE_PATH)."""
+def save_result_storage_block(url: str | None = None) -> str | None:
+    """Create or update the result storage block for a remote `STREAMTUNE_RESULT_STORAGE` URL; returns its
+    slug. Only non-secret options are stored: workers read credentials from their own environment."""
     url = url or os.environ.get(RESULT_STORAGE_ENV)
-    if not url:
+    if not url or _is_local(url):
         return None
-    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+    from prefect.filesystems import RemoteFileSystem
 
-    if "://" not in url or url.startswith("file://"):
-        return LocalFileSystem(basepath=os.path.abspath(url.removeprefix("file://")))
     from streamtune.storage import resolve_options
 
-    return RemoteFileSystem(basepath=url.rstrip("/"), settings=resolve_options(url))
+    block = RemoteFileSystem(basepath=url.rstrip("/"), settings=resolve_options(url))
+    block.save(RESULT_BLOCK.split("/", 1)[1], overwrite=True)
+    return RESULT_BLOCK

@@ -40,25 +40,23 @@ def shard_table_artifact(entries: Sequence[dict[str, Any]], key: str = "shard-ta
     return create_table_artifact(table, key=key, description="Shards written by this run")
 
 
-def decode_artifacts(stats: dict[str, Any], quarantine: Sequence[dict[str, Any]]) -> list[UUID]:
-    ids = [
-        create_markdown_artifact(
-            "# Decode stats\n\n" + markdown_table([{"stat": k, "value": v} for k, v in stats.items()]),
-            key="decode-stats",
-            description="Samples decoded per modality and throughput",
-        )
-    ]
-    rows = [
-        {"sample_id": q.get("sample_id"), "key": q.get("key"), "reason": q.get("reason")} for q in quarantine
-    ]
-    ids.append(
-        create_table_artifact(
-            rows or [{"sample_id": "", "key": "", "reason": "nothing quarantined"}],
-            key="quarantine",
-            description="Inputs set aside with the reason",
-        )
+def decode_artifact(stats: dict[str, Any]) -> UUID:
+    return create_markdown_artifact(
+        "# Decode stats\n\n" + markdown_table([{"stat": k, "value": v} for k, v in stats.items()]),
+        key="decode-stats",
+        description="Samples decoded per modality, audio seconds, model time",
     )
-    return ids
+
+
+def quarantine_artifact(records: Sequence[dict[str, Any]]) -> UUID:
+    """Every input set aside by this run (manifest, shard or decode stage) with its reason."""
+    columns = ("stage", "sample_id", "key", "error", "message")
+    rows = [{c: r.get(c) for c in columns} for r in records]
+    return create_table_artifact(
+        rows or [{c: "" for c in columns} | {"message": "nothing quarantined"}],
+        key="quarantine",
+        description=f"{len(records)} inputs set aside, with the reason",
+    )
 
 
 class ProgressArtifact:

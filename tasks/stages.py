@@ -33,6 +33,7 @@ def build_manifest_task(
 ) -> dict:
     """List and classify the source (skipping `exclude`d objects); write the manifest; return its summary."""
     from streamtune import storage
+    from streamtune.ingest import unusable_objects
     from streamtune.manifest import build_manifest, manifest_hash, summarize_manifest, write_manifest
 
     log = get_run_logger()
@@ -49,7 +50,7 @@ def build_manifest_task(
         summary["samples"],
         time.perf_counter() - t0,
     )
-    return {"url": url, "hash": digest, "summary": summary, "quarantine": problems}
+    return {"url": url, "hash": digest, "summary": summary, "quarantine": problems + unusable_objects(table)}
 
 
 @task(

@@ -111,9 +111,8 @@ class PrefectServer(Background):
         return f"{self.url}/api"
 
     def client_env(self, service: str = "worker", **overrides: str) -> dict[str, str]:
-        """A compose client service's environment pointed at this server (results stay local)."""
+        """A compose client service's environment pointed at this server."""
         env = compose_env(service, PREFECT_API_URL=self.api_url, PREFECT_HOME=str(self.home / "client"))
-        env.pop("STREAMTUNE_RESULT_STORAGE", None)
         env.update(overrides)
         return env
 

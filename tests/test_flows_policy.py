@@ -105,3 +105,12 @@ def test_loss_curve_is_a_png_picture():
     img = Image.open(io.BytesIO(png))
     assert img.format == "PNG" and img.size[0] >= 400
     assert markdown_table([{"a": "x|y"}]).splitlines()[2] == "| x\\|y |"
+
+
+def test_force_refreshes_only_the_named_stage():
+    from flows.pipeline import _refresh
+    from tasks.stages import decode_shard_task, write_shard_task
+
+    params = PipelineParams(source_url="s3://b/raw", work_url="s3://b/w", force=["decode"])
+    assert _refresh(decode_shard_task, "decode", params).refresh_cache is True
+    assert not _refresh(write_shard_task, "shard", params).refresh_cache

@@ -60,7 +60,6 @@ def stack(prefect_server, s3server, tmp_path_factory):
         "STREAMTUNE_SOURCE_URL": f"s3://{BUCKET}/nightly/raw",
         "STREAMTUNE_WORK_URL": str(base / "nightly-work"),
         "STREAMTUNE_APP_DIR": str(ROOT),
-        "PREFECT_LOCAL_STORAGE_PATH": str(base / "results"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "STREAMTUNE_TASK_RETRIES": "1",
@@ -147,6 +146,8 @@ def test_failed_shard_is_redone_on_retry_and_finished_tasks_come_from_cache(stac
         "shard-00002.arrow",
     ]
     assert read_index(str(work / "features"))["rows"] == 3
+    # results persisted where compose puts them: S3 (the block the deploy job created)
+    assert len(fs.ls(f"{BUCKET}/prefect-results")) >= 10
 
 
 def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
@@ -183,8 +184,13 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
         assert deployment.parameters["params"]["incremental"] is True
 
         put_text(fs, source.removeprefix("s3://"), ["n1", "n2"])
+        fs.pipe(f"{source.removeprefix('s3://')}/n9.png", b"\x89PNG\r\n\x1a\n" + b"not really an image" * 3)
         first = run_deployment(name, timeout=0)  # the schedule's own parameters
         assert wait_flow_run(first.id, timeout_s=240).state.is_completed()
+        from prefect.artifacts import Artifact
+
+        quarantined = Artifact.get("quarantine").data
+        assert "n9.png" in quarantined  # the broken picture is set aside with its reason; the run goes on
         put_text(fs, source.removeprefix("s3://"), ["n3"])
         second = run_deployment(name, timeout=0)
         assert wait_flow_run(second.id, timeout_s=240).state.is_completed()
@@ -194,17 +200,21 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
 
     runs1, runs2 = states_by_name(task_runs_of(first.id)), states_by_name(task_runs_of(second.id))
     assert sorted(n for n in runs1 if n.startswith("write-shard")) == [
-        "write-shard-00000",
-        "write-shard-00001",
+        f"write-shard-0000{i}" for i in range(3)
     ]
-    assert sorted(n for n in runs2 if n.startswith("write-shard")) == ["write-shard-00002"]
+    assert sorted(n for n in runs2 if n.startswith("write-shard")) == ["write-shard-00003"]
     # old shards' features come back from the cache; only the new shard is decoded
-    assert runs2["decode-shard-00000"] == ["Cached"] and runs2["decode-shard-00001"] == ["Cached"]
-    assert runs2["decode-shard-00002"] == ["Completed"]
+    assert [runs2[f"decode-shard-0000{i}"] for i in range(4)] == [["Cached"]] * 3 + [["Completed"]]
     index = read_index(storage.join(work, "shards"))
-    assert [e["path"] for e in index["shards"]] == [f"shard-0000{i}.arrow" for i in range(3)]
-    assert sorted(k for e in index["shards"] for k in e["sources"]) == ["n1.txt", "n2.txt", "n3.txt"]
-    assert read_index(storage.join(work, "features"))["rows"] == 3
+    assert [e["path"] for e in index["shards"]] == [f"shard-0000{i}.arrow" for i in range(4)]
+    assert sorted(k for e in index["shards"] for k in e["sources"]) == [
+        "n1.txt",
+        "n2.txt",
+        "n3.txt",
+        "n9.png",
+    ]
+    features = read_index(storage.join(work, "features"))
+    assert features["rows"] == 3 and features["quarantine"]["rows"] == 1
 
 
 def test_compose_worker_command_is_the_one_run_here(stack):

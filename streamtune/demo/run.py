@@ -21,9 +21,10 @@ def demo_params(workdir: str, *, samples: int = 24, iters: int | None = None) ->
         "work_url": f"s3://{BUCKET}/streamtune",
         "adapter_path": os.path.join(workdir, "adapters"),
         "max_shard_bytes": 256 << 10,  # several small shards, so the fan-out is visible
+        "iters": iters or 30,
+        "batch_size": 4,
+        "seq_len": 256,
     }
-    if iters is not None:
-        params["iters"] = iters
     return params
 
 

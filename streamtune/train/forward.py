@@ -30,12 +30,16 @@ def supports_packing(model: nn.Module) -> bool:
     return all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "scale"))
 
 
-def attention_mask(segments: mx.array) -> mx.array:
-    """(B, 1, L, L) boolean: query i may see key j iff j <= i and both belong to the same sample."""
+def attention_mask(segments: mx.array, additive: mx.Dtype | None = None) -> mx.array:
+    """(B, 1, L, L): query i may see key j iff j <= i and both belong to the same sample. Boolean, or
+    0 / -inf in dtype `additive`."""
     L = segments.shape[1]
     causal = mx.arange(L)[:, None] >= mx.arange(L)[None, :]
     same = segments[:, :, None] == segments[:, None, :]
-    return (same & causal)[:, None]
+    allowed = (same & causal)[:, None]
+    if additive is None:
+        return allowed
+    return mx.where(allowed, mx.array(0.0, additive), mx.array(-mx.inf, additive))
 
 
 def local_attention(
@@ -120,6 +124,7 @@ def packed_logits(
     segments: mx.array,
     checkpoint: bool = False,
     window: int | None = None,
+    additive_mask: bool = False,
 ) -> mx.array:
     """Logits of packed rows. `window`: the longest sample, if shorter than half a row (enables
     `local_attention`)."""
@@ -128,7 +133,7 @@ def packed_logits(
     if window and 2 * window <= L and L % window == 0:
         mask = (segments, window)
     else:
-        mask = attention_mask(segments)
+        mask = attention_mask(segments, inner.embed_tokens.weight.dtype if additive_mask else None)
     h = inner.embed_tokens(inputs)
     block = _checkpointed_block if checkpoint else _block
     for layer in inner.layers:
@@ -149,10 +154,11 @@ def loss_sum(
     packed: bool = True,
     checkpoint: bool = False,
     window: int | None = None,
+    additive_mask: bool = False,
 ) -> mx.array:
     """Sum of the cross-entropy over completion tokens (divide by `loss_mask.sum()` for the mean)."""
     if packed:
-        logits = packed_logits(model, inputs, positions, segments, checkpoint, window)
+        logits = packed_logits(model, inputs, positions, segments, checkpoint, window, additive_mask)
     else:
         logits = model(inputs)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)

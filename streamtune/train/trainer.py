@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import resource
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -65,6 +67,8 @@ class TrainArgs:
     grad_checkpoint: bool = False
     compile: bool | None = None  # None: on GPU only (CPU compilation costs more than it saves)
     packing: bool = True
+    additive_mask: bool | None = None  # 0/-inf float mask, not boolean; None: on GPU (faster there)
+    prefetch: int = 2  # batches prepared ahead in a background thread (0: inline)
     attention_window: int | None = None  # longest sample (< seq_len / 2): attention over 2 windows only
     template: TemplateLike = DEFAULT_TEMPLATE
     eval_every: int = 0
@@ -297,6 +301,8 @@ def train(
     if args.batch_size % world:
         raise ValueError(f"batch_size {args.batch_size} is not divisible by {world} processes")
     model, tokenizer, config = model_bundle or setup_model(args)
+    on_gpu = default_dtype() != "float32"
+    additive = on_gpu if args.additive_mask is None else args.additive_mask
     packed = args.packing and supports_packing(model)
     rows = args.batch_size // world
     stream = SampleStream(dataset, tokenizer, args, rank, world)
@@ -329,6 +335,7 @@ def train(
             packed,
             args.grad_checkpoint,
             args.attention_window,
+            additive,
         )
 
     value_and_grad = nn.value_and_grad(model, compute)
@@ -336,15 +343,24 @@ def train(
         from mlx_lm.tuner.trainer import grad_checkpoint
 
         grad_checkpoint(model.layers[0])
-    if args.compile or (args.compile is None and default_dtype() != "float32"):
+    if args.compile or (args.compile is None and on_gpu):
         state = [model.state, mx.random.state]
         value_and_grad = partial(mx.compile, inputs=state, outputs=state)(value_and_grad)
 
-    def next_batch() -> Batch | None:
+    def make_batch() -> Batch | None:
         if packed:
             return packer.next_batch(stream.pull)
         row = [s for s in (stream.pull() for _ in range(rows)) if s is not None]
         return None if not row else _one_per_row(row, rows, args.seq_len)
+
+    def snapshot() -> str | None:
+        # loader + packer position right after a batch: what a checkpoint after that batch must hold
+        if not args.save_every:
+            return None
+        return json.dumps({"stream": stream.state_dict(), "packer": packer.state_dict()})
+
+    batches = Prefetcher(make_batch, snapshot, args.prefetch)
+    resume_state = None
 
     bar = None
     if args.progress and rank == 0:
@@ -362,7 +378,7 @@ def train(
         mx.random.seed(args.seed * 1_000_003 + step)
         grads, loss_acc, count, tokens, samples, slots = None, mx.array(0.0), 0, 0, 0, 0
         for _ in range(args.grad_accum):
-            batch = next_batch()
+            batch, resume_state = batches.next()
             if batch is None:
                 break
             lvalue, g = value_and_grad(*_arrays(batch))
@@ -413,7 +429,8 @@ def train(
         if on_step is not None and rank == 0:
             on_step(metrics)
         if args.save_every and step % args.save_every == 0:
-            _save_checkpoint(args, model, optimizer, stream, packer, step, losses, group)
+            _save_checkpoint(args, model, optimizer, resume_state, step, losses, group)
+    batches.close()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
@@ -440,6 +457,54 @@ def train(
         "history": history,
         "args": {k: v for k, v in asdict(args).items() if k not in ("template", "storage_options")},
     }
+
+
+class Prefetcher:
+    """Prepares batches (read, tokenize, pack) in a thread while the device computes. Each batch comes
+    with the loader/packer state right after it, so checkpoints stay exact."""
+
+    def __init__(self, make: Callable[[], Batch | None], snapshot: Callable[[], str | None], depth: int):
+        self.make, self.snapshot, self.depth = make, snapshot, depth
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stop = threading.Event()
+        self.thread = None
+        if depth > 0:
+            self.thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+            self.thread.start()
+
+    def _produce(self):
+        batch = self.make()
+        return batch, self.snapshot()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                item = self._produce()
+            except BaseException as exc:  # surfaced in the training thread
+                item = exc
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException) or item[0] is None:
+                return
+
+    def next(self) -> tuple[Batch | None, str | None]:
+        if self.thread is None:
+            return self._produce()
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item[0] is None:
+            self.queue.put(item)  # stay exhausted
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
 
 
 def _one_per_row(samples: list[tuple[list[int], int]], rows: int, seq_len: int) -> Batch:
@@ -470,16 +535,21 @@ def evaluate(
             batch = _one_per_row(take, packer.rows, args.seq_len) if take else None
         if batch is None:
             break
-        total = total + loss_sum(model, *_arrays(batch), packed=packed, window=args.attention_window)
+        total = total + loss_sum(
+            model,
+            *_arrays(batch),
+            packed=packed,
+            window=args.attention_window,
+            additive_mask=default_dtype() != "float32" if args.additive_mask is None else args.additive_mask,
+        )
         count += batch.targets_count
     totals = _all_sum(mx.concatenate([total.reshape(1), mx.array([float(count)])]), world)
     model.train()
     return totals[0].item() / max(totals[1].item(), 1)
 
 
-def _save_checkpoint(args, model, optimizer, stream, packer, step, losses, group):
+def _save_checkpoint(args, model, optimizer, local: str, step, losses, group):
     world = group.size()
-    local = json.dumps({"stream": stream.state_dict(), "packer": packer.state_dict()})
     if world > 1:
         # gather every rank's loader/packer state on rank 0 as bytes
         data = np.frombuffer(local.encode(), dtype=np.uint8)
