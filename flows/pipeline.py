@@ -191,19 +191,26 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
 
 
 def _task_runner(params: PipelineParams):
-    if params.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+    """The decode fan-out's runner: threads in this process, or an existing/local Dask cluster, or Ray."""
+    try:
+        if params.task_runner == "dask":
+            from prefect_dask import DaskTaskRunner
 
-        if params.dask_address:
-            return DaskTaskRunner(address=params.dask_address)
-        return DaskTaskRunner(
-            cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True},
-        )
-    if params.task_runner == "ray":
-        from prefect_ray import RayTaskRunner  # optional: pip install prefect-ray
+            if params.dask_address:
+                return DaskTaskRunner(address=params.dask_address)
+            return DaskTaskRunner(
+                cluster_class="distributed.LocalCluster",
+                cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True},
+            )
+        if params.task_runner == "ray":
+            from prefect_ray import RayTaskRunner
 
-        return RayTaskRunner()
+            return RayTaskRunner()
+    except ImportError as e:
+        package = "prefect-dask" if params.task_runner == "dask" else "prefect-ray"
+        raise RuntimeError(
+            f"task_runner={params.task_runner!r} needs {package}: pip install {package}"
+        ) from e
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=params.decode_concurrency)

@@ -114,3 +114,20 @@ def test_force_refreshes_only_the_named_stage():
     params = PipelineParams(source_url="s3://b/raw", work_url="s3://b/w", force=["decode"])
     assert _refresh(decode_shard_task, "decode", params).refresh_cache is True
     assert not _refresh(write_shard_task, "shard", params).refresh_cache
+
+
+def test_decode_runner_choice():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.pipeline import _task_runner
+
+    params = PipelineParams(source_url="s3://b/raw", work_url="s3://b/w", decode_concurrency=2)
+    assert isinstance(_task_runner(params), ThreadPoolTaskRunner)
+    on_dask = params.model_copy(update={"task_runner": "dask", "dask_address": "tcp://127.0.0.1:8786"})
+    assert isinstance(_task_runner(on_dask), DaskTaskRunner)
+    try:
+        import prefect_ray  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install prefect-ray"):
+            _task_runner(params.model_copy(update={"task_runner": "ray"}))

@@ -88,6 +88,9 @@ def test_deploy_job_registers_scheduled_deployments(stack, prefect_client):
         nightly = client.read_deployment_by_name("streamtune-pipeline/nightly-finetune")
         on_demand = client.read_deployment_by_name("streamtune-pipeline/on-demand")
         limits = {c.tag: c.concurrency_limit for c in client.read_concurrency_limits(limit=50, offset=0)}
+        results = client.read_block_document_by_name("streamtune-results", "remote-file-system")
+    assert results.data["basepath"] == "s3://streamtune/prefect-results"
+    assert "secret" not in str(results.data["settings"]).lower()  # credentials stay in the worker env
     assert [s.schedule.cron for s in nightly.schedules] == ["0 3 * * *"]
     p = nightly.parameters["params"]
     assert p["incremental"] is True and p["resume_from"] == "latest"

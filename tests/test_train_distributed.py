@@ -23,7 +23,7 @@ rows = [
      "text": f"caption {i} " + "q" * (i % 6)}
     for i in range(24)
 ]
-args = TrainArgs(model=cfg["model"], adapter_path=cfg["adapter"], iters=5, batch_size=2, seq_len=128,
+args = TrainArgs(model=cfg["model"], adapter_path=cfg["adapter"], iters=3, batch_size=2, seq_len=128,
                  lr=1e-3, warmup=1, num_layers=-1, rank=4, seed=1, compile=False)
 res = train(args, rows)
 rank = mx.distributed.init().rank()

@@ -1,4 +1,5 @@
-"""Kill -9 during training, resume from the S3 checkpoint, and get the uninterrupted run's adapter bit for bit."""
+"""Kill -9 while training from feature shards on S3, resume from the S3 checkpoint, and get the uninterrupted
+run's adapter bit for bit."""
 
 import json
 import os
@@ -18,16 +19,11 @@ from streamtune.train.synthetic import write_random_model
 WORKER = r"""
 import json, sys, time
 import streamtune
-from streamtune.train.data import ListSource
+from streamtune import CloudStreamingDataset
 from streamtune.train.trainer import TrainArgs, train
 
 cfg = json.loads(sys.argv[1])
-rows = [
-    {"sample_id": f"r{i}", "transcript": "say " * (2 + i % 9), "tags": ["a", "b"][: 1 + i % 2],
-     "text": f"caption {i} " + "z" * (i % 7)}
-    for i in range(30)
-]
-data = ListSource(rows, shuffle=True, seed=5)
+data = CloudStreamingDataset(cfg["features"], cfg["so"], shuffle=True, seed=5)
 args = TrainArgs(model=cfg["model"], adapter_path=cfg["adapter"], iters=8, batch_size=2, seq_len=96,
                  lr=1e-3, warmup=3, dropout=0.1, num_layers=-1, rank=4, grad_accum=2, save_every=2,
                  checkpoint_url=cfg["ckpt"], storage_options=cfg["so"], resume=cfg["resume"], seed=7,
@@ -36,6 +32,33 @@ slow = cfg.get("slow", 0.0)
 res = train(args, data, on_step=lambda m: time.sleep(slow))
 print(json.dumps({"steps": res["steps"], "losses": res["losses"]}))
 """
+
+
+def _write_features(url, storage_options):
+    import pyarrow as pa
+
+    from streamtune.shards.writer import ShardSetWriter
+
+    rows = [
+        {
+            "sample_id": f"r{i}",
+            "transcript": "say " * (2 + i % 9),
+            "tags": ["a", "b"][: 1 + i % 2],
+            "text": f"caption {i} " + "z" * (i % 7),
+        }
+        for i in range(30)
+    ]
+    schema = pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("transcript", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("text", pa.string()),
+        ]
+    )
+    writer = ShardSetWriter(url, schema, storage_options, max_shard_rows=8)
+    writer.write(pa.Table.from_pylist(rows, schema))
+    writer.close()
 
 
 def _run(cfg, **kw):
@@ -52,7 +75,9 @@ def _finish(proc):
 
 def test_kill_and_resume_gives_identical_adapter(tmp_path, bucket, s3opts):
     model = write_random_model(str(tmp_path / "tiny"), "tiny", seed=3)
-    base = {"model": model, "so": s3opts, "resume": False}
+    features = f"{bucket}/features"
+    _write_features(features, s3opts)
+    base = {"model": model, "so": s3opts, "resume": False, "features": features}
     full = _finish(_run({**base, "adapter": str(tmp_path / "a"), "ckpt": f"{bucket}/full"}))
 
     ckpt = f"{bucket}/killed"

@@ -21,8 +21,8 @@ def demo_params(workdir: str, *, samples: int = 24, iters: int | None = None) ->
         "work_url": f"s3://{BUCKET}/streamtune",
         "adapter_path": os.path.join(workdir, "adapters"),
         "max_shard_bytes": 256 << 10,  # several small shards, so the fan-out is visible
-        "iters": iters or 30,
-        "batch_size": 4,
+        "iters": iters or 24,
+        "batch_size": 2,
         "seq_len": 256,
     }
     return params

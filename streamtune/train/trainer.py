@@ -420,7 +420,7 @@ def train(
             "peak_mem_mb": peak_memory_mb(),
             "seconds": dt,
         }
-        if args.eval_every and step % args.eval_every == 0 and stream.val:
+        if args.eval_every and step % args.eval_every == 0 and (stream.val or world > 1):
             metrics["val_loss"] = evaluate(model, stream.val, args, packed, world)
         history.append(metrics)
         if bar is not None:
@@ -436,7 +436,7 @@ def train(
     seconds = time.perf_counter() - start
     if rank == 0:
         save_adapter(model, args.adapter_path, adapter_config(args, config))
-    final_val = evaluate(model, stream.val, args, packed, world) if stream.val else None
+    final_val = evaluate(model, stream.val, args, packed, world) if stream.val or world > 1 else None
     return {
         "steps": step,
         "loss_first": first_loss,
@@ -517,7 +517,7 @@ def evaluate(
     model: nn.Module, samples: list[tuple[list[int], int]], args: TrainArgs, packed: bool, world: int
 ):
     """Mean completion-token loss over held-out samples."""
-    if not samples:
+    if not samples and world == 1:
         return None
     model.eval()
     total, count = mx.array(0.0), 0
@@ -545,7 +545,8 @@ def evaluate(
         count += batch.targets_count
     totals = _all_sum(mx.concatenate([total.reshape(1), mx.array([float(count)])]), world)
     model.train()
-    return totals[0].item() / max(totals[1].item(), 1)
+    # every rank takes part in the sums, also one whose held-out share is empty
+    return totals[0].item() / totals[1].item() if totals[1].item() else None
 
 
 def _save_checkpoint(args, model, optimizer, local: str, step, losses, group):
