@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,19 +69,47 @@ def source_fingerprint(url: str, storage_options: dict | None = None) -> str:
     return digest(rows)
 
 
-def keyed(stage: str, *fields: str) -> CachePolicy:
+def keyed(
+    stage: str, *fields: str, outputs: Callable[[dict[str, Any]], list[str]] | None = None
+) -> CachePolicy:
     """A cache policy keyed on the named task parameters plus the stage's code version.
 
     Parameters not named (storage options, callbacks) do not enter the key: credentials must not change
-    results, and a key must never depend on an object's identity.
+    results, and a key must never depend on an object's identity. `outputs` names the objects a task
+    writes; if any is missing (deleted, or a fresh bucket) a stored result is not trusted and the task
+    runs again rather than returning a cached result that points at nothing.
     """
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
-        return f"streamtune-{stage}-" + digest(
-            stage, code_version(stage), [parameters.get(f) for f in fields]
-        )
+        key = f"streamtune-{stage}-" + digest(stage, code_version(stage), [parameters.get(f) for f in fields])
+        if outputs is None or _all_exist(outputs(parameters), parameters.get("work_options")):
+            return key
+        # Outputs missing: a first run stores under `key` as usual, but a result already stored under it
+        # is stale (outputs deleted, or a fresh bucket), so this run gets a key of its own and recomputes.
+        if _record_exists(getattr(context, "result_store", None), key):
+            key += "-rerun-" + uuid.uuid4().hex[:12]
+        return key
 
     return CacheKeyFnPolicy(cache_key_fn=key_fn)
+
+
+def _record_exists(store: Any, key: str) -> bool:
+    if store is None:
+        return False
+    found = store.exists(key)
+    if inspect.iscoroutine(found):
+        found.close()
+        return True  # cannot tell from here: recompute rather than trust a possibly stale result
+    return bool(found)
+
+
+def _all_exist(urls: list[str], storage_options: dict | None) -> bool:
+    from streamtune.storage import exists
+
+    try:
+        return all(exists(url, storage_options or None) for url in urls)
+    except OSError:
+        return False
 
 
 def prefix_key(url: str) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from streamtune.shards import shard_name
+from streamtune.storage import join
 from tasks.cache import digest, keyed
 from tasks.policy import task_options
 
@@ -77,7 +79,13 @@ def plan_shards_task(
 @task(
     name="write-shard",
     task_run_name="write-shard-{index:05d}",
-    cache_policy=keyed("shard", "manifest_hash", "plan", "out_prefix"),
+    cache_policy=keyed(
+        "shard",
+        "manifest_hash",
+        "plan",
+        "out_prefix",
+        outputs=lambda p: [join(p["out_prefix"], shard_name(p["plan"]["index"]))],
+    ),
     **task_options("shard"),
 )
 def write_shard_task(
@@ -114,7 +122,9 @@ def write_shard_task(
 @task(
     name="commit-shards",
     task_run_name="commit-shards",
-    cache_policy=keyed("shard", "out_prefix", "checksums", "append"),
+    cache_policy=keyed(
+        "shard", "out_prefix", "checksums", "append", outputs=lambda p: [join(p["out_prefix"], "index.json")]
+    ),
     **task_options("commit"),
 )
 def commit_shards_task(
@@ -156,7 +166,13 @@ def shared_decoder(cfg: Any) -> tuple[Any, threading.Lock]:
 @task(
     name="decode-shard",
     task_run_name="decode-shard-{index:05d}",
-    cache_policy=keyed("decode", "raw_checksum", "out_prefix", "decode_key"),
+    cache_policy=keyed(
+        "decode",
+        "raw_checksum",
+        "out_prefix",
+        "decode_key",
+        outputs=lambda p: [join(p["out_prefix"], p["entry"]["path"])],
+    ),
     **task_options("decode"),
 )
 def decode_shard_task(
@@ -186,7 +202,9 @@ def decode_shard_task(
 @task(
     name="commit-features",
     task_run_name="commit-features",
-    cache_policy=keyed("decode", "out_prefix", "checksums"),
+    cache_policy=keyed(
+        "decode", "out_prefix", "checksums", outputs=lambda p: [join(p["out_prefix"], "index.json")]
+    ),
     **task_options("commit"),
 )
 def commit_features_task(
@@ -238,7 +256,14 @@ def _warm_start(bundle: tuple, adapter_url: str, work_options: dict | None) -> b
 @task(
     name="train-adapter",
     task_run_name="train-adapter",
-    cache_policy=keyed("train", "features_digest", "train_settings", "adapter_url", "resume_from"),
+    cache_policy=keyed(
+        "train",
+        "features_digest",
+        "train_settings",
+        "adapter_url",
+        "resume_from",
+        outputs=lambda p: [join(p["adapter_url"], "adapters.safetensors")],
+    ),
     **task_options("train"),
 )
 def train_task(

@@ -1,10 +1,13 @@
 import os
+import tempfile
 import uuid
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# Prefect state and persisted task results of this test session stay in a fresh folder, never ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="streamtune-prefect-")
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,19 @@ def test_qlora_on_4bit_base_learns_and_adapter_loads_in_mlx_lm(tmp_path):
     fused = fuse("offline:smollm2", args.adapter_path, str(tmp_path / "fused"))
     standalone, _ = mlx_lm_load(fused)
     assert mx.allclose(standalone(ids), ours(ids), atol=5e-2, rtol=5e-2).item()
+
+
+@pytest.mark.slow
+def test_gguf_package_reader_matches_mlx_reader():
+    """The fallback for types MLX can't read (K-quants): same tensors and metadata via the `gguf` package."""
+    from streamtune.train import gguf
+
+    path = offline_smollm2_gguf()
+    slow, meta = gguf._read_with_gguf_package(path)
+    fast, fast_meta = gguf.read_gguf(path)
+    fast = gguf.dequantize_all(fast, mx.float32)
+    for name in ("blk.0.attn_q.weight", "blk.7.ffn_down.weight", "token_embd.weight", "output_norm.weight"):
+        assert slow[name].shape == fast[name].shape
+        assert mx.abs(slow[name] - fast[name]).max().item() < 5e-3, name
+    assert gguf.model_config(meta) == gguf.model_config(fast_meta)
+    assert meta["tokenizer.ggml.tokens"][:3] == fast_meta["tokenizer.ggml.tokens"][:3]

@@ -308,7 +308,8 @@ def train(
     stream = SampleStream(dataset, tokenizer, args, rank, world)
     packer = Packer(rows, args.seq_len)
 
-    optimizer = optim.AdamW(learning_rate=_schedule(args), weight_decay=args.weight_decay)
+    schedule = _schedule(args)
+    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
     optimizer.init(model.trainable_parameters())
     step, losses, history = 0, [], []
     if args.resume and args.checkpoint_url:
@@ -317,10 +318,10 @@ def train(
             params, opt_state, state = found
             model.load_weights(list(params.items()), strict=False)
             optimizer.state = opt_state
-            stream.load_state_dict(state["stream"][rank])
-            packer.load_state_dict(state["packer"][rank])
             if len(state["stream"]) != world:
                 raise ValueError(f"checkpoint was written by {len(state['stream'])} processes, not {world}")
+            stream.load_state_dict(state["stream"][rank])
+            packer.load_state_dict(state["packer"][rank])
             step, losses = state["step"], state["losses"]
             mx.eval(model.parameters(), optimizer.state)
 
@@ -395,7 +396,7 @@ def train(
         count, tokens, samples, slots = (int(v) for v in totals.tolist())
         grads = tree_map(partial(_average, world=world, count=count), grads)
         loss_acc = _all_sum(loss_acc, world)
-        lr = optimizer.learning_rate.item() if isinstance(optimizer.learning_rate, mx.array) else args.lr
+        lr = float(schedule(mx.array(step))) if callable(schedule) else schedule
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss_acc)
         step += 1
