@@ -79,8 +79,21 @@ def deploy() -> None:
     if block:
         print(f"result storage block {block} -> {os.environ[RESULT_STORAGE_ENV]}", flush=True)
     env = {**os.environ, "STREAMTUNE_APP_DIR": os.environ.get("STREAMTUNE_APP_DIR", str(HERE.parent))}
-    cmd = ["prefect", "--no-prompt", "deploy", "--prefect-file", str(HERE / "prefect.yaml"), "--all"]
+    cmd = [
+        prefect_executable(),
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        str(HERE / "prefect.yaml"),
+        "--all",
+    ]
     subprocess.run(cmd, check=True, cwd=HERE.parent, env=env)
+
+
+def prefect_executable() -> str:
+    """The `prefect` CLI of this interpreter's environment (it need not be on PATH), else PATH's."""
+    beside = Path(sys.executable).parent / "prefect"
+    return str(beside) if beside.exists() else "prefect"
 
 
 def main(argv: list[str] | None = None) -> int:
