@@ -47,6 +47,7 @@ def finished_run(prefect_server: PrefectServer, s3server, tmp_path_factory):
         ):
             from flows.pipeline import PipelineParams, pipeline
 
+            release_leaked_slots()
             params = PipelineParams(
                 source_url=f"{bucket}/raw",
                 work_url=f"{bucket}/work",
@@ -66,6 +67,16 @@ def finished_run(prefect_server: PrefectServer, s3server, tmp_path_factory):
             else:
                 os.environ[k] = v
     return summary
+
+
+def release_leaked_slots() -> None:
+    """Earlier tests on this shared server (Dask workers torn down with the cluster) can leave tag
+    concurrency slots held until their leases expire; this run must not wait on them."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for limit in client.read_concurrency_limits(limit=200, offset=0):
+            client.reset_concurrency_limit_by_tag(limit.tag, slot_override=[])
 
 
 def launch(pw):
