@@ -3,7 +3,10 @@
 Headless Chromium (Debian's) driven by Playwright; screenshots land in the test's output folder.
 """
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -26,57 +29,57 @@ CHROMIUM_ARGS = [
 STAGES = ("manifest", "shard", "decode", "train")
 
 
+def run_flow(name: str, params: dict, api_url: str, results: str, s3server) -> dict:
+    """Run a pipeline flow in a fresh process against the server (no Prefect client state shared with
+    earlier tests in this process) and return its JSON result."""
+    code = (
+        "import json, sys\n"
+        "from flows import pipeline as p\n"
+        "out = getattr(p, sys.argv[1])(p.PipelineParams(**json.loads(sys.argv[2])))\n"
+        "print('RESULT ' + json.dumps(out, default=str))\n"
+    )
+    env = {
+        **os.environ,
+        **s3server.env(),
+        "PREFECT_API_URL": api_url,
+        "PREFECT_LOCAL_STORAGE_PATH": results,
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": results,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code, name, json.dumps(params)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
 @pytest.fixture(scope="module")
 def finished_run(prefect_server: PrefectServer, s3server, tmp_path_factory):
-    """One whole pipeline run (text samples, 2 real training steps) in this process against the server."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-
+    """One whole pipeline run (text samples, 2 real training steps) against the server."""
     base = tmp_path_factory.mktemp("ui")
     bucket = s3server.create_bucket(f"ui-{uuid.uuid4().hex[:8]}")
     fs = s3fs.S3FileSystem(**s3server.storage_options)
     for i in range(4):
         fs.pipe(f"{bucket[5:]}/raw/s{i}.txt", f"Sample {i} says hello to the model. ".encode() * 4)
-    saved = {k: os.environ.get(k) for k in s3server.env()}
-    os.environ.update(s3server.env())
-    try:
-        with temporary_settings(
-            {
-                PREFECT_API_URL: prefect_server.api_url,
-                PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(base / "results"),
-            }
-        ):
-            from flows.pipeline import PipelineParams, pipeline
-
-            release_leaked_slots()
-            params = PipelineParams(
-                source_url=f"{bucket}/raw",
-                work_url=f"{bucket}/work",
-                adapter_path=str(base / "adapters"),
-                max_shard_bytes=300,
-                iters=2,
-                batch_size=2,
-                seq_len=64,
-            )
-            summary = pipeline(params)
-            summary["params"] = params
-            summary["results"] = str(base / "results")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    params = {
+        "source_url": f"{bucket}/raw",
+        "work_url": f"{bucket}/work",
+        "adapter_path": str(base / "adapters"),
+        "max_shard_bytes": 300,
+        "iters": 2,
+        "batch_size": 2,
+        "seq_len": 64,
+    }
+    results = str(base / "results")
+    summary = run_flow("pipeline", params, prefect_server.api_url, results, s3server)
+    summary["params"] = params
+    summary["results"] = results
     return summary
-
-
-def release_leaked_slots() -> None:
-    """Earlier tests on this shared server (Dask workers torn down with the cluster) can leave tag
-    concurrency slots held until their leases expire; this run must not wait on them."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        for limit in client.read_concurrency_limits(limit=200, offset=0):
-            client.reset_concurrency_limit_by_tag(limit.tag, slot_override=[])
 
 
 def launch(pw):
@@ -133,25 +136,9 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
 @pytest.mark.slow
 def test_resume_from_latest_continues_from_the_trained_adapter(finished_run, prefect_server, s3server):
     """A scheduled run with `resume_from: latest` starts from the adapter the last run left."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-
-    from flows.pipeline import train_flow
-
     first = finished_run
-    params = first["params"].model_copy(update={"resume_from": "latest", "iters": 1})
-    saved = {k: os.environ.get(k) for k in s3server.env()}
-    os.environ.update(s3server.env())
-    try:
-        with temporary_settings(
-            {PREFECT_API_URL: prefect_server.api_url, PREFECT_RESULTS_LOCAL_STORAGE_PATH: first["results"]}
-        ):
-            resumed = train_flow(params)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    params = {**first["params"], "resume_from": "latest", "iters": 1}
+    resumed = run_flow("train_flow", params, prefect_server.api_url, first["results"], s3server)
     assert resumed["steps"] == 1
     # the first step of the resumed run starts where the trained adapter left off, below a fresh start
     assert resumed["loss_first"] < first["train"]["loss_first"]
