@@ -69,7 +69,7 @@ class RetryPolicy:
     retries: int = 8  # attempts after the first, per range
     backoff_s: float = 0.05  # first backoff; doubles per attempt, full jitter
     max_backoff_s: float = 5.0
-    checksum_retries: int = 2  # refetches of a range whose bytes fail their checksum
+    checksum_retries: int = 5  # refetches of a range whose bytes fail their checksum
 
     def sleep(self, attempt: int) -> None:
         time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt)))
