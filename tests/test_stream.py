@@ -271,7 +271,7 @@ def test_checksum_mismatch_refetches_then_names_the_shard(bucket, s3opts):
     data = bytearray(storage.read_bytes(url, s3opts))
     data[victim["batches"][-1]["offset"] + 200] ^= 0x55
     storage.write_bytes(url, bytes(data), s3opts)
-    ds = CloudStreamingDataset(prefix, s3opts, backoff_s=0.001)
+    ds = CloudStreamingDataset(prefix, s3opts, backoff_s=0.001, checksum_retries=2)
     with pytest.raises(ShardError, match=victim["path"]):
         list(ds)
     assert ds.stats["checksum_failures"] == 3  # first read + 2 refetches

@@ -58,6 +58,7 @@ class CloudStreamingDataset:
         cache_dir: str | None = None,
         cache_limit_bytes: int = 10 << 30,
         retries: int = 8,
+        checksum_retries: int = 5,
         backoff_s: float = 0.05,
         timeout_s: float = 60.0,
         zero_copy: bool = False,
@@ -79,7 +80,7 @@ class CloudStreamingDataset:
         self.block_bytes = max(1, min(int(shuffle_block_bytes), self.prefetch_bytes // 2))
         self._stats = Stats()
         cache = RangeCache(cache_dir, cache_limit_bytes) if cache_dir else None
-        policy = RetryPolicy(retries=retries, backoff_s=backoff_s)
+        policy = RetryPolicy(retries=retries, backoff_s=backoff_s, checksum_retries=checksum_retries)
         self._fetcher = RangeFetcher(
             self.url, storage_options, policy=policy, timeout_s=timeout_s, cache=cache, stats=self._stats
         )
