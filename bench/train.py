@@ -25,10 +25,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mlx.core as mx  # noqa: E402,I001
+import streamtune  # noqa: E402,F401,I001  (OpenBLAS before mlx)
+import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-import streamtune  # noqa: E402,F401  (BLAS before mlx)
 from streamtune.train.data import Packer, encode, render  # noqa: E402
 from streamtune.train.trainer import TrainArgs, setup_model, train  # noqa: E402
 
@@ -84,22 +84,33 @@ def _steady(history: list[dict], warmup: int) -> float:
     return sum(h["tokens"] for h in rest) / sum(h["seconds"] for h in rest)
 
 
-def run_mlx_lm(bundle, rows, opts) -> float:
-    """mlx-lm's own trainer on the same (prompt, completion) pairs, through the same chat template."""
+def run_mlx_lm(bundle, rows, opts) -> dict:
+    """mlx-lm's own trainer on the same (prompt, completion) pairs, through the same chat template.
+
+    Counted like ours: non-pad input tokens (mlx-lm's own tokens/s counts only unmasked completion
+    tokens). Its step is compiled per padded batch shape, so a step whose shape it has not seen before
+    includes a compile: the steady rate uses only steps with an already-seen shape.
+    """
     import mlx.optimizers as optim
     from mlx_lm.tuner.datasets import CacheDataset, CompletionsDataset
-    from mlx_lm.tuner.trainer import TrainingArgs
+    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches
     from mlx_lm.tuner.trainer import train as mlx_lm_train
 
     model, tokenizer, _ = bundle
     pairs = [render(r) for r in rows]
     data = [{"prompt": p, "completion": c} for p, c in pairs if p]
     dataset = CacheDataset(CompletionsDataset(data, tokenizer, "prompt", "completion", mask_prompt=True))
-    reports = []
+    batches, seconds = [], []
+
+    def counted_batches(**kwargs):
+        for batch, lengths in iterate_batches(**kwargs):
+            spans = lengths.tolist()
+            batches.append((tuple(batch.shape), sum(max(n - 1, 0) for _, n in spans)))
+            yield batch, lengths
 
     class Collect:
         def on_train_loss_report(self, info):
-            reports.append(info)
+            seconds.append(1.0 / info["iterations_per_second"])
 
         def on_val_loss_report(self, info):
             pass
@@ -109,23 +120,32 @@ def run_mlx_lm(bundle, rows, opts) -> float:
             model,
             optim.Adam(learning_rate=1e-5),
             dataset,
-            dataset,
+            None,
             TrainingArgs(
                 batch_size=opts.batch_size,
                 iters=max(opts.iters, opts.mlx_lm_iters),
-                val_batches=1,
                 steps_per_report=1,
                 steps_per_eval=10**9,
                 steps_per_save=10**9,
                 max_seq_length=opts.seq_len,
                 adapter_file=os.path.join(tmp, "a.safetensors"),
             ),
+            iterate_batches=counted_batches,
             training_callback=Collect(),
         )
-    # mlx-lm pads each batch to its own length, so new shapes recompile its step for a while: take the
-    # median step (steady state), not the mean.
-    rest = reports[opts.warmup :] or reports
-    return float(np.median([r["tokens_per_second"] for r in rest]))
+    seen, warm_tokens, warm_s = set(), 0, 0.0
+    for (shape, tokens), s in zip(batches, seconds):
+        if shape in seen:
+            warm_tokens, warm_s = warm_tokens + tokens, warm_s + s
+        seen.add(shape)
+    all_tps = sum(t for _, t in batches[: len(seconds)]) / sum(seconds)
+    return {
+        "steady": warm_tokens / warm_s if warm_s else all_tps,
+        "all_steps": all_tps,
+        "steady_steps": sum(1 for _ in seconds) - len(seen),
+        "shapes": len(seen),
+        "pad_fraction": 1 - sum(t for _, t in batches) / sum(b * (w - 1) for (b, w), _ in batches),
+    }
 
 
 def run_peft(model_dir: str, rows, opts) -> float:
@@ -282,8 +302,15 @@ def main() -> None:
         packed=ram["packed"],
     )
     if not opts.skip_mlx_lm:
-        mlx_lm_tps = run_mlx_lm(bundle, rows, opts)
-        results.update(mlx_lm_tokens_s=round(mlx_lm_tps, 1), ratio_mlx_lm=round(ram_tps / mlx_lm_tps, 3))
+        mlx_lm = run_mlx_lm(bundle, rows, opts)
+        results.update(
+            mlx_lm_tokens_s=round(mlx_lm["steady"], 1),
+            ratio_mlx_lm=round(ram_tps / mlx_lm["steady"], 3),
+            mlx_lm_tokens_s_with_compiles=round(mlx_lm["all_steps"], 1),
+            mlx_lm_steady_steps=mlx_lm["steady_steps"],
+            mlx_lm_shapes=mlx_lm["shapes"],
+            mlx_lm_pad_fraction=round(mlx_lm["pad_fraction"], 3),
+        )
     results["peak_mem_mb"] = round(ram["peak_mem_mb"], 1)
     if opts.peft:
         del bundle
