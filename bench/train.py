@@ -134,7 +134,7 @@ def run_mlx_lm(bundle, rows, opts) -> dict:
             training_callback=Collect(),
         )
     seen, warm_tokens, warm_s = set(), 0, 0.0
-    for (shape, tokens), s in zip(batches, seconds):
+    for (shape, tokens), s in zip(batches, seconds, strict=False):
         if shape in seen:
             warm_tokens, warm_s = warm_tokens + tokens, warm_s + s
         seen.add(shape)

@@ -4,6 +4,8 @@ import uuid
 
 import pytest
 
+import streamtune  # noqa: F401  (loads OpenBLAS before any test module imports mlx)
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Prefect state and persisted task results of this test session stay in a fresh folder, never ~/.prefect.
