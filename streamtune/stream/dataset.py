@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from streamtune.shards.format import INDEX_NAME, ShardError
 from streamtune.shards.index import decode_batch, parse_index
+from streamtune.stream.buffers import BufferPool
 from streamtune.stream.cache import RangeCache
 from streamtune.stream.fetch import RangeFetcher, RetryPolicy, Stats
 from streamtune.stream.plan import build_ranges, epoch_order, need_order, partition_bounds
@@ -79,6 +80,8 @@ class CloudStreamingDataset:
         self.shuffle_shards = int(shuffle_shards)
         self.block_bytes = max(1, min(int(shuffle_block_bytes), self.prefetch_bytes // 2))
         self._stats = Stats()
+        # Zero-copy rows are views into the range buffer, so only copied rows let buffers be reused.
+        self._buffers = None if self.zero_copy else BufferPool(self.prefetch_bytes)
         cache = RangeCache(cache_dir, cache_limit_bytes) if cache_dir else None
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, checksum_retries=checksum_retries)
         self._fetcher = RangeFetcher(
@@ -205,7 +208,8 @@ class CloudStreamingDataset:
         base = int(ranges.offset[r])
         batches = ranges.batches[r]
         checks = [(b["offset"] - base, b["length"], b["checksum"]) for b in batches]
-        data = self._fetcher.read_range(entry["path"], base, int(ranges.length[r]), checks)
+        pool = self._buffers
+        data = self._fetcher.read_range(entry["path"], base, int(ranges.length[r]), checks, pool=pool)
         buf = pa.py_buffer(data)
         decoded = []
         for b in batches:
@@ -219,7 +223,10 @@ class CloudStreamingDataset:
                     f"index says {b['rows']}"
                 )
             decoded.append(batch)
-        return RangeRows(decoded, self.columns, zero_copy=self.zero_copy)
+        release = None
+        if pool is not None and isinstance(data, memoryview):
+            release = lambda: pool.give(data)  # noqa: E731
+        return RangeRows(decoded, self.columns, zero_copy=self.zero_copy, release=release)
 
     def __iter__(self) -> Iterator[dict]:
         if self._auto_workers:  # inside a torch DataLoader worker: take this worker's share
@@ -242,6 +249,7 @@ class CloudStreamingDataset:
             budget_bytes=self.prefetch_bytes,
             max_concurrency=self.max_concurrency,
             stats=self._stats,
+            trim=self._buffers is None,
         )
         try:
             loaded: dict[int, RangeRows] = {}
@@ -254,6 +262,7 @@ class CloudStreamingDataset:
                 uses[r] = left
                 if left == 0:
                     del loaded[r]
+                    rows.close()  # its buffer goes back to the pool: `sample` holds copies
                     prefetcher.release(r)
                 if generation == self._generation:
                     self._position += 1

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 
 from streamtune import storage
 from streamtune.shards.format import ShardError, checksum
+from streamtune.stream.buffers import BufferPool
 from streamtune.stream.cache import RangeCache
 
 
@@ -103,6 +104,8 @@ class RangeFetcher:
         }
         self.fs, self.base = storage.arrow_fs(self.prefix_url, storage_options, **s3_kwargs)
         self._files: dict[str, pa.NativeFile] = {}
+        self._idle: dict[str, list[pa.NativeFile]] = {}  # per-read handles (seek + readinto need their own)
+        self._opened: dict[str, int] = {}  # generation of each name's handles; bumped by _drop
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> str:
@@ -120,6 +123,21 @@ class RangeFetcher:
     def _drop(self, name: str) -> None:
         with self._lock:
             self._files.pop(name, None)
+            self._idle.pop(name, None)
+            self._opened[name] = self._opened.get(name, 0) + 1
+
+    def _take_handle(self, name: str) -> tuple[pa.NativeFile, int]:
+        with self._lock:
+            generation = self._opened.get(name, 0)
+            idle = self._idle.get(name)
+            if idle:
+                return idle.pop(), generation
+        return self.fs.open_input_file(self._path(name)), generation
+
+    def _give_handle(self, name: str, f: pa.NativeFile, generation: int) -> None:
+        with self._lock:
+            if self._opened.get(name, 0) == generation:
+                self._idle.setdefault(name, []).append(f)
 
     def read_object(self, name: str) -> bytes:
         """A whole small object (index.json), with the same retries and short-read handling."""
@@ -130,9 +148,17 @@ class RangeFetcher:
             self._drop(name)  # the next open sees a rewritten index
 
     def read_range(
-        self, name: str, offset: int, length: int, checks: list[tuple[int, int, str]], use_cache: bool = True
-    ) -> bytes:
-        """Bytes [offset, offset+length) of `name`, verified against (relative offset, length, checksum)s."""
+        self,
+        name: str,
+        offset: int,
+        length: int,
+        checks: list[tuple[int, int, str]],
+        use_cache: bool = True,
+        pool: BufferPool | None = None,
+    ) -> bytes | memoryview:
+        """Bytes [offset, offset+length) of `name`, verified against (relative offset, length, checksum)s.
+
+        With `pool`, the bytes are read into a pooled buffer (a memoryview the caller gives back)."""
         key = (name, offset, length, checks[0][2] if checks else "")
         cache = self.cache if use_cache else None
         if cache is not None:
@@ -144,7 +170,15 @@ class RangeFetcher:
                 cache.discard(key)
 
         what = f"shard {name} bytes {offset}+{length}"
-        data = self._with_retries(what, lambda: self._read_exact(name, offset, length), name=name)
+        if pool is not None:
+            data = pool.take(length)
+            try:
+                self._with_retries(what, lambda: self._read_into(name, offset, data), name=name)
+            except BaseException:
+                pool.give(data)
+                raise
+        else:
+            data = self._with_retries(what, lambda: self._read_exact(name, offset, length), name=name)
         # Bad batches are fetched again on their own; good ones are kept. This also repairs short bodies:
         # pyarrow's S3 read_at reports the full length even when a server answers a shorter 206.
         bad = _failures(data, checks)
@@ -160,7 +194,7 @@ class RangeFetcher:
                 )
             self.stats.add(retries=1)
             self.policy.sleep(rounds - 1)
-            repaired = bytearray(data)
+            repaired = data if isinstance(data, memoryview) else bytearray(data)
             for i in bad:
                 off, n, _ = checks[i]
                 part = self._with_retries(
@@ -168,7 +202,7 @@ class RangeFetcher:
                 )
                 repaired[off : off + n] = part
                 self.stats.add(refetched_bytes=n)
-            data = bytes(repaired)
+            data = repaired if isinstance(repaired, memoryview) else bytes(repaired)
             bad = _failures(data, checks)
         if cache is not None:
             cache.put(key, data)
@@ -187,6 +221,19 @@ class RangeFetcher:
                 raise TransientError(f"{name}: body ended at {len(data)} of {length} bytes")
             data += more
         return data
+
+    def _read_into(self, name: str, offset: int, out: memoryview) -> None:
+        f, generation = self._take_handle(name)
+        got = 0
+        while got < len(out):  # a short body: fetch only what is missing
+            f.seek(offset + got)
+            self.stats.add(requests=1)
+            n = f.readinto(out[got:])
+            self.stats.add(bytes=n, refetched_bytes=n if got else 0)
+            if not n:
+                raise TransientError(f"{name}: body ended at {got} of {len(out)} bytes")
+            got += n
+        self._give_handle(name, f, generation)
 
     def _with_retries(self, what: str, attempt, name: str | None = None):
         errors = 0

@@ -31,6 +31,7 @@ class Prefetcher:
         budget_bytes: int,
         max_concurrency: int,
         stats: Stats,
+        trim: bool = True,
     ):
         self._need = need
         self._sizes = sizes
@@ -48,7 +49,7 @@ class Prefetcher:
         self._pool = ThreadPoolExecutor(max_workers=self._max, thread_name_prefix="streamtune-fetch")
         self._freed = 0
         self._trim_every = max(1, min(budget_bytes // 4, 64 << 20))
-        self._trimmer = _Trimmer()
+        self._trimmer = _Trimmer(enabled=trim)
         self._pump()
 
     @property
@@ -151,11 +152,11 @@ class _Trimmer:
     milliseconds, so it runs off the consumer's path, once per quarter budget (at most 64 MiB) released.
     """
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self._wake = threading.Event()
         self._stopped = False
         self._thread = None
-        if _malloc_trim is not None:
+        if enabled and _malloc_trim is not None:
             self._thread = threading.Thread(target=self._run, daemon=True, name="streamtune-trim")
             self._thread.start()
 

@@ -69,8 +69,15 @@ def column_getter(arr: pa.Array, zero_copy: bool = False) -> Getter:
 class RangeRows:
     """Rows of one fetched range (one or more record batches), addressed by row number in the range."""
 
-    def __init__(self, batches: list[pa.RecordBatch], columns: list[str], zero_copy: bool = False):
+    def __init__(
+        self,
+        batches: list[pa.RecordBatch],
+        columns: list[str],
+        zero_copy: bool = False,
+        release: Callable[[], None] | None = None,
+    ):
         self.columns = columns
+        self._release = release
         self.zero_copy = zero_copy
         self.nbytes = sum(b.nbytes for b in batches)
         self._batches = batches
@@ -92,3 +99,10 @@ class RangeRows:
         getters = self._batch_getters(k)
         j = i - self._starts[k]
         return {name: get(j) for name, get in zip(self.columns, getters, strict=True)}
+
+    def close(self) -> None:
+        """Drop the batches and hand the range buffer back; no row may be read afterwards."""
+        self._batches, self._getters = [], []
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
