@@ -310,3 +310,29 @@ def test_pickle_keeps_position_and_zero_copy_rows(shardset):
     expected = make_rows(N_ROWS)
     assert all(isinstance(v["audio"], memoryview) for v in views)
     assert [bytes(v["audio"]) for v in views] == [r["audio"] for r in expected]
+
+
+def test_buffer_pool_never_reuses_a_buffer_that_a_row_still_views():
+    import pyarrow as pa
+
+    from streamtune.stream.buffers import BufferPool
+
+    pool = BufferPool(64 << 20)
+    view = pool.take(3 << 20)
+    view[:5] = b"hello"
+    row = memoryview(pa.py_buffer(view).slice(0, 5))  # what a zero-copy row is
+    pool.give(view)
+    other = pool.take(1 << 20)
+    other[:5] = b"XXXXX"
+    assert bytes(row) == b"hello" and pool.reused == 0
+    del row
+    pool.give(other)
+    pool.take(2 << 20)
+    assert pool.reused == 1  # the first buffer came back once its row was gone
+
+
+def test_streaming_reuses_range_buffers(shardset):
+    prefix, opts, _ = shardset
+    ds = small(prefix, opts, shuffle=True)
+    assert sorted(ids(ds)) == [f"s{i:05d}" for i in range(N_ROWS)]
+    assert ds._buffers.reused > ds._buffers.allocated

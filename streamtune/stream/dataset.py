@@ -80,8 +80,9 @@ class CloudStreamingDataset:
         self.shuffle_shards = int(shuffle_shards)
         self.block_bytes = max(1, min(int(shuffle_block_bytes), self.prefetch_bytes // 2))
         self._stats = Stats()
-        # Zero-copy rows are views into the range buffer, so only copied rows let buffers be reused.
-        self._buffers = None if self.zero_copy else BufferPool(self.prefetch_bytes)
+        # A zero-copy row is a view into its range's buffer: that buffer is reused only once no row of it
+        # is alive any more (BufferPool.give checks).
+        self._buffers = BufferPool(self.prefetch_bytes)
         cache = RangeCache(cache_dir, cache_limit_bytes) if cache_dir else None
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, checksum_retries=checksum_retries)
         self._fetcher = RangeFetcher(
@@ -249,7 +250,7 @@ class CloudStreamingDataset:
             budget_bytes=self.prefetch_bytes,
             max_concurrency=self.max_concurrency,
             stats=self._stats,
-            trim=self._buffers is None,
+            trim=self.zero_copy,
         )
         try:
             loaded: dict[int, RangeRows] = {}
@@ -262,7 +263,7 @@ class CloudStreamingDataset:
                 uses[r] = left
                 if left == 0:
                     del loaded[r]
-                    rows.close()  # its buffer goes back to the pool: `sample` holds copies
+                    rows.close()  # its buffer goes back to the pool unless zero-copy rows still use it
                     prefetcher.release(r)
                 if generation == self._generation:
                     self._position += 1
