@@ -298,6 +298,8 @@ def main() -> None:
         tokens_s=round(ram_tps, 1),
         stream_tokens_s=round(stream_tps, 1),
         stream_vs_ram=round(stream_tps / ram_tps, 3),
+        stream_data_wait_s=round(sum(h["data_wait_s"] for h in stream["history"][opts.warmup :]), 3),
+        ram_data_wait_s=round(sum(h["data_wait_s"] for h in ram["history"][opts.warmup :]), 3),
         pad_fraction=round(float(np.mean([h["pad_fraction"] for h in ram["history"]])), 3),
         packed=ram["packed"],
     )

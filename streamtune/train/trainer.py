@@ -378,8 +378,11 @@ def train(
         t0 = time.perf_counter()
         mx.random.seed(args.seed * 1_000_003 + step)
         grads, loss_acc, count, tokens, samples, slots = None, mx.array(0.0), 0, 0, 0, 0
+        wait = 0.0
         for _ in range(args.grad_accum):
+            w0 = time.perf_counter()
             batch, resume_state = batches.next()
+            wait += time.perf_counter() - w0
             if batch is None:
                 break
             lvalue, g = value_and_grad(*_arrays(batch))
@@ -420,6 +423,7 @@ def train(
             "epoch": stream.epoch,
             "peak_mem_mb": peak_memory_mb(),
             "seconds": dt,
+            "data_wait_s": wait,  # of `seconds`, spent waiting for the batch (the data path fell behind)
         }
         if args.eval_every and step % args.eval_every == 0 and (stream.val or world > 1):
             metrics["val_loss"] = evaluate(model, stream.val, args, packed, world)
