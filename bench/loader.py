@@ -16,7 +16,9 @@ process on the same server and bytes:
 Ceiling and loader alternate `--repeats` times and the best run of each counts: on a shared machine the
 other load only ever slows a run down. Each run makes two passes over the data and times the second
 (steady state, as in training: for the loader the next epoch, a new shuffle); the first pass, which also
-pays for connections, handles and first-touch memory, is reported as `*_cold_mb_s`. The last stdout line is one JSON object with the numbers and ratios.
+pays for connections, handles and first-touch memory, is reported as `*_cold_mb_s`. `ratio_ceiling` is best
+loader over best ceiling; `ratio_ceiling_median` pairs each loader run with the ceiling runs of its own round,
+which is steadier when the machine's speed drifts between rounds. The last stdout line is one JSON object with the numbers and ratios.
 """
 
 from __future__ import annotations
@@ -385,6 +387,11 @@ def main() -> None:
                 log("ceiling", ceilings[-1]["config"], round(ceilings[-1]["mb_s"]), "MB/s")
             loaders.append(in_subprocess("loader", ep, prefetch, args.concurrency, 8 << 20, args.zero_copy))
             log("loader", round(loaders[-1]["mb_s"]), "MB/s", loaders[-1]["stats"])
+        per_round = len(ceilings) // len(loaders)
+        paired = [
+            loaders[i]["mb_s"] / max(c["mb_s"] for c in ceilings[i * per_round : (i + 1) * per_round])
+            for i in range(len(loaders))
+        ]
         ceiling = max(ceilings, key=lambda r: r["mb_s"])
         loader = max(loaders, key=lambda r: r["mb_s"])
         hf = in_subprocess("hf", ep)
@@ -407,6 +414,8 @@ def main() -> None:
             "ceiling_cold_mb_s": round(max(r["cold_mb_s"] for r in ceilings), 1),
             "ceiling_config": ceiling["config"],
             "ratio_ceiling": round(loader["mb_s"] / ceiling["mb_s"], 3),
+            "ratio_ceiling_per_round": [round(r, 3) for r in paired],
+            "ratio_ceiling_median": round(float(np.median(paired)), 3),
             "hf_samples_s": round(hf["samples_s"], 1),
             "hf_mb_s": round(hf["mb_s"], 1),
             "ratio_hf": round(loader["samples_s"] / hf["samples_s"], 3),
