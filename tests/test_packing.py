@@ -18,7 +18,7 @@ from streamtune.train.data import (
     packed_batches,
     render,
 )
-from streamtune.train.forward import attention_mask, local_attention, loss_sum, supports_packing
+from streamtune.train.forward import attention_mask, local_attention, loss_at, loss_sum, supports_packing
 from streamtune.train.models import load_base
 from streamtune.train.synthetic import SHAPES, write_random_model
 
@@ -83,6 +83,12 @@ def test_packed_loss_equals_mean_of_separate_losses(tiny):
     packed_loss = loss_sum(model, *arrays).item() / batch.targets_count
     expected = per_sample_loss(model, used)
     assert packed_loss == pytest.approx(expected, rel=2e-5)
+    # what the trainer computes: head and cross-entropy only where the loss counts
+    from streamtune.train.trainer import _arrays
+
+    selected = _arrays(batch)
+    assert selected[3].size < batch.inputs.size  # prompts were left out
+    assert loss_at(model, *selected).item() / batch.targets_count == pytest.approx(expected, rel=2e-5)
 
 
 def test_local_attention_matches_dense():

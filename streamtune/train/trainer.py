@@ -38,7 +38,7 @@ from streamtune.train.data import (
     encode,
     render,
 )
-from streamtune.train.forward import loss_sum, supports_packing
+from streamtune.train.forward import loss_at, supports_packing
 from streamtune.train.models import load_base
 
 
@@ -269,12 +269,21 @@ class SampleStream:
 
 
 def _arrays(batch: Batch) -> tuple[mx.array, ...]:
+    """Inputs of `loss_at`: the rows, and the flat positions where the loss counts with their targets and
+    weights, padded (weight 0) to a multiple of 1/8 of the batch so a compiled step meets at most 8 shapes."""
+    weights = batch.loss_mask.reshape(-1)
+    where = np.flatnonzero(weights)
+    step = max(weights.size // 8, 1)
+    size = min(weights.size, -(-max(len(where), 1) // step) * step)
+    index = np.zeros(size, np.int32)
+    index[: len(where)] = where
     return (
         mx.array(batch.inputs),
-        mx.array(batch.targets),
-        mx.array(batch.loss_mask),
         mx.array(batch.positions),
         mx.array(batch.segments),
+        mx.array(index),
+        mx.array(batch.targets.reshape(-1)[index]),
+        mx.array(np.where(np.arange(size) < len(where), weights[index], 0).astype(np.float32)),
     )
 
 
@@ -325,14 +334,15 @@ def train(
             step, losses = state["step"], state["losses"]
             mx.eval(model.parameters(), optimizer.state)
 
-    def compute(inputs, targets, mask, positions, segments):
-        return loss_sum(
+    def compute(inputs, positions, segments, index, targets, weights):
+        return loss_at(
             model,
             inputs,
-            targets,
-            mask,
             positions,
             segments,
+            index,
+            targets,
+            weights,
             packed,
             args.grad_checkpoint,
             args.attention_window,
@@ -540,7 +550,7 @@ def evaluate(
             batch = _one_per_row(take, packer.rows, args.seq_len) if take else None
         if batch is None:
             break
-        total = total + loss_sum(
+        total = total + loss_at(
             model,
             *_arrays(batch),
             packed=packed,
