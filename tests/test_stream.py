@@ -336,3 +336,27 @@ def test_streaming_reuses_range_buffers(shardset):
     ds = small(prefix, opts, shuffle=True)
     assert sorted(ids(ds)) == [f"s{i:05d}" for i in range(N_ROWS)]
     assert ds._buffers.reused > ds._buffers.allocated
+
+
+def test_xxh64_indexes_still_read_and_unknown_checksum_algorithms_fail(bucket, s3opts):
+    from streamtune import storage
+    from streamtune.shards.format import checksum
+
+    prefix = f"{bucket}/legacy-checksums"
+    writer = ShardSetWriter(prefix, RAW_SCHEMA, s3opts, max_shard_rows=50, batch_bytes=20_000)
+    writer.write(make_rows(120))
+    index = writer.close()
+    assert index["shards"][0]["checksum"].startswith("xxh3:")
+    raw = json.loads(storage.read_bytes(f"{prefix}/index.json", s3opts))
+    for shard in raw["shards"]:  # as written before the switch to xxh3
+        data = storage.read_bytes(f"{prefix}/{shard['path']}", s3opts)
+        shard["checksum"] = checksum(data, "xxh64")
+        for b in shard["batches"]:
+            b["checksum"] = checksum(data[b["offset"] : b["offset"] + b["length"]], "xxh64")
+    storage.write_bytes(f"{prefix}/index.json", json.dumps(raw).encode(), s3opts)
+    assert sorted(ids(CloudStreamingDataset(prefix, s3opts))) == [f"s{i:05d}" for i in range(120)]
+
+    raw["shards"][0]["batches"][0]["checksum"] = "md5:0123"
+    storage.write_bytes(f"{prefix}/index.json", json.dumps(raw).encode(), s3opts)
+    with pytest.raises(ShardError, match="unknown checksum algorithm"):
+        list(CloudStreamingDataset(prefix, s3opts))

@@ -14,6 +14,7 @@ from streamtune.shards.format import (
     VERSION,
     ShardError,
     checksum,
+    checksum_matches,
     schema_from_json,
     schema_to_json,
 )
@@ -104,9 +105,10 @@ def read_shard_table(
         data = storage.read_bytes(url, storage_options)
     except FileNotFoundError as e:
         raise ShardError(f"shard {entry['path']} listed in the index is missing at {url}") from e
-    if len(data) != entry["bytes"] or checksum(data) != entry["checksum"]:
+    if len(data) != entry["bytes"] or not checksum_matches(data, entry["checksum"]):
         raise ShardError(
-            f"shard {entry['path']} is corrupt: {len(data)} bytes with checksum {checksum(data)}, "
+            f"shard {entry['path']} is corrupt: {len(data)} bytes with checksum "
+            f"{checksum(data, entry['checksum'].partition(':')[0])}, "
             f"index says {entry['bytes']} bytes with {entry['checksum']}"
         )
     table = pa.ipc.open_file(pa.py_buffer(data)).read_all()

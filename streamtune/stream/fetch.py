@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from streamtune import storage
-from streamtune.shards.format import ShardError, checksum
+from streamtune.shards.format import ShardError, checksum_matches
 from streamtune.stream.buffers import BufferPool
 from streamtune.stream.cache import RangeCache
 
@@ -254,4 +254,8 @@ class RangeFetcher:
 
 def _failures(data: bytes, checks: list[tuple[int, int, str]]) -> list[int]:
     view = memoryview(data)
-    return [i for i, (off, n, expected) in enumerate(checks) if checksum(view[off : off + n]) != expected]
+    return [
+        i
+        for i, (off, n, expected) in enumerate(checks)
+        if not checksum_matches(view[off : off + n], expected)
+    ]
