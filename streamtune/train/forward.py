@@ -201,10 +201,18 @@ def loss_sum(
     window: int | None = None,
     additive_mask: bool = False,
 ) -> mx.array:
-    """Sum of the cross-entropy over completion tokens (divide by `loss_mask.sum()` for the mean)."""
-    if packed:
-        logits = packed_logits(model, inputs, positions, segments, checkpoint, window, additive_mask)
-    else:
-        logits = model(inputs)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), targets)
-    return (ce * loss_mask).sum()
+    """Sum of the cross-entropy over completion tokens (divide by `loss_mask.sum()` for the mean), with
+    logits at every position; `loss_at` leaves out the positions without loss."""
+    return loss_at(
+        model,
+        inputs,
+        positions,
+        segments,
+        mx.arange(inputs.size),
+        targets.reshape(-1),
+        loss_mask.reshape(-1),
+        packed,
+        checkpoint,
+        window,
+        additive_mask,
+    )
