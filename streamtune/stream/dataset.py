@@ -209,8 +209,9 @@ class CloudStreamingDataset:
         base = int(ranges.offset[r])
         batches = ranges.batches[r]
         checks = [(b["offset"] - base, b["length"], b["checksum"]) for b in batches]
-        pool = self._buffers
-        data = self._fetcher.read_range(entry["path"], base, int(ranges.length[r]), checks, pool=pool)
+        data = self._fetcher.read_range(
+            entry["path"], base, int(ranges.length[r]), checks, pool=self._buffers
+        )
         buf = pa.py_buffer(data)
         decoded = []
         for b in batches:
@@ -224,10 +225,9 @@ class CloudStreamingDataset:
                     f"index says {b['rows']}"
                 )
             decoded.append(batch)
-        release = None
-        if pool is not None and isinstance(data, memoryview):
-            release = lambda: pool.give(data)  # noqa: E731
-        return RangeRows(decoded, self.columns, zero_copy=self.zero_copy, release=release)
+        return RangeRows(
+            decoded, self.columns, zero_copy=self.zero_copy, release=lambda: self._buffers.give(data)
+        )
 
     def __iter__(self) -> Iterator[dict]:
         if self._auto_workers:  # inside a torch DataLoader worker: take this worker's share

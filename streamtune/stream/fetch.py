@@ -103,26 +103,15 @@ class RangeFetcher:
             "request_timeout": timeout_s,
         }
         self.fs, self.base = storage.arrow_fs(self.prefix_url, storage_options, **s3_kwargs)
-        self._files: dict[str, pa.NativeFile] = {}
-        self._idle: dict[str, list[pa.NativeFile]] = {}  # per-read handles (seek + readinto need their own)
+        self._idle: dict[str, list[pa.NativeFile]] = {}  # open handles; a read (seek + readinto) owns one
         self._opened: dict[str, int] = {}  # generation of each name's handles; bumped by _drop
         self._lock = threading.Lock()
 
     def _path(self, name: str) -> str:
         return f"{self.base.rstrip('/')}/{name}"
 
-    def _file(self, name: str) -> pa.NativeFile:
-        with self._lock:
-            f = self._files.get(name)
-        if f is None:
-            f = self.fs.open_input_file(self._path(name))
-            with self._lock:
-                self._files[name] = f
-        return f
-
     def _drop(self, name: str) -> None:
         with self._lock:
-            self._files.pop(name, None)
             self._idle.pop(name, None)
             self._opened[name] = self._opened.get(name, 0) + 1
 
@@ -141,9 +130,9 @@ class RangeFetcher:
 
     def read_object(self, name: str) -> bytes:
         """A whole small object (index.json), with the same retries and short-read handling."""
-        size = self._with_retries(name, lambda: self._file(name).size(), name=name)
+        size = self._with_retries(name, lambda: self._size(name), name=name)
         try:
-            return self.read_range(name, 0, size, [], use_cache=False)
+            return bytes(self.read_range(name, 0, size, [], use_cache=False))
         finally:
             self._drop(name)  # the next open sees a rewritten index
 
@@ -155,32 +144,31 @@ class RangeFetcher:
         checks: list[tuple[int, int, str]],
         use_cache: bool = True,
         pool: BufferPool | None = None,
-    ) -> bytes | memoryview:
+    ) -> memoryview:
         """Bytes [offset, offset+length) of `name`, verified against (relative offset, length, checksum)s.
 
-        With `pool`, the bytes are read into a pooled buffer (a memoryview the caller gives back)."""
+        With `pool`, the bytes are read into a pooled buffer (a memoryview the caller gives back), else into
+        a bytearray of their own."""
         key = (name, offset, length, checks[0][2] if checks else "")
         cache = self.cache if use_cache else None
         if cache is not None:
-            data = cache.get(key)
-            if data is not None and not _failures(data, checks):
+            cached = cache.get(key)
+            if cached is not None and not _failures(memoryview(cached), checks):
                 self.stats.add(cache_hits=1)
-                return data
-            if data is not None:
+                return memoryview(cached)  # not pooled: BufferPool.give lets it go
+            if cached is not None:
                 cache.discard(key)
 
         what = f"shard {name} bytes {offset}+{length}"
-        if pool is not None:
-            data = pool.take(length)
-            try:
-                self._with_retries(what, lambda: self._read_into(name, offset, data), name=name)
-            except BaseException:
+        data = pool.take(length) if pool is not None else memoryview(bytearray(length))
+        try:
+            self._with_retries(what, lambda: self._read_into(name, offset, data), name=name)
+        except BaseException:
+            if pool is not None:
                 pool.give(data)
-                raise
-        else:
-            data = self._with_retries(what, lambda: self._read_exact(name, offset, length), name=name)
+            raise
         # Bad batches are fetched again on their own; good ones are kept. This also repairs short bodies:
-        # pyarrow's S3 read_at reports the full length even when a server answers a shorter 206.
+        # pyarrow's S3 client reports the full length even when a server answers a shorter 206.
         bad = _failures(data, checks)
         rounds = 0
         while bad:
@@ -194,33 +182,23 @@ class RangeFetcher:
                 )
             self.stats.add(retries=1)
             self.policy.sleep(rounds - 1)
-            repaired = data if isinstance(data, memoryview) else bytearray(data)
             for i in bad:
                 off, n, _ = checks[i]
-                part = self._with_retries(
-                    what, lambda o=off, k=n: self._read_exact(name, offset + o, k), name=name
+                part = data[off : off + n]
+                self._with_retries(
+                    what, lambda o=off, p=part: self._read_into(name, offset + o, p), name=name
                 )
-                repaired[off : off + n] = part
                 self.stats.add(refetched_bytes=n)
-            data = repaired if isinstance(repaired, memoryview) else bytes(repaired)
             bad = _failures(data, checks)
         if cache is not None:
             cache.put(key, data)
         return data
 
-    def _read_exact(self, name: str, offset: int, length: int) -> bytes:
-        f = self._file(name)
-        self.stats.add(requests=1)
-        data = f.read_at(length, offset)
-        self.stats.add(bytes=len(data))
-        while len(data) < length:  # a short body: fetch only what is missing
-            self.stats.add(requests=1)
-            more = f.read_at(length - len(data), offset + len(data))
-            self.stats.add(bytes=len(more), refetched_bytes=len(more))
-            if not more:
-                raise TransientError(f"{name}: body ended at {len(data)} of {length} bytes")
-            data += more
-        return data
+    def _size(self, name: str) -> int:
+        f, generation = self._take_handle(name)
+        size = f.size()
+        self._give_handle(name, f, generation)
+        return size
 
     def _read_into(self, name: str, offset: int, out: memoryview) -> None:
         f, generation = self._take_handle(name)
@@ -252,7 +230,7 @@ class RangeFetcher:
                 self.policy.sleep(errors - 1)
 
 
-def _failures(data: bytes, checks: list[tuple[int, int, str]]) -> list[int]:
+def _failures(data: memoryview, checks: list[tuple[int, int, str]]) -> list[int]:
     view = memoryview(data)
     return [
         i
