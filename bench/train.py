@@ -80,7 +80,8 @@ def run_ours(args: TrainArgs, bundle, data) -> dict:
 
 
 def _steady(history: list[dict], warmup: int) -> float:
-    rest = history[warmup:] or history
+    """Non-pad tokens/s over the steps after `warmup` that met an already-compiled batch shape."""
+    rest = [h for h in history[warmup:] if not h.get("new_shape")] or history[warmup:] or history
     return sum(h["tokens"] for h in rest) / sum(h["seconds"] for h in rest)
 
 
@@ -244,8 +245,12 @@ def main() -> None:
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--mlx-lm-iters", type=int, default=40)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead (0: inline)")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (GIL)")
     opts = ap.parse_args()
 
+    if opts.switch_interval:
+        sys.setswitchinterval(opts.switch_interval)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     model_ref = opts.model
     if opts.shape:
@@ -283,6 +288,7 @@ def main() -> None:
         dtype=opts.dtype,
         attention_window=opts.window,
         additive_mask=opts.additive_mask,
+        prefetch=opts.prefetch,
     )
     bundle = setup_model(args)
     results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}
@@ -302,10 +308,18 @@ def main() -> None:
         stream_vs_ram=round(stream_tps / ram_tps, 3),
         stream_data_wait_s=round(sum(h["data_wait_s"] for h in stream["history"][opts.warmup :]), 3),
         ram_data_wait_s=round(sum(h["data_wait_s"] for h in ram["history"][opts.warmup :]), 3),
+        # per step after warmup; negative: the step met a new shape (compiled), left out of the rates
         step_s={
-            name: [round(h["seconds"], 4) for h in run["history"][opts.warmup :]]
+            name: [
+                round(-h["seconds"] if h["new_shape"] else h["seconds"], 4)
+                for h in run["history"][opts.warmup :]
+            ]
             for name, run in (("ram", ram), ("stream", stream), ("stream2", stream2), ("ram2", ram2))
         },
+        pairs=[
+            round(_steady(s["history"], opts.warmup) / _steady(r["history"], opts.warmup), 3)
+            for s, r in ((stream, ram), (stream2, ram2))
+        ],
         pad_fraction=round(float(np.mean([h["pad_fraction"] for h in ram["history"]])), 3),
         packed=ram["packed"],
     )

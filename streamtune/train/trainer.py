@@ -382,20 +382,25 @@ def train(
     model.train()
     tokens_total = samples_total = 0
     timed_tokens, timed_seconds = 0, 0.0
+    shapes_seen: set[tuple] = set()  # a compiled step traces and compiles once per input shape
     first_loss = losses[0] if losses else None
     start = time.perf_counter()
     while step < args.iters:
         t0 = time.perf_counter()
         mx.random.seed(args.seed * 1_000_003 + step)
         grads, loss_acc, count, tokens, samples, slots = None, mx.array(0.0), 0, 0, 0, 0
-        wait = 0.0
+        wait, new_shape = 0.0, False
         for _ in range(args.grad_accum):
             w0 = time.perf_counter()
             batch, resume_state = batches.next()
             wait += time.perf_counter() - w0
             if batch is None:
                 break
-            lvalue, g = value_and_grad(*_arrays(batch))
+            arrays = _arrays(batch)
+            shape = tuple(a.shape for a in arrays)
+            new_shape |= shape not in shapes_seen
+            shapes_seen.add(shape)
+            lvalue, g = value_and_grad(*arrays)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_acc = loss_acc + lvalue
             count += batch.targets_count
@@ -417,7 +422,7 @@ def train(
         losses.append(loss)
         first_loss = losses[0]
         dt = time.perf_counter() - t0
-        if step > 1 or len(losses) > 1:
+        if not new_shape:
             timed_tokens += tokens
             timed_seconds += dt
         tokens_total += tokens
@@ -434,6 +439,7 @@ def train(
             "peak_mem_mb": peak_memory_mb(),
             "seconds": dt,
             "data_wait_s": wait,  # of `seconds`, spent waiting for the batch (the data path fell behind)
+            "new_shape": new_shape,  # first step at this batch shape: includes tracing (and compiling)
         }
         if args.eval_every and step % args.eval_every == 0 and (stream.val or world > 1):
             metrics["val_loss"] = evaluate(model, stream.val, args, packed, world)
