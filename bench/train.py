@@ -85,6 +85,12 @@ def _steady(history: list[dict], warmup: int) -> float:
     return sum(h["tokens"] for h in rest) / sum(h["seconds"] for h in rest)
 
 
+def _median_rate(history: list[dict], warmup: int) -> float:
+    """Median per-step tokens/s after `warmup`: insensitive to a few stalled steps."""
+    rest = [h for h in history[warmup:] if not h.get("new_shape")] or history[warmup:] or history
+    return float(np.median([h["tokens"] / h["seconds"] for h in rest]))
+
+
 def run_mlx_lm(bundle, rows, opts) -> dict:
     """mlx-lm's own trainer on the same (prompt, completion) pairs, through the same chat template.
 
@@ -306,6 +312,11 @@ def main() -> None:
         tokens_s=round(ram_tps, 1),
         stream_tokens_s=round(stream_tps, 1),
         stream_vs_ram=round(stream_tps / ram_tps, 3),
+        stream_vs_ram_median=round(
+            (_median_rate(stream["history"], opts.warmup) + _median_rate(stream2["history"], opts.warmup))
+            / (_median_rate(ram["history"], opts.warmup) + _median_rate(ram2["history"], opts.warmup)),
+            3,
+        ),
         stream_data_wait_s=round(sum(h["data_wait_s"] for h in stream["history"][opts.warmup :]), 3),
         ram_data_wait_s=round(sum(h["data_wait_s"] for h in ram["history"][opts.warmup :]), 3),
         # per step after warmup; negative: the step met a new shape (compiled), left out of the rates
