@@ -91,7 +91,10 @@ def main() -> None:
                 raise Crash
 
         data = CloudStreamingDataset(features, shuffle=True, seed=5)
-        return train(args, data, on_step=on_step)
+        try:
+            return train(args, data, on_step=on_step)
+        finally:
+            mx.clear_cache()
 
     full = run("full")
     again = run("again")
