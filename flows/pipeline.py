@@ -23,7 +23,9 @@ from tasks.stages import (
     commit_features_task,
     commit_shards_task,
     decode_shard_task,
+    plan_rewrites_task,
     plan_shards_task,
+    rewrite_shard_task,
     shard_checksums,
     train_task,
     write_shard_task,
@@ -147,8 +149,11 @@ def manifest_flow(params: PipelineParams) -> dict:
 
 @flow(name="shard", flow_run_name="shard", persist_result=True, result_serializer="json")
 def shard_flow(params: PipelineParams, manifest: dict) -> dict:
-    """Plan shards from the manifest and write them as mapped tasks; commit the index once all exist."""
+    """Plan shards from the manifest and write them as mapped tasks; in incremental runs also write again the
+    committed shards that hold superseded samples. Commit the index once all exist."""
+    from streamtune import storage
     from streamtune.ingest import next_shard_index
+    from streamtune.shards import read_index
 
     wo = params.work_options or None
     out = params.url("shards")
@@ -156,9 +161,32 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
     plans = plan_shards_task(
         manifest["url"], manifest["hash"], params.max_shard_bytes, start, work_options=wo
     )
-    if not plans:
+    rewrites: list[dict] = []
+    committed: dict[str, dict] = {}
+    if params.incremental and manifest["summary"].get("superseded_samples"):
+        if storage.exists(storage.join(out, "index.json"), wo):
+            committed = {e["path"]: e for e in read_index(out, wo)["shards"]}
+        rewrites = plan_rewrites_task(
+            manifest["url"],
+            manifest["hash"],
+            list(committed.values()),
+            digest(sorted(committed)),
+            start + len(plans),
+            work_options=wo,
+        )
+    if not plans and not rewrites:
         get_run_logger().info("nothing new to shard")
         return {"new_shards": [], "quarantine": manifest["quarantine"], "bytes": 0}
+    rewritten = []
+    if rewrites:
+        rewrite = _refresh(rewrite_shard_task, "shard", params)
+        rewritten = rewrite.map(
+            index=[p["index"] for p in rewrites],
+            entry=[committed[p["replaces"]] for p in rewrites],
+            plan=rewrites,
+            out_prefix=unmapped(prefix_key(out)),
+            work_options=unmapped(wo),
+        ).result()
     write = _refresh(write_shard_task, "shard", params)
     futures = write.map(
         index=[p["index"] for p in plans],
@@ -170,7 +198,7 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
         source_options=unmapped(params.source_options or None),
         work_options=unmapped(wo),
     )
-    results = futures.result()
+    results = futures.result() + rewritten
     commit = _refresh(commit_shards_task, "shard", params)
     commit(
         prefix_key(out),
@@ -180,11 +208,12 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
         problems=manifest["quarantine"],
         work_options=wo,
     )
-    entries = [r["entry"] for r in results]
+    entries = [r["entry"] for r in results if r["entry"] is not None]
     artifacts.shard_table_artifact(entries)
     quarantine = list(manifest["quarantine"]) + [q for r in results for q in r["quarantine"]]
     return {
         "new_shards": [e["path"] for e in entries],
+        "replaced_shards": [r["replaces"] for r in rewritten],
         "quarantine": quarantine,
         "bytes": sum(int(e["bytes"]) for e in entries),
     }

@@ -3,6 +3,10 @@
 `plan_shards` groups a manifest's samples into shards of about `max_shard_bytes`; `write_raw_shard` fetches
 one shard's objects (concurrently), builds the raw rows and writes the shard; `commit_raw_shards` merges the
 results into the shard set's index (appending to an existing set for incremental runs) and writes it last.
+
+Incremental runs also drop samples the manifest marks `superseded` (changed or removed at the source):
+`plan_rewrites` finds the committed shards holding them and `rewrite_raw_shard` writes each again, under a new
+name, without those rows. The commit swaps the entries; the old files stay until nothing reads them.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections import defaultdict
 import pyarrow as pa
 
 from streamtune import quarantine, shards, storage
-from streamtune.manifest import sample_id_of
+from streamtune.manifest import sample_id_of, source_version
 
 MEDIA = ("audio", "image")
 
@@ -21,7 +25,7 @@ MEDIA = ("audio", "image")
 def _samples(manifest: pa.Table) -> dict[str, list[dict]]:
     by_sample: dict[str, list[dict]] = defaultdict(list)
     for row in manifest.to_pylist():
-        if row["modality"] in ("sidecar", "unknown"):
+        if row["modality"] in ("sidecar", "unknown", "superseded"):
             continue
         by_sample[row["sample_id"]].append(row)
     return dict(sorted(by_sample.items()))
@@ -121,30 +125,68 @@ def write_raw_shard(
     fetched = fs.cat(paths, on_error="return") if paths else {}
     problems: list[dict] = []
     blobs: dict[str, bytes] = {}
+    unread: set[str] = set()
     for key, path in zip(keys, paths, strict=True):
         value = fetched.get(path)
         if isinstance(value, BaseException) or value is None:
             problems.append(
                 quarantine.record(sample_id_of(key), key, "shard", value or "Missing", "could not read")
             )
+            unread.add(key)
             blobs[key] = b""
         else:
             blobs[key] = value
     rows = []
     for sample_id in plan["sample_ids"]:
-        sample_rows = [r for r in by_sample[sample_id] if not any(p["key"] == r["key"] for p in problems)]
+        sample_rows = [r for r in by_sample[sample_id] if r["key"] not in unread]
         if sample_rows:
             rows.append(_build_row(sample_id, sample_rows, blobs, problems))
     table = pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA)
     url = storage.join(out_prefix, shards.shard_name(plan["index"]))
     entry = shards.write_shard(table, url, out_options)
+    # every file of these samples as the manifest saw it (unusable ones too, so an unchanged sample stays
+    # unchanged); a file that could not be read is left out, so the next incremental run retries its sample
     entry["sources"] = {
-        r["key"]: r["etag"]
-        for s in plan["sample_ids"]
-        for r in by_sample[s]
-        if blobs.get(r["key"]) is not None
+        r["key"]: source_version(r["etag"], r["sidecar"])
+        for r in manifest.to_pylist()
+        if r["sample_id"] in wanted
+        and r["modality"] not in ("sidecar", "superseded")
+        and r["key"] not in unread
     }
     return {"entry": entry, "quarantine": problems}
+
+
+def superseded_samples(manifest: pa.Table) -> set[str]:
+    return {
+        r["sample_id"]
+        for r in manifest.select(["sample_id", "modality"]).to_pylist()
+        if r["modality"] == "superseded"
+    }
+
+
+def plan_rewrites(entries: list[dict], stale: set[str], *, start_index: int) -> list[dict]:
+    """One plan per committed shard that holds a stale sample: {index (of the new shard), replaces, drop}."""
+    plans = []
+    for entry in entries:
+        drop = sorted({sample_id_of(k) for k in entry.get("sources") or {}} & stale)
+        if drop:
+            plans.append({"index": start_index + len(plans), "replaces": entry["path"], "drop": drop})
+    return plans
+
+
+def rewrite_raw_shard(prefix: str, entry: dict, plan: dict, storage_options: dict | None = None) -> dict:
+    """Write `entry`'s rows minus `plan["drop"]` as shard `plan["index"]`. Returns {"entry" (None when no row is
+    left), "replaces", "quarantine": []}."""
+    drop = set(plan["drop"])
+    table = shards.read_shard_table(prefix, entry, storage_options)
+    keep = [i for i, sample_id in enumerate(table.column("sample_id").to_pylist()) if sample_id not in drop]
+    result: dict = {"entry": None, "replaces": entry["path"], "quarantine": []}
+    if keep:
+        url = storage.join(prefix, shards.shard_name(plan["index"]))
+        new = shards.write_shard(table.take(keep), url, storage_options)
+        new["sources"] = {k: v for k, v in entry["sources"].items() if sample_id_of(k) not in drop}
+        result["entry"] = new
+    return result
 
 
 def ingested_sources(shards_prefix: str, storage_options: dict | None = None) -> dict[str, str]:
@@ -173,14 +215,16 @@ def commit_raw_shards(
     append: bool = True,
     problems: list[dict] | None = None,
 ) -> dict:
-    """Write the quarantine list, then index.json (last), merging with an existing index when appending."""
-    entries = [r["entry"] for r in results]
+    """Write the quarantine list, then index.json (last), merging with an existing index when appending.
+    A result with "replaces" takes that shard's place (rewrites from `rewrite_raw_shard`)."""
+    entries = [r["entry"] for r in results if r["entry"] is not None]
     if append and storage.exists(storage.join(out_prefix, "index.json"), storage_options):
         old = shards.read_index(out_prefix, storage_options)
-        new_paths = {e["path"] for e in entries}
-        entries = [e for e in old["shards"] if e["path"] not in new_paths] + entries
+        gone = {e["path"] for e in entries} | {r["replaces"] for r in results if r.get("replaces")}
+        entries = [e for e in old["shards"] if e["path"] not in gone] + entries
     records = list(problems or []) + [q for r in results for q in r["quarantine"]]
-    qname = f"quarantine-{min((r['entry']['path'] for r in results), default='empty').split('.')[0]}.parquet"
+    first = min((r["entry"]["path"] for r in results if r["entry"] is not None), default="empty")
+    qname = f"quarantine-{first.split('.')[0]}.parquet"
     if records:
         quarantine.write_quarantine(storage.join(out_prefix, "quarantine", qname), records, storage_options)
     return shards.commit_index(out_prefix, entries, shards.RAW_SCHEMA, storage_options)

@@ -4,6 +4,11 @@ One row per object. A sample is every object sharing a key stem (`a01.wav`, `a01
 Sidecars follow the AudioFolder/ImageFolder convention: `metadata.jsonl` / `metadata.csv` in a folder, one
 row per file with a `file_name` column; their fields attach to that file's sample. Rows a sidecar cannot
 provide (bad JSON, missing `file_name`, pointing outside its folder) become quarantine records.
+
+Incremental runs pass what the shard set already holds ({key: version}, see `source_version`). The diff is
+per sample: a sample whose files all match is skipped; one with a file added, changed (content or sidecar
+fields) or removed is listed whole, and every sample the shard set holds in an older form, or that is gone
+from the source, gets `superseded` rows (its old keys) telling the shard stage to drop its old row.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ SCHEMA = pa.schema(
         ("key", pa.string()),
         ("size", pa.int64()),
         ("etag", pa.string()),
-        ("modality", pa.string()),  # audio | image | text | json | sidecar | unknown
+        ("modality", pa.string()),  # audio | image | text | json | sidecar | unknown | superseded
         ("detected_by", pa.string()),  # content | extension | unknown
         ("sidecar", pa.string()),  # JSON object of sidecar fields for this file, or null
     ]
@@ -40,6 +45,69 @@ def _etag(info: dict) -> str:
             return str(info[field]).strip('"')
     stamp = f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('created')}"
     return "local-" + hashlib.sha1(stamp.encode()).hexdigest()[:16]
+
+
+SIDECAR_NAMES = ("metadata.jsonl", "metadata.csv")
+
+
+def source_version(etag: str, sidecar: str | None) -> str:
+    """What incremental runs compare for one object: its etag, plus a digest of its sidecar fields if any."""
+    if not sidecar:
+        return etag
+    return f"{etag}+{hashlib.sha256(sidecar.encode()).hexdigest()[:16]}"
+
+
+def versions(table: pa.Table) -> dict[str, str]:
+    """{key: source_version} of a manifest's objects (superseded rows left out)."""
+    return {
+        r["key"]: source_version(r["etag"], r["sidecar"])
+        for r in table.select(["key", "etag", "sidecar", "modality"]).to_pylist()
+        if r["modality"] != "superseded"
+    }
+
+
+def _sidecar_json(fields: dict | None) -> str | None:
+    return json.dumps(fields, sort_keys=True, default=str) if fields is not None else None
+
+
+def _by_sample(keyed: dict[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for key, version in keyed.items():
+        out.setdefault(sample_id_of(key), {})[key] = version
+    return out
+
+
+def _diff(
+    objects: list[dict], current: dict[str, str], held: dict[str, str]
+) -> tuple[list[dict], list[dict]]:
+    """(objects to list, superseded rows) for an incremental run against `held` ({key: version})."""
+    if not held:
+        return objects, []
+    now = _by_sample(current)
+    before = _by_sample({k: v for k, v in held.items() if posixpath.basename(k) not in SIDECAR_NAMES})
+
+    def wanted(obj: dict) -> bool:
+        if posixpath.basename(obj["key"]) in SIDECAR_NAMES:
+            return held.get(obj["key"]) != obj["etag"]
+        sample_id = sample_id_of(obj["key"])
+        return now[sample_id] != before.get(sample_id)
+
+    todo = [o for o in objects if wanted(o)]
+    superseded = [
+        {
+            "sample_id": sample_id,
+            "key": key,
+            "size": 0,
+            "etag": version,
+            "modality": "superseded",
+            "detected_by": "incremental",
+            "sidecar": None,
+        }
+        for sample_id, old in sorted(before.items())
+        if now.get(sample_id) != old
+        for key, version in sorted(old.items())
+    ]
+    return todo, superseded
 
 
 def sample_id_of(key: str) -> str:
@@ -124,26 +192,31 @@ def build_manifest(
     *,
     exclude: dict[str, str] | None = None,
 ) -> tuple[pa.Table, list[dict]]:
-    """List and classify `source_url`. Objects in `exclude` ({key: etag}) with an unchanged etag are skipped,
-    which makes incremental runs cheap. Returns (manifest table, quarantine records)."""
+    """List and classify `source_url`. `exclude` ({key: version}) is what the shard set already holds: samples
+    that match it are skipped and changed or removed ones superseded (module docstring), which makes
+    incremental runs cheap and keeps them in step with the source. Returns (manifest table, quarantine records).
+    """
     fs, _ = storage.get_fs(source_url, storage_options)
     objects = list_objects(source_url, storage_options)
     problems: list[dict] = []
 
     sidecar_rows: dict[str, dict] = {}
     for obj in objects:
-        if posixpath.basename(obj["key"]) in ("metadata.jsonl", "metadata.csv"):
+        if posixpath.basename(obj["key"]) in SIDECAR_NAMES:
             rows, bad = _parse_sidecar(obj["key"], fs.cat_file(obj["path"]))
             sidecar_rows.update(rows)
             problems.extend(bad)
 
-    exclude = exclude or {}
-    todo = [o for o in objects if exclude.get(o["key"]) != o["etag"]]
+    current = {
+        o["key"]: source_version(o["etag"], _sidecar_json(sidecar_rows.get(o["key"])))
+        for o in objects
+        if posixpath.basename(o["key"]) not in SIDECAR_NAMES
+    }
+    todo, superseded = _diff(objects, current, exclude or {})
     heads = _read_heads(fs, todo)
     records = []
     for obj, head in zip(todo, heads, strict=True):
         modality, how = detect_modality(obj["key"], head)
-        side = sidecar_rows.get(obj["key"])
         records.append(
             {
                 "sample_id": sample_id_of(obj["key"]),
@@ -152,9 +225,10 @@ def build_manifest(
                 "etag": obj["etag"],
                 "modality": modality,
                 "detected_by": how,
-                "sidecar": json.dumps(side, sort_keys=True, default=str) if side is not None else None,
+                "sidecar": _sidecar_json(sidecar_rows.get(obj["key"])),
             }
         )
+    records.extend(superseded)
     for target in sidecar_rows:
         if not any(o["key"] == target for o in objects):
             problems.append(
@@ -185,6 +259,7 @@ def summarize_manifest(table: pa.Table) -> dict:
         "bytes": sum(r["size"] for r in rows),
         "by_modality": dict(sorted(by_modality.items())),
         "with_sidecar": sum(1 for r in rows if r["sidecar"] is not None),
+        "superseded_samples": len({r["sample_id"] for r in rows if r["modality"] == "superseded"}),
     }
 
 

@@ -120,6 +120,57 @@ def write_shard_task(
 
 
 @task(
+    name="plan-rewrites",
+    task_run_name="plan-rewrites",
+    cache_policy=keyed("shard", "manifest_hash", "index_digest", "start_index"),
+    **task_options("commit"),
+)
+def plan_rewrites_task(
+    manifest_url: str,
+    manifest_hash: str,
+    entries: list[dict],
+    index_digest: str,
+    start_index: int,
+    work_options: dict | None = None,
+) -> list[dict]:
+    """Committed shards holding samples the manifest supersedes (changed or removed at the source)."""
+    from streamtune.ingest import plan_rewrites, superseded_samples
+    from streamtune.manifest import read_manifest
+
+    stale = superseded_samples(read_manifest(manifest_url, work_options))
+    return plan_rewrites(entries, stale, start_index=start_index) if stale else []
+
+
+@task(
+    name="rewrite-shard",
+    task_run_name="rewrite-shard-{index:05d}",
+    cache_policy=keyed(
+        "shard",
+        "entry",
+        "plan",
+        "out_prefix",
+        outputs=lambda p: [join(p["out_prefix"], shard_name(p["plan"]["index"]))],
+    ),
+    **task_options("shard"),
+)
+def rewrite_shard_task(
+    index: int, entry: dict, plan: dict, out_prefix: str, work_options: dict | None = None
+) -> dict:
+    """Write a committed shard again without its superseded samples."""
+    from streamtune.ingest import rewrite_raw_shard
+
+    result = rewrite_raw_shard(out_prefix, entry, plan, work_options)
+    new = result["entry"]
+    get_run_logger().info(
+        "%s without %d superseded samples -> %s",
+        plan["replaces"],
+        len(plan["drop"]),
+        new["path"] if new else "(empty, dropped)",
+    )
+    return result
+
+
+@task(
     name="commit-shards",
     task_run_name="commit-shards",
     cache_policy=keyed(
@@ -143,7 +194,10 @@ def commit_shards_task(
 
 
 def shard_checksums(results: list[dict[str, Any]]) -> list[str]:
-    return [f"{r['entry']['path']}:{r['entry']['checksum']}" for r in results]
+    return [
+        f"{r['entry']['path']}:{r['entry']['checksum']}" if r["entry"] else f"-{r['replaces']}"
+        for r in results
+    ]
 
 
 _DECODERS: dict[str, tuple[Any, threading.Lock]] = {}

@@ -8,7 +8,10 @@ from streamtune.ingest import (
     commit_raw_shards,
     ingested_sources,
     next_shard_index,
+    plan_rewrites,
     plan_shards,
+    rewrite_raw_shard,
+    superseded_samples,
     unusable_objects,
     write_raw_shard,
 )
@@ -62,3 +65,56 @@ def test_incremental_ingest_appends_only_new_objects(demo_dir, bucket, s3opts):
     assert len(second["shards"]) == len(first["shards"]) + 1
     new = shards.read_shard_table(out, second["shards"][-1], s3opts).to_pylist()
     assert [(r["sample_id"], r["text"]) for r in new] == [("clips/extra", "a new caption")]
+
+
+def _sync(source, out, so):
+    """One incremental run, as the shard flow does it: new shards for new or changed samples, committed shards
+    holding superseded samples written again without them, one commit."""
+    held = ingested_sources(out, so)
+    table, problems = build_manifest(source, so, exclude=held)
+    start = next_shard_index(out, so)
+    plans = plan_shards(table, max_shard_bytes=64 << 10, start_index=start)
+    results = [write_raw_shard(source, table, p, out, source_options=so, out_options=so) for p in plans]
+    committed = {e["path"]: e for e in shards.read_index(out, so)["shards"]}
+    rewrites = plan_rewrites(
+        list(committed.values()), superseded_samples(table), start_index=start + len(plans)
+    )
+    results += [rewrite_raw_shard(out, committed[r["replaces"]], r, so) for r in rewrites]
+    index = commit_raw_shards(out, results, so, problems=problems)
+    rows = [r for e in index["shards"] for r in shards.read_shard_table(out, e, so).to_pylist()]
+    return table, rewrites, {r["sample_id"]: r for r in rows}, len(rows)
+
+
+def test_incremental_runs_follow_edits_replacements_and_deletions(demo_dir, bucket, s3opts):
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    upload_dir(demo_dir, source, s3opts)
+    _ingest(source, out, s3opts)
+
+    table, rewrites, rows, count = _sync(source, out, s3opts)
+    assert [r["modality"] for r in table.to_pylist()] == ["sidecar"] and rewrites == []
+
+    sidecar = f"{source}/clips/metadata.jsonl"
+    lines = storage.read_bytes(sidecar, s3opts).decode().splitlines()
+    edited = [
+        json.dumps({**json.loads(x), "caption": "An edited caption."}) if '"s01.jpg"' in x else x
+        for x in lines
+    ]
+    storage.write_bytes(sidecar, ("\n".join(edited) + "\n").encode(), s3opts)
+    storage.write_bytes(f"{source}/clips/s02.png", open(f"{demo_dir}/clips/s00.png", "rb").read(), s3opts)
+    fs, root = storage.get_fs(f"{source}/clips", s3opts)
+    fs.rm(fs.glob(f"{root}/s03.*"))
+    storage.write_bytes(f"{source}/clips/extra.txt", b"a new caption", s3opts)
+
+    table, rewrites, rows, count = _sync(source, out, s3opts)
+    assert superseded_samples(table) == {"clips/s01", "clips/s02", "clips/s03"}
+    listed = {r["key"] for r in table.to_pylist() if r["modality"] not in ("sidecar", "superseded")}
+    assert {k.rsplit(".", 1)[0] for k in listed} == {"clips/s01", "clips/s02", "clips/extra"}
+    assert rewrites and all(r["drop"] for r in rewrites)
+    assert count == len(rows) == 10, "one removed, one added; no sample twice"
+    assert "clips/s03" not in rows and rows["clips/extra"]["text"] == "a new caption"
+    s01 = rows["clips/s01"]
+    assert s01["text"] == "An edited caption." and s01["audio"] and s01["image"], "rebuilt whole"
+    assert rows["clips/s02"]["image"] == open(f"{demo_dir}/clips/s00.png", "rb").read()
+
+    table, rewrites, rows, count = _sync(source, out, s3opts)
+    assert superseded_samples(table) == set() and rewrites == [] and count == 10

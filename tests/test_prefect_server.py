@@ -26,7 +26,7 @@ from prefect_server import (
 )
 
 from streamtune import storage
-from streamtune.shards import read_index
+from streamtune.shards import read_index, read_shard_table
 
 pytest_plugins = ["prefect_server"]  # the session's Prefect server fixtures
 
@@ -154,7 +154,8 @@ def test_failed_shard_is_redone_on_retry_and_finished_tasks_come_from_cache(stac
 
 
 def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
-    """`streamtune serve` path: flow.serve with cron; a second scheduled run shards only new objects."""
+    """`streamtune serve` path: flow.serve with cron; a second scheduled run shards only new and changed
+    objects, and writes again, without the old version, the shard that held a changed sample."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
@@ -195,6 +196,7 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
         quarantined = Artifact.get("quarantine").data
         assert "n9.png" in quarantined  # the broken picture is set aside with its reason; the run goes on
         put_text(fs, source.removeprefix("s3://"), ["n3"])
+        fs.pipe(f"{source.removeprefix('s3://')}/n2.txt", b"n2, edited since the first run.")
         second = run_deployment(name, timeout=0)
         assert wait_flow_run(second.id, timeout_s=240).state.is_completed()
     finally:
@@ -205,11 +207,21 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
     assert sorted(n for n in runs1 if n.startswith("write-shard")) == [
         f"write-shard-0000{i}" for i in range(3)
     ]
-    assert sorted(n for n in runs2 if n.startswith("write-shard")) == ["write-shard-00003"]
-    # old shards' features come back from the cache; only the new shard is decoded
-    assert [runs2[f"decode-shard-0000{i}"] for i in range(4)] == [["Cached"]] * 3 + [["Completed"]]
+    assert sorted(n for n in runs2 if n.startswith("write-shard")) == [
+        "write-shard-00003",
+        "write-shard-00004",
+    ]
+    # shard 1 held only the old n2: written again without it, it is empty and leaves the index
+    assert [n for n in runs2 if n.startswith("rewrite-shard")] == ["rewrite-shard-00005"]
+    # unchanged shards' features come back from the cache; only the new shards are decoded
+    assert {n: runs2[n] for n in runs2 if n.startswith("decode-shard")} == {
+        "decode-shard-00000": ["Cached"],
+        "decode-shard-00002": ["Cached"],
+        "decode-shard-00003": ["Completed"],
+        "decode-shard-00004": ["Completed"],
+    }
     index = read_index(storage.join(work, "shards"))
-    assert [e["path"] for e in index["shards"]] == [f"shard-0000{i}.arrow" for i in range(4)]
+    assert [e["path"] for e in index["shards"]] == [f"shard-0000{i}.arrow" for i in (0, 2, 3, 4)]
     assert sorted(k for e in index["shards"] for k in e["sources"]) == [
         "n1.txt",
         "n2.txt",
@@ -218,6 +230,12 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
     ]
     features = read_index(storage.join(work, "features"))
     assert features["rows"] == 3 and features["quarantine"]["rows"] == 1
+    texts = {
+        r["sample_id"]: r["text"]
+        for e in features["shards"]
+        for r in read_shard_table(storage.join(work, "features"), e).to_pylist()
+    }
+    assert texts["n2"] == "n2, edited since the first run." and texts["n3"].startswith("n3: ")
 
 
 def test_compose_worker_command_is_the_one_run_here(stack):
