@@ -169,6 +169,24 @@ def generate(
     )
 
 
+@app.command()
+def gc(
+    prefixes: list[str] = typer.Argument(
+        ..., metavar="PREFIX...", help="Shard set prefixes, e.g. WORK_URL/shards WORK_URL/features."
+    ),
+    older_than_minutes: float = typer.Option(60.0, help="Keep unlisted shards written more recently."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be deleted."),
+    endpoint_url: str | None = EndpointOpt,
+) -> None:
+    """Delete shard files no index.json lists any more (left by incremental runs that replaced them)."""
+    from streamtune.shards.gc import collect_garbage
+
+    so = _storage_options(endpoint_url)
+    for prefix in prefixes:
+        gone = collect_garbage(prefix, so, older_than_s=older_than_minutes * 60, dry_run=dry_run)
+        typer.echo(json.dumps({"prefix": prefix, "dry_run": dry_run, "deleted": gone}))
+
+
 @app.command("export-base")
 def export_base_cmd(
     model: str = typer.Option("offline:smollm2", help="Base model to export."),

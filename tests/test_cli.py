@@ -39,3 +39,26 @@ def test_manifest_command_on_a_folder(tmp_path):
     result = _cli("manifest", str(tmp_path / "src"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert '"samples": 1' in result.stdout and out.exists()
+
+
+def test_gc_deletes_only_old_unlisted_shards(tmp_path):
+    import json
+    import os
+
+    import pyarrow as pa
+
+    from streamtune.shards import ShardSetWriter
+
+    writer = ShardSetWriter(str(tmp_path / "set"), pa.schema([("x", pa.int64())]), max_shard_rows=2)
+    writer.write(pa.table({"x": list(range(5))}))
+    writer.close()
+    listed = sorted(p.name for p in (tmp_path / "set").glob("shard-*.arrow"))
+    stray, fresh = tmp_path / "set" / "shard-00099.arrow", tmp_path / "set" / "shard-00100.arrow"
+    stray.write_bytes(b"replaced long ago")
+    fresh.write_bytes(b"replaced a moment ago")
+    os.utime(stray, (1_000_000_000, 1_000_000_000))
+    result = _cli("gc", str(tmp_path / "set"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["deleted"] == [str(stray)]
+    assert not stray.exists() and fresh.exists()
+    assert sorted(p.name for p in (tmp_path / "set").glob("shard-*.arrow")) == sorted([*listed, fresh.name])

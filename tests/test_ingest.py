@@ -17,6 +17,7 @@ from streamtune.ingest import (
 )
 from streamtune.manifest import build_manifest
 from streamtune.quarantine import read_quarantine
+from streamtune.shards.gc import collect_garbage
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,7 @@ def test_incremental_runs_follow_edits_replacements_and_deletions(demo_dir, buck
     storage.write_bytes(f"{source}/clips/extra.txt", b"a new caption", s3opts)
 
     table, rewrites, rows, count = _sync(source, out, s3opts)
+    previous = rewrites
     assert superseded_samples(table) == {"clips/s01", "clips/s02", "clips/s03"}
     listed = {r["key"] for r in table.to_pylist() if r["modality"] not in ("sidecar", "superseded")}
     assert {k.rsplit(".", 1)[0] for k in listed} == {"clips/s01", "clips/s02", "clips/extra"}
@@ -118,3 +120,12 @@ def test_incremental_runs_follow_edits_replacements_and_deletions(demo_dir, buck
 
     table, rewrites, rows, count = _sync(source, out, s3opts)
     assert superseded_samples(table) == set() and rewrites == [] and count == 10
+
+    # the replaced shards stay until collected; recent ones are kept by the grace period
+    replaced = sorted(storage.join(out, r["replaces"]) for r in previous)
+    assert collect_garbage(out, s3opts) == []
+    assert collect_garbage(out, s3opts, older_than_s=0, dry_run=True) == replaced
+    assert collect_garbage(out, s3opts, older_than_s=0) == replaced
+    assert collect_garbage(out, s3opts, older_than_s=0) == []
+    index = shards.read_index(out, s3opts)
+    assert sum(len(shards.read_shard_table(out, e, s3opts)) for e in index["shards"]) == 10
