@@ -168,7 +168,9 @@ def run_peft(model_dir: str, rows, opts) -> float:
         config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "rope_scaling")})
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):  # initialise on the GPU: an 8B model's random init on the CPU takes minutes
+        model = LlamaForCausalLM(config)
     lora = LoraConfig(
         r=opts.rank,
         lora_alpha=opts.rank * 2,
@@ -227,6 +229,42 @@ def run_peft(model_dir: str, rows, opts) -> float:
     return results
 
 
+def _stream_vs_ram(results, opts, args, bundle, rows, ram, url, storage_options) -> None:
+    """Three more runs after `ram` (stream, stream, RAM: ABBA order) and their ratios into `results`."""
+    from streamtune import CloudStreamingDataset
+    from streamtune.train.data import ListSource
+
+    stream = run_ours(args, bundle, CloudStreamingDataset(url, storage_options))
+    stream2 = run_ours(args, bundle, CloudStreamingDataset(url, storage_options))
+    ram2 = run_ours(args, bundle, ListSource(rows))
+    ram_tps = (_steady(ram["history"], opts.warmup) + _steady(ram2["history"], opts.warmup)) / 2
+    stream_tps = (_steady(stream["history"], opts.warmup) + _steady(stream2["history"], opts.warmup)) / 2
+    results.update(
+        tokens_s=round(ram_tps, 1),
+        stream_tokens_s=round(stream_tps, 1),
+        stream_vs_ram=round(stream_tps / ram_tps, 3),
+        stream_vs_ram_median=round(
+            (_median_rate(stream["history"], opts.warmup) + _median_rate(stream2["history"], opts.warmup))
+            / (_median_rate(ram["history"], opts.warmup) + _median_rate(ram2["history"], opts.warmup)),
+            3,
+        ),
+        stream_data_wait_s=round(sum(h["data_wait_s"] for h in stream["history"][opts.warmup :]), 3),
+        ram_data_wait_s=round(sum(h["data_wait_s"] for h in ram["history"][opts.warmup :]), 3),
+        # per step after warmup; negative: the step met a new shape (compiled), left out of the rates
+        step_s={
+            name: [
+                round(-h["seconds"] if h["new_shape"] else h["seconds"], 4)
+                for h in run["history"][opts.warmup :]
+            ]
+            for name, run in (("ram", ram), ("stream", stream), ("stream2", stream2), ("ram2", ram2))
+        },
+        pairs=[
+            round(_steady(s["history"], opts.warmup) / _steady(r["history"], opts.warmup), 3)
+            for s, r in ((stream, ram), (stream2, ram2))
+        ],
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="offline:smollm2")
@@ -249,6 +287,9 @@ def main() -> None:
     ap.add_argument("--additive-mask", action="store_true")
     ap.add_argument("--peft", action="store_true")
     ap.add_argument("--skip-mlx-lm", action="store_true")
+    ap.add_argument(
+        "--runs", choices=["abba", "ram"], default="abba", help="ram: one RAM-fed run, no stream_vs_ram"
+    )
     ap.add_argument("--mlx-lm-iters", type=int, default=40)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead (0: inline)")
@@ -298,42 +339,19 @@ def main() -> None:
     )
     bundle = setup_model(args)
     results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}
-    from streamtune import CloudStreamingDataset
     from streamtune.train.data import ListSource
 
     # ABBA order, so drift over the runs (clocks, caches, allocator state) weighs on both sides alike.
     ram = run_ours(args, bundle, ListSource(rows))
-    stream = run_ours(args, bundle, CloudStreamingDataset(url, storage_options))
-    stream2 = run_ours(args, bundle, CloudStreamingDataset(url, storage_options))
-    ram2 = run_ours(args, bundle, ListSource(rows))
-    ram_tps = (_steady(ram["history"], opts.warmup) + _steady(ram2["history"], opts.warmup)) / 2
-    stream_tps = (_steady(stream["history"], opts.warmup) + _steady(stream2["history"], opts.warmup)) / 2
+    ram_tps = _steady(ram["history"], opts.warmup)
     results.update(
         tokens_s=round(ram_tps, 1),
-        stream_tokens_s=round(stream_tps, 1),
-        stream_vs_ram=round(stream_tps / ram_tps, 3),
-        stream_vs_ram_median=round(
-            (_median_rate(stream["history"], opts.warmup) + _median_rate(stream2["history"], opts.warmup))
-            / (_median_rate(ram["history"], opts.warmup) + _median_rate(ram2["history"], opts.warmup)),
-            3,
-        ),
-        stream_data_wait_s=round(sum(h["data_wait_s"] for h in stream["history"][opts.warmup :]), 3),
-        ram_data_wait_s=round(sum(h["data_wait_s"] for h in ram["history"][opts.warmup :]), 3),
-        # per step after warmup; negative: the step met a new shape (compiled), left out of the rates
-        step_s={
-            name: [
-                round(-h["seconds"] if h["new_shape"] else h["seconds"], 4)
-                for h in run["history"][opts.warmup :]
-            ]
-            for name, run in (("ram", ram), ("stream", stream), ("stream2", stream2), ("ram2", ram2))
-        },
-        pairs=[
-            round(_steady(s["history"], opts.warmup) / _steady(r["history"], opts.warmup), 3)
-            for s, r in ((stream, ram), (stream2, ram2))
-        ],
         pad_fraction=round(float(np.mean([h["pad_fraction"] for h in ram["history"]])), 3),
         packed=ram["packed"],
     )
+    if opts.runs == "abba":
+        _stream_vs_ram(results, opts, args, bundle, rows, ram, url, storage_options)
+        ram_tps = results["tokens_s"]
     if not opts.skip_mlx_lm:
         mlx_lm = run_mlx_lm(bundle, rows, opts)
         results.update(
