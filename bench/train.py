@@ -286,6 +286,8 @@ def main() -> None:
     )
     ap.add_argument("--additive-mask", action="store_true")
     ap.add_argument("--peft", action="store_true")
+    ap.add_argument("--qlora", action="store_true", help="quantize the base to 4 bits on load (QLoRA)")
+    ap.add_argument("--grad-checkpoint", action="store_true")
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument(
         "--runs", choices=["abba", "ram"], default="abba", help="ram: one RAM-fed run, no stream_vs_ram"
@@ -336,9 +338,16 @@ def main() -> None:
         attention_window=opts.window,
         additive_mask=opts.additive_mask,
         prefetch=opts.prefetch,
+        qlora=opts.qlora,
+        grad_checkpoint=opts.grad_checkpoint,
     )
     bundle = setup_model(args)
-    results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}
+    results: dict = {
+        "model": opts.shape or opts.model,
+        "batch": [opts.batch_size, opts.seq_len],
+        "qlora": opts.qlora,
+        "grad_checkpoint": opts.grad_checkpoint,
+    }
     from streamtune.train.data import ListSource
 
     # ABBA order, so drift over the runs (clocks, caches, allocator state) weighs on both sides alike.
