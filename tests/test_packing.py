@@ -6,6 +6,7 @@ import mlx.core as mx  # noqa: I001
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
 import streamtune  # noqa: F401  (BLAS before mlx)
 from streamtune.train.data import (
@@ -89,6 +90,24 @@ def test_packed_loss_equals_mean_of_separate_losses(tiny):
     selected = _arrays(batch)
     assert selected[3].size < batch.inputs.size  # prompts were left out
     assert loss_at(model, *selected).item() / batch.targets_count == pytest.approx(expected, rel=2e-5)
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny):
+    model, tokenizer = tiny
+    batch = next(iter(packed_batches(rows(10), tokenizer, batch_size=2, seq_len=192)))
+    arrays = [
+        mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.segments)
+    ]
+    results = [
+        nn.value_and_grad(model, lambda *a, c=checkpoint: loss_sum(model, *a, checkpoint=c))(*arrays)
+        for checkpoint in (False, True)
+    ]
+    (plain, g_plain), (saved, g_saved) = results
+    assert saved.item() == pytest.approx(plain.item(), rel=1e-6)
+    flat_plain, flat_saved = dict(tree_flatten(g_plain)), dict(tree_flatten(g_saved))
+    assert flat_plain.keys() == flat_saved.keys() and flat_plain
+    for name, g in flat_plain.items():
+        assert mx.allclose(g, flat_saved[name], rtol=1e-4, atol=1e-6).item(), name
 
 
 def test_local_attention_matches_dense():

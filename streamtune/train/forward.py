@@ -110,11 +110,14 @@ def _block(layer: nn.Module, h: mx.array, positions: mx.array, mask: Mask) -> mx
 
 
 def _checkpointed_block(layer: nn.Module, h: mx.array, positions: mx.array, mask: Mask) -> mx.array:
-    def inner(params, h, positions, mask):
+    # Only the parameters and hidden state are inputs of the checkpoint: were positions and mask inputs
+    # too, its backward would ask attention for a gradient with respect to the mask, which the CUDA
+    # backend's fused attention refuses.
+    def inner(params, h):
         layer.update(params)
         return _block(layer, h, positions, mask)
 
-    return mx.checkpoint(inner)(layer.trainable_parameters(), h, positions, mask)
+    return mx.checkpoint(inner)(layer.trainable_parameters(), h)
 
 
 def packed_hidden(
