@@ -185,6 +185,8 @@ def rewrite_raw_shard(prefix: str, entry: dict, plan: dict, storage_options: dic
         url = storage.join(prefix, shards.shard_name(plan["index"]))
         new = shards.write_shard(table.take(keep), url, storage_options)
         new["sources"] = {k: v for k, v in entry["sources"].items() if sample_id_of(k) not in drop}
+        # lets the decode stage derive this shard's features from the old one's instead of decoding again
+        new["derived_from"] = {"path": entry["path"], "checksum": entry["checksum"], "dropped": sorted(drop)}
         result["entry"] = new
     return result
 

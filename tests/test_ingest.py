@@ -129,3 +129,46 @@ def test_incremental_runs_follow_edits_replacements_and_deletions(demo_dir, buck
     assert collect_garbage(out, s3opts, older_than_s=0) == []
     index = shards.read_index(out, s3opts)
     assert sum(len(shards.read_shard_table(out, e, s3opts)) for e in index["shards"]) == 10
+
+
+def test_rewritten_shard_derives_its_features_without_model_work(tmp_path):
+    """A shard written again minus some samples gets the old shard's features minus the same samples."""
+    import pyarrow as pa
+
+    from streamtune.decode.features import DecodeConfig, decode_shard
+
+    raw, out = str(tmp_path / "shards"), str(tmp_path / "features")
+    rows = [
+        {
+            "sample_id": s,
+            "audio": None,
+            "image": None,
+            "text": f"text of {s}",
+            "meta": None,
+            "sources": [f"{s}.txt"],
+        }
+        for s in ("a", "b", "c")
+    ]
+    entry = shards.write_shard(
+        pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA), f"{raw}/shard-00000.arrow"
+    )
+    entry["sources"] = {f"{s}.txt": "etag-" + s for s in ("a", "b", "c")}
+    cfg = DecodeConfig()
+    first = decode_shard(raw, entry, out, cfg)
+    assert first["stats"]["features"] == 3 and not first["skipped"]
+
+    plan = {"index": 1, "replaces": entry["path"], "drop": ["b"]}
+    rewritten = rewrite_raw_shard(raw, entry, plan)["entry"]
+    assert rewritten["path"] == "shard-00001.arrow" and rewritten["derived_from"]["dropped"] == ["b"]
+    assert sorted(rewritten["sources"]) == ["a.txt", "c.txt"]
+    derived = decode_shard(raw, rewritten, out, cfg)
+    assert derived["stats"]["derived_shards"] == 1 and derived["stats"]["features"] == 2
+    assert derived["stats"]["decode_seconds"] == 0 and derived["stats"]["model_seconds"] == 0
+    old = shards.read_shard_table(out, first["entry"]).to_pylist()
+    new = shards.read_shard_table(out, derived["entry"]).to_pylist()
+    assert new == [r for r in old if r["sample_id"] != "b"]
+    assert decode_shard(raw, rewritten, out, cfg)["skipped"], "the derived shard's marker holds"
+
+    # without the old features (collected, or another config) the shard is decoded as usual
+    again = decode_shard(raw, rewritten, str(tmp_path / "other-features"), cfg)
+    assert again["stats"]["features"] == 2 and again["stats"]["derived_shards"] == 0

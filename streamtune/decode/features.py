@@ -114,7 +114,8 @@ def features_schema(clip_dim: int) -> pa.Schema:
 
 def _new_stats() -> dict[str, float]:
     keys = ("samples", "features", "quarantined", "audio_files", "audio_seconds", "windows", "images",
-            "texts", "model_seconds", "decode_seconds", "shards", "skipped_shards")  # fmt: skip
+            "texts", "model_seconds", "decode_seconds", "shards", "skipped_shards",
+            "derived_shards")  # fmt: skip
     return {k: 0 for k in keys}
 
 
@@ -380,6 +381,13 @@ def decode_shard(
         stats = _new_stats() | {"shards": 1, "skipped_shards": 1}
         return {**done, "stats": stats, "skipped": True}
 
+    derived = _derive(entry, out_prefix, cfg, storage_options)
+    if derived is not None:
+        storage.write_json(marker_url, {**derived, "key": key}, storage_options)
+        rows = derived["entry"]["rows"]
+        stats = _new_stats() | {"shards": 1, "derived_shards": 1, "samples": rows, "features": rows}
+        return {**derived, "key": key, "stats": stats, "skipped": False}
+
     decoder = decoder or Decoder(cfg)
     try:
         raw = read_shard_table(raw_prefix, entry, storage_options)
@@ -409,6 +417,36 @@ def decode_shard(
     }
     storage.write_json(marker_url, result, storage_options)  # written after the shard: the shard's commit
     return {**result, "stats": stats, "skipped": False}
+
+
+def _derive(entry: dict, out_prefix: str, cfg: DecodeConfig, storage_options) -> dict | None:
+    """Features of a raw shard that an incremental run wrote again minus some samples (`derived_from`):
+    the earlier shard's features minus the same samples, with no model work. None when that shard was not
+    decoded with this config or its feature shard is gone (then it is decoded as usual)."""
+    from streamtune.shards import ShardError, read_shard_table, write_shard
+
+    origin = entry.get("derived_from")
+    if not isinstance(origin, dict):
+        return None
+    old_name = _safe_name(origin)
+    old = _read_marker(storage.join(out_prefix, MARKER_DIR, f"{old_name}.json"), storage_options)
+    if (
+        not old
+        or old.get("key") != shard_key(origin, cfg)
+        or not _shard_present(out_prefix, old["entry"], storage_options)
+    ):
+        return None
+    try:
+        table = read_shard_table(out_prefix, old["entry"], storage_options)
+    except ShardError:
+        return None
+    dropped = set(origin.get("dropped") or [])
+    keep = [i for i, sid in enumerate(table.column("sample_id").to_pylist()) if sid not in dropped]
+    name = _safe_name(entry)
+    out_entry = write_shard(table.take(keep), storage.join(out_prefix, name), storage_options)
+    out_entry |= {"key": shard_key(entry, cfg), "source": {"path": name, "checksum": entry["checksum"]}}
+    quarantine = [q | {"shard": name} for q in old.get("quarantine", []) if q.get("sample_id") not in dropped]
+    return {"entry": out_entry, "quarantine": quarantine, "config_key": cfg.key(), "schema": old["schema"]}
 
 
 def _read_marker(url: str, storage_options) -> dict | None:
