@@ -14,8 +14,10 @@ Last stdout line: JSON with the largest adapter and loss differences of `again` 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 
@@ -58,6 +60,7 @@ def main() -> None:
     opts = ap.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="bench-resume-")
+    atexit.register(shutil.rmtree, tmp, True)  # models of several GB: never leave them behind
     model = write_random_model(
         os.path.join(tmp, "model"),
         opts.shape,

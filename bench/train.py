@@ -17,8 +17,10 @@ Last stdout line: one JSON object with tokens_s, mlx_lm_tokens_s, ratio_mlx_lm, 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -301,6 +303,7 @@ def main() -> None:
     if opts.switch_interval:
         sys.setswitchinterval(opts.switch_interval)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
+    atexit.register(shutil.rmtree, tmp, True)  # models of several GB: never leave them behind
     model_ref = opts.model
     if opts.shape:
         from streamtune.train.synthetic import write_random_model
