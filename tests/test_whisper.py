@@ -11,6 +11,7 @@ from streamtune.decode.whisper import (
     Transcriber,
     offline_whisper_dir,
     resolve_whisper,
+    split_at_pauses,
 )
 
 
@@ -201,6 +202,40 @@ def test_speech_across_a_window_boundary_is_transcribed_whole(transcripts):
     assert "dog" in out["text"].lower() and "forest" in out["text"].lower()
     across = [s for s in out["segments"] if s["start"] < 30 < s["end"]]
     assert across and "dog" in across[0]["text"].lower()
+
+
+def test_long_audio_is_cut_only_at_pauses():
+    rng = np.random.default_rng(0)
+    talk = lambda seconds: 0.3 * rng.standard_normal(int(seconds * 16000)).astype(np.float32)  # noqa: E731
+    hush = lambda seconds: 0.002 * rng.standard_normal(int(seconds * 16000)).astype(np.float32)  # noqa: E731
+    parts, pauses, at = [], [], 0
+    for _ in range(12):  # 12 x (9 s of "speech" + 0.8 s pause) = 117.6 s
+        parts += [talk(9), hush(0.8)]
+        at += 9 * 16000
+        pauses.append((at, at + int(0.8 * 16000)))
+        at += int(0.8 * 16000)
+    audio = np.concatenate(parts)
+    cuts = split_at_pauses(audio, 30)
+    assert 2 <= len(cuts) <= 4
+    assert all(any(lo <= c <= hi for lo, hi in pauses) for c in cuts), "every cut lies in a pause"
+    assert all(abs(b - a - 30 * 16000) <= 8 * 16000 for a, b in zip([0, *cuts], cuts, strict=False))
+    assert split_at_pauses(talk(120), 30) == [], "no pause, no cut"
+    assert split_at_pauses(audio[: 20 * 16000], 30) == [], "short clips stay whole"
+
+
+@pytest.mark.slow
+def test_pieces_of_a_long_clip_are_decoded_together(tiny_dir):
+    voices = [decode_audio(speech(s)) for s in SENTENCES]
+    pause = np.zeros(16000, np.float32)
+    clip = np.concatenate([part for k in range(12) for part in (voices[k % 2], pause)])
+    model = Transcriber(tiny_dir, batch_size=8)
+    model.piece_seconds = 10.0
+    out = model.transcribe([clip])[0]
+    assert model.stats["windows"] >= 3 and model.stats["batches"] <= 2, model.stats
+    text = out["text"].lower()
+    assert text.count("fox") >= 3 and text.count("world") >= 3
+    starts = [s["start"] for s in out["segments"]]
+    assert starts == sorted(starts) and out["segments"][-1]["end"] <= out["seconds"] + 0.01
 
 
 @pytest.mark.slow

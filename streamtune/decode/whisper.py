@@ -8,9 +8,11 @@ a CTranslate2 (faster-whisper) folder, an OpenAI `.pt` checkpoint or a Hugging F
 
 Transcription walks each clip in 30 s windows the way Whisper does: when a window ends inside a segment
 (speech runs past its end), the open segment is dropped and the next window starts where that segment
-began, so a sentence across a window boundary is transcribed whole. Windows of several clips are encoded
-and greedy-decoded as one batch, and segments get absolute timestamps. A batch of one is the unbatched
-path; both give the same text.
+began, so a sentence across a window boundary is transcribed whole. That makes a clip's windows
+sequential, so long clips are first cut into pieces of about `piece_seconds` at pauses (never inside
+speech) and the pieces are walked independently. Windows of several pieces or clips are encoded and
+greedy-decoded as one batch, and segments get absolute timestamps. A batch of one is the unbatched path;
+both give the same text.
 """
 
 from __future__ import annotations
@@ -47,6 +49,36 @@ SAMPLE_RATE = 16000
 WINDOW_SECONDS = 30
 MAX_INITIAL_TIMESTAMP = 50  # 1 s in 20 ms steps, Whisper's default
 MAX_TOKENS_PER_SECOND = 10  # fast speech is ~4 text tokens/s plus two timestamps per segment
+FRAME = SAMPLE_RATE // 50  # 20 ms
+
+
+def split_at_pauses(
+    audio: np.ndarray, piece_seconds: float, search_seconds: float = 8.0, pause_seconds: float = 0.3
+) -> list[int]:
+    """Cut points (sample offsets) splitting `audio` into pieces of about `piece_seconds`, each at the
+    quietest `pause_seconds` within `search_seconds` of the target. A spot counts as a pause only if it is
+    much quieter than the clip's typical frame; where none is, no cut is made there."""
+    piece = int(piece_seconds * SAMPLE_RATE)
+    if audio.size <= piece + piece // 4:
+        return []
+    frames = audio[: audio.size // FRAME * FRAME].reshape(-1, FRAME)
+    rms = np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1))
+    span = max(1, int(pause_seconds * 50))
+    quiet = np.convolve(rms, np.ones(span) / span, mode="valid")  # mean RMS of each span start
+    loud = max(float(np.median(rms)), 1e-4)
+    reach = int(search_seconds * 50)
+    cuts: list[int] = []
+    target = piece // FRAME
+    while target + piece // FRAME // 4 < rms.size:
+        lo, hi = max(target - reach, (cuts[-1] // FRAME if cuts else 0) + 50), min(target + reach, quiet.size)
+        if hi > lo:
+            best = lo + int(np.argmin(quiet[lo:hi]))
+            if quiet[best] < 0.2 * loud:
+                cuts.append((best + span // 2) * FRAME)
+                target = best + piece // FRAME
+                continue
+        target += piece // FRAME
+    return cuts
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -483,6 +515,8 @@ def decoder_step(model, tokens, cross: list, cache: list | None):
 class Transcriber:
     """Batched greedy Whisper transcription of 16 kHz mono float32 arrays."""
 
+    piece_seconds = 120.0  # long clips are cut at pauses into pieces of about this length (see module doc)
+
     def __init__(
         self, model: str, language: str | None = None, batch_size: int = 8, cache_dir: str | None = None
     ):
@@ -518,36 +552,38 @@ class Transcriber:
             for a in audios
         ]
         votes: list[dict[str, int]] = [{} for _ in audios]
-        seek = [0] * len(audios)
-        todo = [i for i, a in enumerate(audios) if a.size >= sliver]
+        pieces = []  # [clip, seek, end] in samples, in clip order
+        for i, a in enumerate(audios):
+            bounds = [0, *split_at_pauses(a, self.piece_seconds), a.size]
+            pieces += [[i, lo, hi] for lo, hi in zip(bounds, bounds[1:], strict=False) if hi - lo >= sliver]
+        found: list[list[tuple[float, float, str]]] = [[] for _ in pieces]
+        todo = list(range(len(pieces)))
         while todo:
-            # one window per clip and round: where a clip's next window starts depends on this one
+            # one window per piece and round: where a piece's next window starts depends on this one
             batch = todo[: self.batch_size]
-            chunks = [audios[i][seek[i] : seek[i] + step] for i in batch]
-            for i, chunk, (res, segments) in zip(batch, chunks, self._decode_batch(chunks), strict=True):
-                offset = seek[i] / SAMPLE_RATE
+            chunks = [
+                audios[pieces[p][0]][pieces[p][1] : min(pieces[p][1] + step, pieces[p][2])] for p in batch
+            ]
+            for p, chunk, (res, segments) in zip(batch, chunks, self._decode_batch(chunks), strict=True):
+                i, at, end = pieces[p]
                 advance = chunk.size
                 open_start = segments[-1][0] if segments and not segments[-1][3] else 0.0
-                if seek[i] + chunk.size < audios[i].size and open_start >= 1.0:
+                if at + chunk.size < end and open_start >= 1.0:
                     segments = segments[:-1]  # speech runs on past the window: redo it from its start
                     advance = int(round(open_start * SAMPLE_RATE))
-                seek[i] += advance
+                pieces[p][1] += advance
                 if res["no_speech_prob"] > 0.6 and res["avg_logprob"] < -1.0:
                     continue  # silence: Whisper's own no-speech rule
                 votes[i][res["language"]] = votes[i].get(res["language"], 0) + advance
-                end = offset + chunk.size / SAMPLE_RATE
-                for start, stop, text, _ in (s for s in segments if s[2]):
-                    results[i]["segments"].append(
-                        {
-                            "start": round(offset + start, 2),
-                            "end": round(min(offset + stop, end), 2),
-                            "text": text,
-                        }
-                    )
-                text = " ".join(s[2] for s in segments if s[2]) if advance < chunk.size else res["text"]
-                if text:
-                    results[i]["text"] = (results[i]["text"] + " " + text).strip()
-            todo = [i for i in todo if audios[i].size - seek[i] >= sliver]
+                offset, stop = at / SAMPLE_RATE, (at + chunk.size) / SAMPLE_RATE
+                found[p] += [(offset + a, min(offset + b, stop), text) for a, b, text, _ in segments if text]
+            todo = [p for p in todo if pieces[p][2] - pieces[p][1] >= sliver]
+        for (i, _, _), segments in zip(pieces, found, strict=True):
+            results[i]["segments"] += [
+                {"start": round(a, 2), "end": round(b, 2), "text": t} for a, b, t in segments
+            ]
+            if segments:
+                results[i]["text"] = " ".join([results[i]["text"], *(t for _, _, t in segments)]).strip()
         for i, v in enumerate(votes):
             if v:
                 results[i]["language"] = max(v, key=v.get)
