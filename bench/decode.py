@@ -49,14 +49,14 @@ def speech(text: str) -> np.ndarray:
     return decode_audio(wav)
 
 
-def make_clips(n_short: int, n_long: int) -> list[np.ndarray]:
+def make_clips(n_short: int, n_long: int, long_seconds: float = 45.0) -> list[np.ndarray]:
     voices = [speech(s) for s in SENTENCES]
     clips = [voices[i % len(voices)] for i in range(n_short)]
     pause = np.zeros(8000, np.float32)
-    for j in range(n_long):  # ~45 s: sentences back to back with short pauses
+    for j in range(n_long):  # sentences back to back with short pauses
         parts, total = [], 0
         k = j
-        while total < 45 * 16000:
+        while total < long_seconds * 16000:
             parts += [voices[k % len(voices)], pause]
             total += parts[-2].size + pause.size
             k += 1
@@ -86,27 +86,31 @@ def bench_audio(args) -> dict:
 
     from streamtune.decode.whisper import Transcriber
 
-    clips = make_clips(args.clips, args.long)
+    clips = make_clips(args.clips, args.long, args.long_seconds)
     seconds = sum(c.size for c in clips) / 16000
     batched = Transcriber(args.whisper, batch_size=args.audio_batch, cache_dir=args.cache_dir)
+    batched.piece_seconds = args.piece_seconds
     batched.transcribe([clips[0][:16000]])  # warm-up: first-call allocations
     t0 = time.perf_counter()
     out_b = batched.transcribe(clips)
     t_batched = time.perf_counter() - t0
 
     single = Transcriber(args.whisper, batch_size=1, cache_dir=args.cache_dir)
+    single.piece_seconds = args.piece_seconds
     t0 = time.perf_counter()
     out_1 = single.transcribe(clips)
     t_single = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    for c in clips:
+    for c in [] if args.skip_naive else clips:
         mlx_whisper.transcribe(c, path_or_hf_repo=batched.path, fp16=False, language="en", verbose=None)
-    t_naive = time.perf_counter() - t0
+    t_naive = time.perf_counter() - t0 if not args.skip_naive else float("nan")
     return {
         "audio_clips": len(clips),
         "audio_seconds": round(seconds, 2),
         "audio_windows": batched.stats["windows"] - 1,
+        "audio_batches": batched.stats["batches"] - 1,
+        "piece_seconds": args.piece_seconds,
         "audio_batched_s": round(t_batched, 2),
         "audio_batch1_s": round(t_single, 2),
         "audio_naive_s": round(t_naive, 2),
@@ -153,7 +157,10 @@ def bench_images(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clips", type=int, default=8, help="short speech clips")
-    p.add_argument("--long", type=int, default=1, help="~45 s clips (two 30 s windows each)")
+    p.add_argument("--long", type=int, default=1, help="long clips (two 30 s windows each by default)")
+    p.add_argument("--long-seconds", type=float, default=45.0)
+    p.add_argument("--piece-seconds", type=float, default=120.0, help="Transcriber.piece_seconds")
+    p.add_argument("--skip-naive", action="store_true", help="leave out mlx_whisper.transcribe")
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--whisper", default="offline:tiny.en")
     p.add_argument("--clip-model", default="ViT-B-32")
