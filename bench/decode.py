@@ -104,7 +104,7 @@ def bench_audio(args) -> dict:
     t0 = time.perf_counter()
     for c in [] if args.skip_naive else clips:
         mlx_whisper.transcribe(c, path_or_hf_repo=batched.path, fp16=False, language="en", verbose=None)
-    t_naive = time.perf_counter() - t0 if not args.skip_naive else float("nan")
+    t_naive = None if args.skip_naive else time.perf_counter() - t0
     return {
         "audio_clips": len(clips),
         "audio_seconds": round(seconds, 2),
@@ -113,10 +113,10 @@ def bench_audio(args) -> dict:
         "piece_seconds": args.piece_seconds,
         "audio_batched_s": round(t_batched, 2),
         "audio_batch1_s": round(t_single, 2),
-        "audio_naive_s": round(t_naive, 2),
+        "audio_naive_s": t_naive and round(t_naive, 2),
         "audio_rtf": round(seconds / t_batched, 3),
-        "audio_rtf_naive": round(seconds / t_naive, 3),
-        "ratio_audio_batched": round(t_naive / t_batched, 3),
+        "audio_rtf_naive": t_naive and round(seconds / t_naive, 3),
+        "ratio_audio_batched": t_naive and round(t_naive / t_batched, 3),
         "ratio_audio_vs_batch1": round(t_single / t_batched, 3),
         "audio_equal": [o["text"] for o in out_b] == [o["text"] for o in out_1],
     }
