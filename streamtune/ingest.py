@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from streamtune import quarantine, shards, storage
 from streamtune.manifest import sample_id_of, source_version
@@ -114,10 +115,14 @@ def write_raw_shard(
 ) -> dict:
     """Fetch one planned shard's objects and write `out_prefix/shard-NNNNN.arrow`.
 
-    Returns {"entry": the shard's index entry (with "sources": {key: etag}), "quarantine": [records]}.
+    Returns {"entry": the shard's index entry (with "sources": {key: version}), "quarantine": [records]}.
     """
     wanted = set(plan["sample_ids"])
-    by_sample = {s: rows for s, rows in _samples(manifest).items() if s in wanted}
+    # this shard's rows only, selected in Arrow: the manifest may list millions of objects
+    manifest = manifest.filter(
+        pc.is_in(manifest["sample_id"], value_set=pa.array(sorted(wanted), pa.string()))
+    )
+    by_sample = _samples(manifest)
     fs, root = storage.get_fs(source_url, source_options)
     root = root.rstrip("/")
     keys = [r["key"] for rows in by_sample.values() for r in rows]
