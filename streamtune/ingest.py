@@ -197,13 +197,23 @@ def rewrite_raw_shard(prefix: str, entry: dict, plan: dict, storage_options: dic
 
 
 def ingested_sources(shards_prefix: str, storage_options: dict | None = None) -> dict[str, str]:
-    """{key: etag} of every object already in the committed shard set at `shards_prefix` (empty if none)."""
+    """{key: version} of every object already in the committed shard set at `shards_prefix` (empty if none).
+
+    A sample held by more than one shard (left by versions that appended changed files instead of
+    replacing them) gets versions that match nothing, so the next incremental run rebuilds it once and
+    supersedes every old row."""
     if not storage.exists(storage.join(shards_prefix, "index.json"), storage_options):
         return {}
     index = shards.read_index(shards_prefix, storage_options)
     seen: dict[str, str] = {}
+    holders: dict[str, set[str]] = defaultdict(set)
     for entry in index["shards"]:
-        seen.update(entry.get("sources") or {})
+        for key, version in (entry.get("sources") or {}).items():
+            seen[key] = version
+            holders[sample_id_of(key)].add(entry["path"])
+    for key in seen:
+        if len(holders[sample_id_of(key)]) > 1:
+            seen[key] = "held-twice"
     return seen
 
 

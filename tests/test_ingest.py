@@ -172,3 +172,27 @@ def test_rewritten_shard_derives_its_features_without_model_work(tmp_path):
     # without the old features (collected, or another config) the shard is decoded as usual
     again = decode_shard(raw, rewritten, str(tmp_path / "other-features"), cfg)
     assert again["stats"]["features"] == 2 and again["stats"]["derived_shards"] == 0
+
+
+def test_a_sample_held_twice_is_rebuilt_once(demo_dir, bucket, s3opts):
+    """Shard sets from before per-sample diffs could hold a sample twice; the next run leaves one row."""
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    upload_dir(demo_dir, source, s3opts)
+    table, _, first = _ingest(source, out, s3opts)
+    twice = plan_shards(table, max_shard_bytes=1 << 30, start_index=next_shard_index(out, s3opts))[0]
+    twice["sample_ids"] = ["clips/s01"]
+    commit_raw_shards(
+        out, [write_raw_shard(source, table, twice, out, source_options=s3opts, out_options=s3opts)], s3opts
+    )
+    rows = [
+        r
+        for e in shards.read_index(out, s3opts)["shards"]
+        for r in shards.read_shard_table(out, e, s3opts).to_pylist()
+    ]
+    assert [r["sample_id"] for r in rows].count("clips/s01") == 2
+
+    table, rewrites, by_id, count = _sync(source, out, s3opts)
+    assert superseded_samples(table) == {"clips/s01"}
+    assert count == len(by_id) == first["rows"], "one row per sample again"
+    assert by_id["clips/s01"]["audio"] and by_id["clips/s01"]["image"]
+    assert _sync(source, out, s3opts)[1] == [], "and then nothing to do"
