@@ -170,7 +170,7 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
             manifest["url"],
             manifest["hash"],
             list(committed.values()),
-            digest(sorted(committed)),
+            digest(sorted((path, e["checksum"]) for path, e in committed.items())),
             start + len(plans),
             work_options=wo,
         )

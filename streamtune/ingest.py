@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streamtune import quarantine, shards, storage
-from streamtune.manifest import sample_id_of, source_version
+from streamtune.manifest import sample_id_of, versions
 
 MEDIA = ("audio", "image")
 
@@ -117,11 +117,9 @@ def write_raw_shard(
 
     Returns {"entry": the shard's index entry (with "sources": {key: version}), "quarantine": [records]}.
     """
-    wanted = set(plan["sample_ids"])
     # this shard's rows only, selected in Arrow: the manifest may list millions of objects
-    manifest = manifest.filter(
-        pc.is_in(manifest["sample_id"], value_set=pa.array(sorted(wanted), pa.string()))
-    )
+    wanted = pa.array(sorted(set(plan["sample_ids"])), pa.string())
+    manifest = manifest.filter(pc.is_in(manifest["sample_id"], value_set=wanted))
     by_sample = _samples(manifest)
     fs, root = storage.get_fs(source_url, source_options)
     root = root.rstrip("/")
@@ -151,22 +149,12 @@ def write_raw_shard(
     entry = shards.write_shard(table, url, out_options)
     # every file of these samples as the manifest saw it (unusable ones too, so an unchanged sample stays
     # unchanged); a file that could not be read is left out, so the next incremental run retries its sample
-    entry["sources"] = {
-        r["key"]: source_version(r["etag"], r["sidecar"])
-        for r in manifest.to_pylist()
-        if r["sample_id"] in wanted
-        and r["modality"] not in ("sidecar", "superseded")
-        and r["key"] not in unread
-    }
+    entry["sources"] = {k: v for k, v in versions(manifest).items() if k not in unread}
     return {"entry": entry, "quarantine": problems}
 
 
 def superseded_samples(manifest: pa.Table) -> set[str]:
-    return {
-        r["sample_id"]
-        for r in manifest.select(["sample_id", "modality"]).to_pylist()
-        if r["modality"] == "superseded"
-    }
+    return set(manifest.filter(pc.equal(manifest["modality"], "superseded"))["sample_id"].to_pylist())
 
 
 def plan_rewrites(entries: list[dict], stale: set[str], *, start_index: int) -> list[dict]:

@@ -376,8 +376,8 @@ def decode_shard(
     name = _safe_name(entry)
     key = shard_key(entry, cfg)
     marker_url = storage.join(out_prefix, MARKER_DIR, f"{name}.json")
-    done = _read_marker(marker_url, storage_options)
-    if done and done.get("key") == key and _shard_present(out_prefix, done["entry"], storage_options):
+    done = _decoded(out_prefix, name, key, storage_options)
+    if done:
         stats = _new_stats() | {"shards": 1, "skipped_shards": 1}
         return {**done, "stats": stats, "skipped": True}
 
@@ -428,13 +428,8 @@ def _derive(entry: dict, out_prefix: str, cfg: DecodeConfig, storage_options) ->
     origin = entry.get("derived_from")
     if not isinstance(origin, dict):
         return None
-    old_name = _safe_name(origin)
-    old = _read_marker(storage.join(out_prefix, MARKER_DIR, f"{old_name}.json"), storage_options)
-    if (
-        not old
-        or old.get("key") != shard_key(origin, cfg)
-        or not _shard_present(out_prefix, old["entry"], storage_options)
-    ):
+    old = _decoded(out_prefix, _safe_name(origin), shard_key(origin, cfg), storage_options)
+    if old is None:
         return None
     try:
         table = read_shard_table(out_prefix, old["entry"], storage_options)
@@ -447,6 +442,14 @@ def _derive(entry: dict, out_prefix: str, cfg: DecodeConfig, storage_options) ->
     out_entry |= {"key": shard_key(entry, cfg), "source": {"path": name, "checksum": entry["checksum"]}}
     quarantine = [q | {"shard": name} for q in old.get("quarantine", []) if q.get("sample_id") not in dropped]
     return {"entry": out_entry, "quarantine": quarantine, "config_key": cfg.key(), "schema": old["schema"]}
+
+
+def _decoded(out_prefix: str, name: str, key: str, storage_options) -> dict | None:
+    """The marker of feature shard `name` if it was decoded with `key` and its file is still whole."""
+    marker = _read_marker(storage.join(out_prefix, MARKER_DIR, f"{name}.json"), storage_options)
+    if marker and marker.get("key") == key and _shard_present(out_prefix, marker["entry"], storage_options):
+        return marker
+    return None
 
 
 def _read_marker(url: str, storage_options) -> dict | None:

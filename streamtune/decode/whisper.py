@@ -657,7 +657,6 @@ class Transcriber:
                 sampled = sampled[:-1]
             res = {
                 "tokens": sampled,
-                "text": tok.decode(sampled).strip(),
                 "language": languages[i],
                 "avg_logprob": float(sum_logprobs[i] / (len(sampled) + 1)),
                 "no_speech_prob": float(no_speech[i]),
