@@ -343,6 +343,7 @@ def main() -> None:
         prefetch=opts.prefetch,
         qlora=opts.qlora,
         grad_checkpoint=opts.grad_checkpoint,
+        save_every=0,
     )
     bundle = setup_model(args)
     results: dict = {

@@ -64,7 +64,7 @@ def deploy() -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from flows.settings import RESULT_STORAGE_ENV, save_result_storage_block
+    from tasks.settings import RESULT_STORAGE_ENV, save_result_storage_block
     from tasks.policy import TRAIN_TAG, ensure_concurrency_limits
 
     wait_for_api()

@@ -1,5 +1,3 @@
 """Prefect flows wiring the streamtune stages: `flows.pipeline.pipeline` and one subflow per stage."""
 
-from flows.settings import apply_defaults
-
-apply_defaults()
+import tasks  # noqa: F401  (applies the Prefect settings defaults before anything imports Prefect)

@@ -7,116 +7,32 @@ recompute everything.
 """
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run as current_flow_run
-from pydantic import BaseModel, Field, field_validator
 
-import flows  # noqa: F401  (applies the Prefect settings defaults first)
-from flows.settings import save_result_storage_block
+from flows.params import PipelineParams, Stage
 from tasks import artifacts
-from tasks.cache import digest, prefix_key, source_fingerprint
+from tasks.cache import digest, prefix_key
 from tasks.policy import TRAIN_TAG, ensure_concurrency_limits, model_tag
+from tasks.settings import save_result_storage_block
 from tasks.stages import (
     build_manifest_task,
     commit_features_task,
     commit_shards_task,
     decode_shard_task,
+    list_source_task,
     plan_rewrites_task,
     plan_shards_task,
+    read_shard_set_task,
     rewrite_shard_task,
     shard_checksums,
     train_task,
     write_shard_task,
 )
 
-Stage = Literal["manifest", "shard", "decode", "train"]
-SECRET_OPTIONS = {
-    "key",
-    "secret",
-    "token",
-    "password",
-    "aws_access_key_id",
-    "aws_secret_access_key",
-    "aws_session_token",
-    "session_token",
-    "secret_key",
-    "access_key",
-}
-
-
-class PipelineParams(BaseModel):
-    """Pipeline parameters (the Prefect UI renders this as the run form). Credentials never go here: they
-    come from the AWS environment of the worker (or a profile named in the options)."""
-
-    source_url: str = Field(
-        description="Where the raw objects are: s3://bucket/prefix, a folder, any fsspec URL"
-    )
-    work_url: str = Field(description="Prefix for manifests, shards, features, adapters and checkpoints")
-    source_options: dict[str, Any] = Field(default_factory=dict, description="Non-secret storage options")
-    work_options: dict[str, Any] = Field(default_factory=dict, description="Non-secret storage options")
-    max_shard_bytes: int = Field(64 << 20, gt=0)
-    # decode
-    whisper_model: str = "offline:tiny.en"
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = Field(None, description="open_clip tag or a local checkpoint path")
-    labels: list[str] = Field(
-        default_factory=list, description="Zero-shot tag vocabulary; empty: the default"
-    )
-    decode_concurrency: int = Field(1, ge=1, description="Decode tasks at once per model, across runs")
-    task_runner: Literal["threads", "dask", "ray"] = "threads"
-    dask_address: str | None = Field(None, description="Existing Dask scheduler; default a LocalCluster")
-    dask_workers: int = Field(2, ge=1)
-    # train
-    train: bool = True
-    model: str = "offline:smollm2"
-    qlora: bool = False
-    rank: int = Field(8, ge=1)
-    lr: float = Field(1e-4, gt=0)
-    iters: int = Field(50, ge=1)
-    batch_size: int = Field(4, ge=1)
-    seq_len: int = Field(256, ge=16)
-    seed: int = 0
-    adapter_subpath: str = "adapters"
-    adapter_path: str | None = Field(None, description="Adapter folder; default work_url/adapter_subpath")
-    # scheduling
-    incremental: bool = Field(False, description="Only objects new since the last committed shard set")
-    resume_from: Literal["none", "latest"] = "none"
-    force: list[Stage] = Field(
-        default_factory=list, description="Stages to recompute, ignoring cached results"
-    )
-
-    @field_validator("source_options", "work_options")
-    @classmethod
-    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
-        found = sorted(SECRET_OPTIONS & {k.lower() for k in value})
-        if found:
-            raise ValueError(
-                f"storage options must not carry credentials ({', '.join(found)}); use the AWS env"
-            )
-        return value
-
-    def url(self, *parts: str) -> str:
-        from streamtune.storage import join
-
-        return join(self.work_url, *parts)
-
-    @property
-    def adapter_url(self) -> str:
-        return self.adapter_path or self.url(self.adapter_subpath)
-
-    def train_settings(self) -> dict[str, Any]:
-        keys = ("model", "qlora", "rank", "lr", "iters", "batch_size", "seq_len", "seed")
-        return {k: getattr(self, k) for k in keys}
-
-    def decode_settings(self) -> dict[str, Any]:
-        return {
-            "whisper_model": self.whisper_model,
-            "clip_model": self.clip_model,
-            "clip_pretrained": self.clip_pretrained,
-            **({"labels": list(self.labels)} if self.labels else {}),
-        }
+__all__ = ["PipelineParams", "Stage", "pipeline", "serve"]
 
 
 def _refresh(task, stage: str, params: PipelineParams):
@@ -130,14 +46,13 @@ def _flow_run_name() -> str:
 @flow(name="manifest", flow_run_name="manifest", persist_result=True, result_serializer="json")
 def manifest_flow(params: PipelineParams) -> dict:
     """List the source, skipping objects already in the shard set when incremental; write the manifest."""
-    from streamtune.ingest import ingested_sources
-
     so, wo = params.source_options or None, params.work_options or None
-    exclude = ingested_sources(params.url("shards"), wo) if params.incremental else {}
+    listing = list_source_task(params.source_url, params.url("shards"), params.incremental, so, wo)
+    exclude = listing["exclude"]
     result = _refresh(build_manifest_task, "manifest", params)(
         params.source_url,
         params.url("manifests"),
-        fingerprint=source_fingerprint(params.source_url, so),
+        fingerprint=listing["fingerprint"],
         exclude_digest=digest(sorted(exclude.items())),
         exclude=exclude,
         source_options=so,
@@ -151,21 +66,17 @@ def manifest_flow(params: PipelineParams) -> dict:
 def shard_flow(params: PipelineParams, manifest: dict) -> dict:
     """Plan shards from the manifest and write them as mapped tasks; in incremental runs also write again the
     committed shards that hold superseded samples. Commit the index once all exist."""
-    from streamtune import storage
-    from streamtune.ingest import next_shard_index
-    from streamtune.shards import read_index
-
     wo = params.work_options or None
     out = params.url("shards")
-    start = next_shard_index(out, wo) if params.incremental else 0
+    state = read_shard_set_task(out, "shards", wo) if params.incremental else None
+    start = state["next_index"] if state else 0
     plans = plan_shards_task(
-        manifest["url"], manifest["hash"], params.max_shard_bytes, start, work_options=wo
+        manifest["url"], manifest["hash"], params.shard.max_shard_bytes, start, work_options=wo
     )
     rewrites: list[dict] = []
     committed: dict[str, dict] = {}
-    if params.incremental and manifest["summary"].get("superseded_samples"):
-        if storage.exists(storage.join(out, "index.json"), wo):
-            committed = {e["path"]: e for e in read_index(out, wo)["shards"]}
+    if state and manifest["summary"].get("superseded_samples"):
+        committed = {e["path"]: e for e in state["entries"]}
         rewrites = plan_rewrites_task(
             manifest["url"],
             manifest["hash"],
@@ -256,21 +167,18 @@ def decode_flow(params: PipelineParams) -> dict:
     Shards decoded by an earlier run come back from the cache (state Cached) without loading a model, so
     an incremental run does model work only for its new shards.
     """
-    from streamtune import storage
-    from streamtune.decode.features import DecodeConfig
-    from streamtune.shards import read_index
-
     wo = params.work_options or None
     raw, out = prefix_key(params.url("shards")), prefix_key(params.url("features"))
-    if not storage.exists(storage.join(raw, "index.json"), wo):
+    state = read_shard_set_task(raw, "shards", wo)
+    if not state["committed"]:
         get_run_logger().info("no raw shards yet")
         return {"decoded": {"audio": 0, "image": 0}, "quarantine": [], "stats": {}, "new_shards": []}
-    entries = read_index(raw, wo)["shards"]
-    settings = params.decode_settings()
-    decode_key = DecodeConfig(**settings).key()
+    entries = state["entries"]
+    settings = params.decode.model_dump()
+    decode_key = params.decode.key()
     decode = _refresh(decode_shard_task, "decode", params)
     decode = decode.with_options(
-        tags=[*decode.tags, model_tag(params.whisper_model), model_tag(params.clip_model)]
+        tags=[*decode.tags, model_tag(params.decode.whisper_model), model_tag(params.decode.clip_model)]
     )
     t0 = time.perf_counter()
     futures = decode.map(
@@ -289,7 +197,8 @@ def decode_flow(params: PipelineParams) -> dict:
         r for r, f in zip(results, futures, strict=True) if f.state.name != "Cached" and not r.get("skipped")
     ]
     commit = _refresh(commit_features_task, "decode", params)
-    commit(out, results, [f"{r['entry']['path']}:{r['entry']['checksum']}" for r in results], work_options=wo)
+    checksums = [f"{r['entry']['path']}:{r['entry']['checksum']}" for r in results]
+    commit(out, results, checksums, work_options=wo, clip_model=params.decode.clip_model)
     stats = merge_stats([r.get("stats") or {} for r in fresh])
     stats["seconds"] = round(seconds, 2)
     quarantine = [q for r in fresh for q in r.get("quarantine") or []]
@@ -321,26 +230,24 @@ def merge_stats(stats: list[dict]) -> dict:
 @flow(name="train", flow_run_name="train", persist_result=True, result_serializer="json")
 def train_flow(params: PipelineParams) -> dict:
     """Fine-tune on the committed features (one training at a time: the `streamtune-train` tag limit)."""
-    from streamtune import storage
-    from streamtune.shards import read_index
-
     wo = params.work_options or None
     features = prefix_key(params.url("features"))
-    index = read_index(features, wo)
-    features_digest = digest([(e["path"], e["checksum"]) for e in index["shards"]])
+    state = read_shard_set_task(features, "features", wo)
+    if not state["committed"]:
+        get_run_logger().info("no features yet: nothing to train on")
+        return {}
+    features_digest = digest([(e["path"], e["checksum"]) for e in state["entries"]])
     train = _refresh(train_task, "train", params)
-    train = train.with_options(tags=[*train.tags, TRAIN_TAG, model_tag(params.model)])
+    train = train.with_options(tags=[*train.tags, TRAIN_TAG, model_tag(params.train.model)])
     result = train(
         features_url=features,
         features_digest=features_digest,
-        train_settings=params.train_settings(),
+        train_settings=params.train.model_dump(mode="json", exclude={"storage_options"}),
         adapter_url=params.adapter_url,
-        checkpoint_url=params.url("checkpoints"),
+        checkpoint_url=params.checkpoint_url,
         resume_from=params.resume_from,
         work_options=wo,
     )
-    png_url = storage.join(params.adapter_url, "loss_curve.png")
-    artifacts.loss_curve_artifact(storage.read_bytes(png_url, wo), png_url, result)
     artifacts.adapter_artifact(result["adapter_path"])
     return result
 
@@ -360,17 +267,18 @@ def pipeline(params: PipelineParams) -> dict:
     if params.task_runner != "threads":  # every worker process holds its own copy of the models
         per_model = max(per_model, params.dask_workers)
     limits = {
-        model_tag(params.whisper_model): per_model,
-        model_tag(params.clip_model): per_model,
+        model_tag(params.decode.whisper_model): per_model,
+        model_tag(params.decode.clip_model): per_model,
         TRAIN_TAG: 1,
     }
     ensure_concurrency_limits(limits)
     manifest = manifest_flow(params)
     shards = shard_flow(params, manifest)
-    decode_runner = _task_runner(params)
-    decoded = decode_flow.with_options(task_runner=decode_runner)(params)
+    decoded = {"decoded": {"audio": 0, "image": 0}, "quarantine": [], "stats": {}, "new_shards": []}
+    if params.runs("decode"):
+        decoded = decode_flow.with_options(task_runner=_task_runner(params))(params)
     train: dict[str, Any] = {}
-    if params.train and _has_features(params):
+    if params.runs("train"):
         train = train_flow(params)  # unchanged features and settings: the cached result, no new steps
     quarantined = len(shards["quarantine"]) + len(decoded["quarantine"])
     summary = {
@@ -381,7 +289,7 @@ def pipeline(params: PipelineParams) -> dict:
         "quarantined": quarantined,
         "train": {k: train.get(k) for k in ("steps", "loss_first", "loss_last", "tokens_per_s")},
         "adapter_path": train.get("adapter_path") or params.adapter_url,
-        "model": params.model,
+        "model": params.train.model,
         "flow_run_id": str(current_flow_run.id),
         "bytes_streamed": shards["bytes"],
         "audio_seconds": decoded["stats"].get("audio_seconds", 0),
@@ -394,19 +302,13 @@ def pipeline(params: PipelineParams) -> dict:
             "shards": params.url("shards"),
             "features": params.url("features"),
             "adapter": params.adapter_url,
-            "checkpoints": params.url("checkpoints"),
+            "checkpoints": params.checkpoint_url,
         },
     }
     artifacts.quarantine_artifact(shards["quarantine"] + decoded["quarantine"])
     artifacts.throughput_artifact(throughput_rows(summary, decoded["stats"], train))
     log.info("pipeline summary: %s", {k: summary[k] for k in ("samples", "shards", "decoded", "quarantined")})
     return summary
-
-
-def _has_features(params: PipelineParams) -> bool:
-    from streamtune import storage
-
-    return storage.exists(params.url("features", "index.json"), params.work_options or None)
 
 
 def throughput_rows(summary: dict, decode_stats: dict, train: dict) -> list[dict]:
@@ -427,5 +329,6 @@ def serve(
     """Serve the pipeline on this machine (Prefect `flow.serve`): a cron-scheduled deployment whose runs are
     incremental and continue from the latest adapter unless `parameters` say otherwise."""
     params = {"incremental": True, "resume_from": "latest", **(parameters or {})}
+    PipelineParams.model_validate(params)  # a wrong key fails here, not at 3 a.m.
     save_result_storage_block()  # no-op unless STREAMTUNE_RESULT_STORAGE is a remote URL
     pipeline.serve(name=name, cron=cron, parameters={"params": params}, tags=["streamtune"])

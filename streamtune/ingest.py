@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from streamtune import quarantine, shards, storage
 from streamtune.manifest import sample_id_of, versions
+from streamtune.quarantine import Reason
 
 MEDIA = ("audio", "image")
 
@@ -51,7 +52,7 @@ def plan_shards(manifest: pa.Table, *, max_shard_bytes: int = 64 << 20, start_in
 def unusable_objects(manifest: pa.Table) -> list[dict]:
     """Quarantine records for objects no stage can use (unknown type)."""
     return [
-        quarantine.record(r["sample_id"], r["key"], "shard", "UnsupportedFormat", "not audio, image or text")
+        quarantine.record(r["sample_id"], r["key"], "shard", Reason.UNSUPPORTED, "not audio, image or text")
         for r in manifest.to_pylist()
         if r["modality"] == "unknown"
     ]
@@ -76,7 +77,7 @@ def _build_row(sample_id: str, rows: list[dict], blobs: dict[str, bytes], proble
             if out[modality] is not None:
                 problems.append(
                     quarantine.record(
-                        sample_id, key, "shard", "DuplicateModality", f"sample already has {modality}"
+                        sample_id, key, "shard", Reason.DUPLICATE, f"sample already has {modality}"
                     )
                 )
                 continue
@@ -85,13 +86,16 @@ def _build_row(sample_id: str, rows: list[dict], blobs: dict[str, bytes], proble
             try:
                 out["text"] = data.decode("utf-8").strip()
             except UnicodeDecodeError as e:
-                problems.append(quarantine.record(sample_id, key, "shard", e, "text file is not UTF-8"))
+                problems.append(quarantine.record(sample_id, key, "shard", Reason.ENCODING, str(e)))
                 continue
         elif modality == "json":
             try:
                 value = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                problems.append(quarantine.record(sample_id, key, "shard", e, "invalid JSON"))
+            except UnicodeDecodeError as e:
+                problems.append(quarantine.record(sample_id, key, "shard", Reason.ENCODING, str(e)))
+                continue
+            except json.JSONDecodeError as e:
+                problems.append(quarantine.record(sample_id, key, "shard", Reason.BROKEN_SIDECAR, str(e)))
                 continue
             meta.update(value if isinstance(value, dict) else {"json": value})
         out["sources"].append(key)
@@ -133,7 +137,9 @@ def write_raw_shard(
         value = fetched.get(path)
         if isinstance(value, BaseException) or value is None:
             problems.append(
-                quarantine.record(sample_id_of(key), key, "shard", value or "Missing", "could not read")
+                quarantine.record(
+                    sample_id_of(key), key, "shard", Reason.UNREADABLE, str(value or "not returned")
+                )
             )
             unread.add(key)
             blobs[key] = b""

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamtune import quarantine, storage
+from streamtune.quarantine import Reason
 from streamtune.sniff import SNIFF_BYTES, detect_modality
 
 SCHEMA = pa.schema(
@@ -48,6 +49,7 @@ def _etag(info: dict) -> str:
 
 
 SIDECAR_NAMES = ("metadata.jsonl", "metadata.csv")
+SOURCE_KEY = "streamtune.source"
 
 
 def source_version(etag: str, sidecar: str | None) -> str:
@@ -154,7 +156,7 @@ def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        return {}, [quarantine.record(None, key, "manifest", e, "sidecar is not UTF-8")]
+        return {}, [quarantine.record(None, key, "manifest", Reason.ENCODING, f"sidecar: {e}")]
     if key.endswith(".csv"):
         entries = [(i + 2, row) for i, row in enumerate(csv.DictReader(io.StringIO(text)))]
     else:
@@ -165,12 +167,14 @@ def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
             try:
                 entries.append((i + 1, json.loads(line)))
             except json.JSONDecodeError as e:
-                bad.append(quarantine.record(None, key, "manifest", e, f"line {i + 1}: {e}"))
+                bad.append(
+                    quarantine.record(None, key, "manifest", Reason.BROKEN_SIDECAR, f"line {i + 1}: {e}")
+                )
     for line_no, row in entries:
         name = row.get("file_name") if isinstance(row, dict) else None
         if not isinstance(name, str) or not name:
             bad.append(
-                quarantine.record(None, key, "manifest", "SidecarRowError", f"line {line_no}: no file_name")
+                quarantine.record(None, key, "manifest", Reason.SIDECAR_ROW, f"line {line_no}: no file_name")
             )
             continue
         target = posixpath.normpath(posixpath.join(folder, name))
@@ -178,7 +182,7 @@ def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
         if not inside or target.startswith("../") or posixpath.isabs(name):
             bad.append(
                 quarantine.record(
-                    None, key, "manifest", "SidecarRowError", f"line {line_no}: {name!r} leaves folder"
+                    None, key, "manifest", Reason.SIDECAR_ROW, f"line {line_no}: {name!r} leaves folder"
                 )
             )
             continue
@@ -233,10 +237,23 @@ def build_manifest(
         if not any(o["key"] == target for o in objects):
             problems.append(
                 quarantine.record(
-                    sample_id_of(target), target, "manifest", "SidecarRowError", "file_name not found"
+                    sample_id_of(target), target, "manifest", Reason.SIDECAR_ROW, "file_name not found"
                 )
             )
-    return pa.Table.from_pylist(records, schema=SCHEMA), problems
+    table = pa.Table.from_pylist(records, schema=SCHEMA)
+    source = {"url": source_url, "options": storage.public_options(storage_options)}
+    return table.replace_schema_metadata({SOURCE_KEY: json.dumps(source)}), problems
+
+
+def manifest_source(table: pa.Table) -> tuple[str, dict | None]:
+    """(source URL, non-secret storage options) a manifest was listed from."""
+    raw = (table.schema.metadata or {}).get(SOURCE_KEY.encode())
+    if raw is None:
+        raise ValueError(
+            "this manifest does not record its source (written by an older version): pass --source"
+        )
+    source = json.loads(raw)
+    return source["url"], source["options"] or None
 
 
 def manifest_hash(table: pa.Table) -> str:

@@ -3,11 +3,55 @@
 from __future__ import annotations
 
 import io
+from enum import StrEnum
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamtune import storage
+
+
+class Reason(StrEnum):
+    """Why an input was set aside. The value is the stable code stored in a record's `error` field;
+    `sentence` says it for people. The table in streamtune/QUARANTINE.md documents them (a test keeps the
+    two in step)."""
+
+    EMPTY = "empty"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    UNSUPPORTED = "unsupported"
+    WRONG_CONTENT = "wrong_content"
+    BOMB = "bomb"
+    TOO_LONG = "too_long"
+    ENCODING = "encoding"
+    BROKEN_SIDECAR = "broken_sidecar"
+    SIDECAR_ROW = "sidecar_row"
+    DUPLICATE = "duplicate"
+    UNREADABLE = "unreadable"
+    BAD_ROW = "bad_row"
+    CORRUPT_SHARD = "corrupt_shard"
+
+    @property
+    def sentence(self) -> str:
+        return SENTENCES[self]
+
+
+SENTENCES = {
+    Reason.EMPTY: "The file or sample has no content.",
+    Reason.TRUNCATED: "The file ends before its header says it should (cut off while copied or written).",
+    Reason.CORRUPT: "The data is damaged and does not decode.",
+    Reason.UNSUPPORTED: "The bytes are not in a format the pipeline can read.",
+    Reason.WRONG_CONTENT: "The bytes are another kind of media than the file name says (a JPEG named .wav).",
+    Reason.BOMB: "The image has more pixels than the configured limit (decompression bomb guard).",
+    Reason.TOO_LONG: "The audio is longer than the configured limit.",
+    Reason.ENCODING: "The text is not valid UTF-8.",
+    Reason.BROKEN_SIDECAR: "The metadata (a sidecar line or .json file) is not a valid JSON object.",
+    Reason.SIDECAR_ROW: "A sidecar row has no usable file_name (none, outside its folder, or no such file).",
+    Reason.DUPLICATE: "The sample already has a file of this modality; this one is skipped.",
+    Reason.UNREADABLE: "The object could not be read from the source.",
+    Reason.BAD_ROW: "The raw row has no sample_id.",
+    Reason.CORRUPT_SHARD: "The raw shard is missing or fails its checksum; the next run retries it.",
+}
 
 SCHEMA = pa.schema(
     [
@@ -23,12 +67,20 @@ SCHEMA = pa.schema(
 
 
 def record(
-    sample_id: str | None, key: str | None, stage: str, error: str | BaseException, message: str = ""
+    sample_id: str | None, key: str | None, stage: str, reason: Reason, message: str = "", **extra
 ) -> dict:
-    if isinstance(error, BaseException):
-        message = message or str(error)
-        error = type(error).__name__
-    return {"sample_id": sample_id, "key": key, "stage": stage, "error": error, "message": message[:2000]}
+    """One quarantine record: `error` holds the reason's code, `message` the detail; `extra` adds
+    modality or shard."""
+    if not isinstance(reason, Reason):
+        raise TypeError(f"quarantine reason must be a Reason, not {reason!r}")
+    return {
+        "sample_id": sample_id,
+        "key": key,
+        "stage": stage,
+        "error": reason.value,
+        "message": message[:2000],
+        **extra,
+    }
 
 
 def to_table(records: list[dict]) -> pa.Table:

@@ -47,6 +47,35 @@ def resolve_options(url: str, storage_options: StorageOptions | None = None) -> 
     return opts
 
 
+SECRET_OPTION_KEYS = {
+    "key",
+    "secret",
+    "token",
+    "password",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "session_token",
+    "secret_key",
+    "access_key",
+}
+
+
+def secret_keys(options: dict | None) -> list[str]:
+    """Keys of `options` (nested `client_kwargs` too) that carry credentials."""
+    found = [k for k in options or {} if k.lower() in SECRET_OPTION_KEYS]
+    nested = (options or {}).get("client_kwargs")
+    return sorted(found + (secret_keys(nested) if isinstance(nested, dict) else []))
+
+
+def public_options(options: dict | None) -> dict:
+    """`options` without credentials, safe to record next to data."""
+    out = {k: v for k, v in (options or {}).items() if k.lower() not in SECRET_OPTION_KEYS}
+    if isinstance(out.get("client_kwargs"), dict):
+        out["client_kwargs"] = public_options(out["client_kwargs"])
+    return out
+
+
 def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 

@@ -1,5 +1,5 @@
 """Prefect tasks: thin wrappers over streamtune stages with retries, content cache keys and artifacts."""
 
-from flows.settings import apply_defaults
+from tasks.settings import apply_defaults
 
 apply_defaults()

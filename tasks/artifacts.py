@@ -16,6 +16,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from streamtune.quarantine import Reason
+
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     if not rows:
@@ -50,13 +52,20 @@ def decode_artifact(stats: dict[str, Any]) -> UUID:
 
 def quarantine_artifact(records: Sequence[dict[str, Any]]) -> UUID:
     """Every input set aside by this run (manifest, shard or decode stage) with its reason."""
-    columns = ("stage", "sample_id", "key", "error", "message")
-    rows = [{c: r.get(c) for c in columns} for r in records]
+    columns = ("stage", "sample_id", "key", "error", "reason", "message")
+    rows = [{c: r.get(c) for c in columns} | {"reason": _sentence(r.get("error"))} for r in records]
     return create_table_artifact(
         rows or [{c: "" for c in columns} | {"message": "nothing quarantined"}],
         key="quarantine",
         description=f"{len(records)} inputs set aside, with the reason",
     )
+
+
+def _sentence(code: Any) -> str:
+    try:
+        return Reason(code).sentence
+    except ValueError:  # a record persisted before the reasons were enumerated
+        return ""
 
 
 class ProgressArtifact:

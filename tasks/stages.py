@@ -11,10 +11,11 @@ import time
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from streamtune.shards import shard_name
 from streamtune.storage import join
-from tasks.cache import digest, keyed
+from tasks.cache import digest, keyed, source_fingerprint
 from tasks.policy import task_options
 
 
@@ -257,54 +258,28 @@ def decode_shard_task(
     name="commit-features",
     task_run_name="commit-features",
     cache_policy=keyed(
-        "decode", "out_prefix", "checksums", outputs=lambda p: [join(p["out_prefix"], "index.json")]
+        "decode",
+        "out_prefix",
+        "checksums",
+        "clip_model",
+        outputs=lambda p: [join(p["out_prefix"], "index.json")],
     ),
     **task_options("commit"),
 )
 def commit_features_task(
-    out_prefix: str, results: list[dict], checksums: list[str], work_options: dict | None = None
+    out_prefix: str,
+    results: list[dict],
+    checksums: list[str],
+    work_options: dict | None = None,
+    clip_model: str | None = None,
 ) -> dict:
+    """Commit the feature set; `clip_model` (the decode config's) sets the index's embedding width."""
+    from streamtune.decode.clip import embed_dim
     from streamtune.decode.features import commit_features
 
-    index = commit_features(out_prefix, results, work_options)
+    clip_dim = embed_dim(clip_model) if clip_model else None
+    index = commit_features(out_prefix, results, work_options, clip_dim=clip_dim)
     return {"shards": len(index["shards"]), "rows": index["rows"], "bytes": index["bytes"]}
-
-
-ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
-
-
-def _local_adapter_dir(adapter_url: str) -> tuple[str, bool]:
-    """Where the trainer writes (mlx-lm saves to a local folder); True when it must be uploaded after."""
-    import hashlib
-    import os
-    import tempfile
-
-    if "://" not in adapter_url or adapter_url.startswith("file://"):
-        return adapter_url.removeprefix("file://"), False
-    name = hashlib.sha256(adapter_url.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), "streamtune-adapters", name), True
-
-
-def _warm_start(bundle: tuple, adapter_url: str, work_options: dict | None) -> bool:
-    """Load the latest adapter weights into the freshly built model; False when there is none yet."""
-    import mlx.core as mx
-
-    from streamtune import storage
-
-    url = storage.join(adapter_url, "adapters.safetensors")
-    if not storage.exists(url, work_options):
-        return False
-    import os
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "adapters.safetensors")
-        with open(path, "wb") as f:
-            f.write(storage.read_bytes(url, work_options))
-        weights = mx.load(path)
-    bundle[0].load_weights(list(weights.items()), strict=False)
-    mx.eval(bundle[0].parameters())
-    return True
 
 
 @task(
@@ -339,58 +314,80 @@ def train_task(
 
     import streamtune  # noqa: F401  (BLAS preload before MLX)
     from streamtune import CloudStreamingDataset, storage
-    from streamtune.train.trainer import TrainArgs, setup_model, train
-    from tasks.artifacts import ProgressArtifact, loss_curve_png
+    from streamtune.config import TrainArgs
+    from streamtune.train import adapters, checkpoint
+    from streamtune.train.trainer import train
+    from tasks.artifacts import ProgressArtifact, loss_curve_artifact, loss_curve_png
 
     log = get_run_logger()
-    local_dir, upload = _local_adapter_dir(adapter_url)
-    iters = int(train_settings["iters"])
-    args = TrainArgs(
-        **train_settings,
-        adapter_path=local_dir,
-        checkpoint_url=storage.join(
-            checkpoint_url, digest(features_digest, train_settings, adapter_url, resume_from)[:16]
-        ),
-        storage_options=work_options,
-        save_every=max(iters // 4, 1),
-        resume=True,
+    args = TrainArgs.model_validate(train_settings)
+    ckpt = storage.join(
+        checkpoint_url, digest(features_digest, train_settings, adapter_url, resume_from)[:16]
     )
-    bundle = setup_model(args)
-    if resume_from == "latest":
-        warm = _warm_start(bundle, adapter_url, work_options)
-        log.info("warm start from %s" if warm else "no adapter at %s yet: starting fresh", adapter_url)
+    resume = checkpoint.latest(ckpt, work_options) is not None
+    init = None
+    if resume_from == "latest" and not resume:
+        init = (
+            adapter_url if storage.exists(join(adapter_url, "adapters.safetensors"), work_options) else None
+        )
+        log.info("warm start from %s" if init else "no adapter at %s yet: starting fresh", adapter_url)
+    args = args.model_copy(
+        update={
+            "adapter_path": adapter_url,
+            "checkpoint_url": ckpt,
+            "storage_options": work_options,
+            "save_every": args.save_every or max(args.iters // 4, 1),
+            "resume": resume,
+            "init_adapter": init or args.init_adapter,
+        }
+    )
+    if resume:
+        log.info("resuming from the checkpoint at %s", ckpt)
     dataset = CloudStreamingDataset(features_url, storage_options=work_options, shuffle=True, seed=args.seed)
-    progress = ProgressArtifact(iters, f"Training {args.model} ({iters} steps)")
+    progress = ProgressArtifact(args.iters, f"Training {args.model} ({args.iters} steps)")
 
     def on_step(m: dict) -> None:
         progress.update(m["step"])
-        if m["step"] == 1 or m["step"] % 10 == 0 or m["step"] == iters:
-            log.info("step %d/%d loss %.4f %.0f tok/s", m["step"], iters, m["loss"], m["tokens_per_s"])
+        if m["step"] == 1 or m["step"] % 10 == 0 or m["step"] == args.iters:
+            log.info("step %d/%d loss %.4f %.0f tok/s", m["step"], args.iters, m["loss"], m["tokens_per_s"])
 
-    result = train(args, dataset, on_step=on_step, model_bundle=bundle)
-    progress.update(iters)
+    result = train(args, dataset, on_step=on_step)
+    progress.update(args.iters)
     png = loss_curve_png(result["losses"], f"{args.model} loss")
-    with open(os.path.join(local_dir, "loss_curve.png"), "wb") as f:
+    local = adapters.local_dir(adapter_url)
+    with open(os.path.join(local, "loss_curve.png"), "wb") as f:
         f.write(png)
-    if upload:
-        for name in (*ADAPTER_FILES, "loss_curve.png"):
-            with open(os.path.join(local_dir, name), "rb") as f:
-                storage.write_bytes(storage.join(adapter_url, name), f.read(), work_options)
-    keep = (
-        "steps",
-        "loss_first",
-        "loss_last",
-        "losses",
-        "tokens",
-        "samples",
-        "tokens_per_s",
-        "seconds",
-        "peak_mem_mb",
-        "val_loss",
-        "packed",
-    )
-    return {
-        **{k: result.get(k) for k in keep},
-        "adapter_path": adapter_url,
-        "loss_curve": storage.join(adapter_url, "loss_curve.png"),
-    }
+    adapters.upload(local, adapter_url, work_options, extra=("loss_curve.png",))
+    png_url = storage.join(adapter_url, "loss_curve.png")
+    loss_curve_artifact(png, png_url, result)
+    keep = ("steps", "loss_first", "loss_last", "losses", "tokens", "samples", "tokens_per_s", "seconds",
+            "peak_mem_mb", "val_loss", "packed", "resumed_from_step")  # fmt: skip
+    return {**{k: result.get(k) for k in keep}, "adapter_path": adapter_url, "loss_curve": png_url}
+
+
+@task(name="list-source", task_run_name="list-source", cache_policy=NO_CACHE, **task_options("manifest"))
+def list_source_task(
+    source_url: str,
+    shards_prefix: str,
+    incremental: bool,
+    source_options: dict | None = None,
+    work_options: dict | None = None,
+) -> dict:
+    """The source's fingerprint and, for incremental runs, the objects the shard set already holds."""
+    from streamtune.ingest import ingested_sources
+
+    exclude = ingested_sources(shards_prefix, work_options) if incremental else {}
+    return {"fingerprint": source_fingerprint(source_url, source_options), "exclude": exclude}
+
+
+@task(name="read-shard-set", task_run_name="read-{name}", cache_policy=NO_CACHE, **task_options("commit"))
+def read_shard_set_task(prefix: str, name: str, work_options: dict | None = None) -> dict:
+    """The committed state of a shard set: its index entries and the next free shard number."""
+    from streamtune import storage
+    from streamtune.ingest import next_shard_index
+    from streamtune.shards import read_index
+
+    if not storage.exists(join(prefix, "index.json"), work_options):
+        return {"committed": False, "entries": [], "next_index": 0}
+    entries = read_index(prefix, work_options)["shards"]
+    return {"committed": True, "entries": entries, "next_index": next_shard_index(prefix, work_options)}

@@ -31,3 +31,20 @@ def bucket(s3server):
 @pytest.fixture
 def s3opts(s3server):
     return s3server.storage_options
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_prefect_ephemeral_server():
+    """Stop Prefect's ephemeral API server at the end of the session, while pytest still captures output. Left
+    to its own atexit hook it logs into a stream pytest has closed, after the summary line."""
+    yield
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return
+    from prefect._internal.concurrency.services import QueueService
+
+    QueueService.drain_all(timeout=30)  # send pending events and logs while the server still answers
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        server.stop()

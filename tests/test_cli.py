@@ -6,7 +6,7 @@ import pytest
 
 def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "streamtune", *args], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 
@@ -62,3 +62,27 @@ def test_gc_deletes_only_old_unlisted_shards(tmp_path):
     assert json.loads(result.stdout)["deleted"] == [str(stray)]
     assert not stray.exists() and fresh.exists()
     assert sorted(p.name for p in (tmp_path / "set").glob("shard-*.arrow")) == sorted([*listed, fresh.name])
+
+
+def test_shard_reads_its_source_from_the_manifest(tmp_path):
+    import json
+
+    from streamtune.shards import read_index
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"s{i}.txt").write_text(f"sample {i}")
+    manifest = tmp_path / "m.parquet"
+    assert _cli("manifest", str(src), "--out", str(manifest)).returncode == 0
+    result = _cli("shard", str(manifest), "--out", str(tmp_path / "shards"), "--max-shard-bytes", "100000")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["source"] == str(src) and summary["rows"] == 3 and summary["quarantined"] == 0
+    assert read_index(str(tmp_path / "shards"))["rows"] == 3
+    # an explicit --source still wins (the bucket moved); a wrong one fails with one line
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    result = _cli("shard", str(manifest), "--out", str(tmp_path / "s2"), "--source", str(moved))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["rows"] == 3

@@ -31,9 +31,9 @@ def test_dask_decode_matches_thread_runner(prefect_client, tmp_path):
     clip = tiny_clip_config(tmp_path)
     common = {
         "source_url": str(tmp_path / "src"),
-        "max_shard_bytes": 200,
-        "clip_model": clip,
-        "train": False,
+        "shard": {"max_shard_bytes": 200},
+        "decode": {"clip_model": clip},
+        "skip": ["train"],
     }
     threads = PipelineParams(work_url=str(tmp_path / "threads"), **common)
     manifest = manifest_flow(threads)

@@ -24,11 +24,8 @@ def pipeline_run(tmp_path_factory, s3server):
     params = PipelineParams(
         source_url=f"{bucket}/raw",
         work_url=f"{bucket}/st",
-        adapter_path=str(work / "adapters"),
-        max_shard_bytes=128 << 10,
-        iters=16,
-        batch_size=2,
-        seq_len=128,
+        shard={"max_shard_bytes": 128 << 10},
+        train={"adapter_path": str(work / "adapters"), "iters": 16, "batch_size": 2, "seq_len": 128},
     )
     summary = pipeline(params)
     return summary, bucket, work

@@ -41,7 +41,13 @@ def put_text(fs: s3fs.S3FileSystem, prefix: str, names: list[str]) -> None:
 
 
 def params(source_url: str, work_url: str, **extra) -> dict:
-    return {"source_url": source_url, "work_url": work_url, "max_shard_bytes": 600, "train": False, **extra}
+    return {
+        "source_url": source_url,
+        "work_url": work_url,
+        "shard": {"max_shard_bytes": 600},
+        "skip": ["train"],
+        **extra,
+    }
 
 
 def states_by_name(runs) -> dict[str, list[str]]:
@@ -163,7 +169,9 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
     source = f"s3://{BUCKET}/served-{uuid.uuid4().hex[:8]}/raw"
     work = str(tmp_path / "served-work")
     config = tmp_path / "params.yaml"
-    config.write_text(f"source_url: {source}\nwork_url: {work}\nmax_shard_bytes: 600\ntrain: false\n")
+    config.write_text(
+        f"source_url: {source}\nwork_url: {work}\nshard: {{max_shard_bytes: 600}}\nskip: [train]\n"
+    )
     env = stack["server"].client_env("worker", **stack["env"])
     served = subprocess.Popen(
         [service_command("minio-init")[0], "deployments/serve.py", str(config), "--cron", "0 4 * * *"],

@@ -116,7 +116,7 @@ def test_resume_with_no_checkpoint_starts_fresh(tmp_path):
     assert checkpoint.load(str(tmp_path / "none")) is None
 
 
-@pytest.mark.parametrize("bad", [{"save_every": 2}, {"fine_tune_type": "bitfit"}, {"batch_size": 0}])
+@pytest.mark.parametrize("bad", [{"save_every": -1}, {"fine_tune_type": "bitfit"}, {"batch_size": 0}])
 def test_bad_arguments_are_rejected(tmp_path, bad):
     from streamtune.train.trainer import TrainArgs, train
 

@@ -69,11 +69,8 @@ def finished_run(prefect_server: PrefectServer, s3server, tmp_path_factory):
     params = {
         "source_url": f"{bucket}/raw",
         "work_url": f"{bucket}/work",
-        "adapter_path": str(base / "adapters"),
-        "max_shard_bytes": 300,
-        "iters": 2,
-        "batch_size": 2,
-        "seq_len": 64,
+        "shard": {"max_shard_bytes": 300},
+        "train": {"adapter_path": str(base / "adapters"), "iters": 2, "batch_size": 2, "seq_len": 64},
     }
     results = str(base / "results")
     summary = run_flow("pipeline", params, prefect_server.api_url, results, s3server)
@@ -137,7 +134,8 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
 def test_resume_from_latest_continues_from_the_trained_adapter(finished_run, prefect_server, s3server):
     """A scheduled run with `resume_from: latest` starts from the adapter the last run left."""
     first = finished_run
-    params = {**first["params"], "resume_from": "latest", "iters": 1}
+    params = {**first["params"], "resume_from": "latest"}
+    params["train"] = {**params["train"], "iters": 1}
     resumed = run_flow("train_flow", params, prefect_server.api_url, first["results"], s3server)
     assert resumed["steps"] == 1
     # the first step of the resumed run starts where the trained adapter left off, below a fresh start

@@ -7,12 +7,8 @@ from corpus import speech
 
 import streamtune  # noqa: F401
 from streamtune.decode.media import decode_audio
-from streamtune.decode.whisper import (
-    Transcriber,
-    offline_whisper_dir,
-    resolve_whisper,
-    split_at_pauses,
-)
+from streamtune.decode.whisper import Transcriber, split_at_pauses
+from streamtune.decode.whisper_convert import offline_whisper_dir, resolve_whisper
 
 
 @pytest.fixture(scope="module")

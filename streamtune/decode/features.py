@@ -16,7 +16,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,9 @@ import pyarrow as pa
 
 from streamtune import quarantine as quarantine_table
 from streamtune import storage
+from streamtune.config import DecodeConfig
 from streamtune.decode.media import MediaError, decode_audio, decode_image
+from streamtune.quarantine import Reason
 from streamtune.sniff import AUDIO_EXT, IMAGE_EXT, JSON_EXT, TEXT_EXT
 
 CODE_VERSION = "decode-2"
@@ -32,54 +33,8 @@ MARKER_DIR = "_decode"
 QUARANTINE_NAME = "quarantine.parquet"
 SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
-DEFAULT_LABELS = [
-    "person", "dog", "cat", "car", "bicycle", "tree", "flower", "food", "building", "street",
-    "beach", "mountain", "sky", "water", "book", "computer", "phone", "chair", "text document", "bird",
-]  # fmt: skip
 
-
-@dataclass
-class DecodeConfig:
-    whisper_model: str = "offline:tiny.en"
-    language: str | None = "en"
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = None
-    labels: list[str] = field(default_factory=lambda: list(DEFAULT_LABELS))
-    audio_batch: int = 8
-    image_batch: int = 32
-    max_pixels: int = 64_000_000
-    max_audio_seconds: float = 3600.0
-    top_k: int = 3
-    cache_dir: str | None = None
-
-    def __post_init__(self):
-        for name in ("audio_batch", "image_batch", "max_pixels", "top_k"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"DecodeConfig.{name} must be at least 1, got {getattr(self, name)!r}")
-        if not self.max_audio_seconds > 0:
-            raise ValueError(
-                f"DecodeConfig.max_audio_seconds must be positive, got {self.max_audio_seconds!r}"
-            )
-        if isinstance(self.labels, str) or not all(isinstance(x, str) and x.strip() for x in self.labels):
-            raise ValueError("DecodeConfig.labels must be a list of non-empty strings")
-        self.labels = list(self.labels)
-
-    def key(self) -> str:
-        """Stable hash of everything that changes the features: models, settings, code version.
-
-        Batch sizes and the cache folder are left out: they change speed, not results.
-        """
-        settings = asdict(self)
-        for name in ("audio_batch", "image_batch", "cache_dir"):
-            settings.pop(name)
-        settings["whisper_files"] = _local_fingerprint(self.whisper_model)
-        settings["clip_files"] = _local_fingerprint(self.clip_pretrained)
-        settings["code"] = CODE_VERSION
-        blob = json.dumps(settings, sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def _local_fingerprint(ref: str | None) -> str | None:
+def local_fingerprint(ref: str | None) -> str | None:
     """Size and mtime of a local model's files, so replacing weights in place re-decodes."""
     if not ref or not os.path.exists(os.path.expanduser(ref)):
         return None
@@ -197,20 +152,18 @@ class Decoder:
         sid, sources = row["sample_id"], row["sources"]
         errors: list[dict] = []
 
-        def fail(modality: str, error: str, message: str) -> None:
-            errors.append(
-                {"sample_id": sid, "key": _source_key(sources, modality, sid), "stage": "decode",
-                 "error": error, "message": message, "modality": modality}
-            )  # fmt: skip
+        def fail(modality: str, reason: Reason, message: str) -> None:
+            key = _source_key(sources, modality, sid)
+            errors.append(quarantine_table.record(sid, key, "decode", reason, message, modality=modality))
 
         if not sid:
-            fail("row", "bad_row", "sample has no sample_id")
+            fail("row", Reason.BAD_ROW, "sample has no sample_id")
         text = None
         if row["text"] is not None:
             try:
                 text = row["text"].decode("utf-8")
             except UnicodeDecodeError as e:
-                fail("text", "encoding", f"text is not valid UTF-8 ({e.reason} at byte {e.start})")
+                fail("text", Reason.ENCODING, f"text is not valid UTF-8 ({e.reason} at byte {e.start})")
         meta = row["meta"]
         if meta is not None:
             try:
@@ -218,7 +171,7 @@ class Decoder:
                 if not isinstance(parsed, dict):
                     raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
             except (ValueError, UnicodeDecodeError) as e:
-                fail("meta", "broken_sidecar", f"metadata row is unusable: {e}")
+                fail("meta", Reason.BROKEN_SIDECAR, f"metadata row is unusable: {e}")
         audio = pixels = None
         if row["audio"] is not None:
             stats["audio_files"] += 1
@@ -233,7 +186,7 @@ class Decoder:
             except MediaError as e:
                 fail("image", e.kind, e.reason)
         if not errors and audio is None and pixels is None and not text and not meta:
-            fail("row", "empty", "sample has no audio, image, text or metadata")
+            fail("row", Reason.EMPTY, "sample has no audio, image, text or metadata")
         decoded = {"sample_id": sid, "sources": sources, "text": text, "meta": meta}
         return decoded | {"audio": audio, "pixels": pixels}, errors
 
@@ -395,8 +348,11 @@ def decode_shard(
         # A missing or corrupt raw shard: an empty feature shard keeps the set consistent, the record says
         # why, and no marker is written, so the next run tries again.
         features = features_schema(decoder.clip_dim).empty_table()
-        quarantine = [{"sample_id": None, "key": name, "stage": "read", "error": "corrupt_shard",
-                       "message": str(e), "modality": "shard", "shard": name}]  # fmt: skip
+        quarantine = [
+            quarantine_table.record(
+                None, name, "read", Reason.CORRUPT_SHARD, str(e), modality="shard", shard=name
+            )
+        ]
         out_entry = write_shard(features, storage.join(out_prefix, name), storage_options)
         out_entry |= {"key": None, "source": {"path": name, "checksum": entry.get("checksum")}}
         stats = _new_stats() | {"shards": 1, "quarantined": 1}
@@ -469,16 +425,24 @@ def _shard_present(prefix: str, entry: dict, storage_options) -> bool:
 
 
 def commit_features(
-    out_prefix: str, results: list[dict], storage_options: dict[str, Any] | None = None
+    out_prefix: str,
+    results: list[dict],
+    storage_options: dict[str, Any] | None = None,
+    *,
+    clip_dim: int | None = None,
 ) -> dict:
-    """Write quarantine.parquet next to the feature shards, then index.json (the commit point)."""
-    from streamtune.shards import commit_index
-    from streamtune.shards.format import schema_from_json
+    """Write quarantine.parquet next to the feature shards, then index.json (the commit point).
 
+    `clip_dim` is the configured CLIP model's embedding width (`Decoder.clip_dim`): the index schema's
+    `clip_embedding` width, which every result must have. Without it the width comes from the results, and
+    from the default CLIP model (ViT-B-32) when there are none.
+    """
+    from streamtune.shards import commit_index
+
+    schema = _index_schema(results, clip_dim)
     records = [q for r in results for q in r.get("quarantine", [])]
     quarantine_table.write_quarantine(storage.join(out_prefix, QUARANTINE_NAME), records, storage_options)
 
-    schema = schema_from_json(results[0]["schema"]) if results else features_schema(_clip_dim("ViT-B-32"))
     totals = _new_stats()
     for r in results:
         for k, v in r.get("stats", {}).items():
@@ -493,6 +457,21 @@ def commit_features(
         "stats": totals,
     }
     return commit_index(out_prefix, [r["entry"] for r in results], schema, storage_options, extra=extra)
+
+
+def _index_schema(results: list[dict], clip_dim: int | None) -> pa.Schema:
+    """The feature set's schema: `features_schema` at `clip_dim`, checked against every shard's."""
+    from streamtune.shards.format import schema_from_json
+
+    schemas = [schema_from_json(r["schema"]) for r in results]
+    if clip_dim is None:
+        clip_dim = schemas[0].field("clip_embedding").type.list_size if schemas else _clip_dim("ViT-B-32")
+    want = pa.list_(pa.float32(), clip_dim)
+    for r, s in zip(results, schemas, strict=True):
+        got = s.field("clip_embedding").type
+        if got != want:
+            raise ValueError(f"feature shard {r['entry']['path']} has clip_embedding {got}, expected {want}")
+    return features_schema(clip_dim)
 
 
 def read_quarantine(out_prefix: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
@@ -516,4 +495,4 @@ def decode_shards(
         results.append(decode_shard(raw_prefix, entry, out_prefix, cfg, storage_options, decoder))
         if progress is not None:
             progress(i + 1, len(index["shards"]), results[-1])
-    return commit_features(out_prefix, results, storage_options)
+    return commit_features(out_prefix, results, storage_options, clip_dim=decoder.clip_dim)

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from streamtune.quarantine import Reason
 from streamtune.sniff import sniff
 
 _FLOAT_FORMATS = frozenset({"flt", "fltp", "dbl", "dblp"})
@@ -24,10 +25,12 @@ TRUNCATED_FRACTION = 0.9
 
 
 class MediaError(ValueError):
-    """Undecodable media. `kind` is one of: empty, truncated, unsupported, bomb, wrong_content, too_long,
-    corrupt."""
+    """Undecodable media. `kind` is the quarantine `Reason` (empty, truncated, unsupported, bomb,
+    wrong_content, too_long or corrupt), `reason` the detail."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: Reason, message: str):
+        if not isinstance(kind, Reason):
+            raise TypeError(f"MediaError kind must be a Reason, not {kind!r}")
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.reason = message
@@ -39,15 +42,15 @@ class MediaError(ValueError):
 def decode_audio(data: bytes, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
     """Decode any common audio container to mono float32 at `sample_rate`, in memory."""
     if not data:
-        raise MediaError("empty", "zero-byte audio")
+        raise MediaError(Reason.EMPTY, "zero-byte audio")
     kind = sniff(data)
     if kind in ("image", "text"):
-        raise MediaError("wrong_content", f"expected audio, bytes look like {kind}")
+        raise MediaError(Reason.WRONG_CONTENT, f"expected audio, bytes look like {kind}")
     _check_wav_size(data)
     try:
         return _decode_av(data, sample_rate, max_seconds)
     except MediaError as err:
-        if err.kind not in ("unsupported", "corrupt"):
+        if err.kind not in (Reason.UNSUPPORTED, Reason.CORRUPT):
             raise
         first = err
     try:  # libsndfile knows a few WAV/AIFF sub-formats FFmpeg's demuxers reject
@@ -55,7 +58,7 @@ def decode_audio(data: bytes, sample_rate: int = 16000, max_seconds: float | Non
     except MediaError:
         raise first from None
     if not np.isfinite(audio).all():
-        raise MediaError("corrupt", "audio contains NaN or infinite samples")
+        raise MediaError(Reason.CORRUPT, "audio contains NaN or infinite samples")
     return audio
 
 
@@ -70,12 +73,12 @@ def _check_wav_size(data: bytes) -> None:
             # Streaming writers leave 0 or 0x7fff.../0xffff... when the length was unknown.
             if 0 < size < 0x7FFF0000 and len(data) - (pos + 8) < TRUNCATED_FRACTION * size:
                 raise MediaError(
-                    "truncated", f"WAV declares {size} data bytes, {len(data) - pos - 8} present"
+                    Reason.TRUNCATED, f"WAV declares {size} data bytes, {len(data) - pos - 8} present"
                 )
             return
         pos += 8 + size + (size & 1)
     if pos > len(data) + 8:
-        raise MediaError("truncated", "WAV chunk list runs past the end of the file")
+        raise MediaError(Reason.TRUNCATED, "WAV chunk list runs past the end of the file")
 
 
 def _decode_av(data: bytes, sample_rate: int, max_seconds: float | None) -> np.ndarray:
@@ -84,14 +87,14 @@ def _decode_av(data: bytes, sample_rate: int, max_seconds: float | None) -> np.n
     try:
         container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
-        raise MediaError("unsupported", f"not a readable audio container ({e})") from None
+        raise MediaError(Reason.UNSUPPORTED, f"not a readable audio container ({e})") from None
     with container:
         if not container.streams.audio:
-            raise MediaError("wrong_content", f"no audio stream in {container.format.name} container")
+            raise MediaError(Reason.WRONG_CONTENT, f"no audio stream in {container.format.name} container")
         stream = container.streams.audio[0]
         declared = _declared_seconds(container, stream)
         if max_seconds is not None and declared is not None and declared > max_seconds:
-            raise MediaError("too_long", f"{declared:.1f} s exceeds the {max_seconds:.0f} s limit")
+            raise MediaError(Reason.TOO_LONG, f"{declared:.1f} s exceeds the {max_seconds:.0f} s limit")
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         limit = None if max_seconds is None else int(max_seconds * sample_rate) + sample_rate
         chunks: list[np.ndarray] = []
@@ -100,28 +103,28 @@ def _decode_av(data: bytes, sample_rate: int, max_seconds: float | None) -> np.n
             for frame in container.decode(stream):
                 frame.pts = None  # let the resampler count samples; broken timestamps must not matter
                 if frame.format.name in _FLOAT_FORMATS and not np.isfinite(frame.to_ndarray()).all():
-                    raise MediaError("corrupt", "audio contains NaN or infinite samples")
+                    raise MediaError(Reason.CORRUPT, "audio contains NaN or infinite samples")
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
                     total += chunks[-1].size
                 if limit is not None and total > limit:
-                    raise MediaError("too_long", f"more than {max_seconds:.0f} s of audio")
+                    raise MediaError(Reason.TOO_LONG, f"more than {max_seconds:.0f} s of audio")
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.FFmpegError as e:
             if not chunks:
-                raise MediaError("corrupt", f"audio stream does not decode ({e})") from None
+                raise MediaError(Reason.CORRUPT, f"audio stream does not decode ({e})") from None
             raise MediaError(
-                "truncated", f"audio stream breaks after {total / sample_rate:.2f} s ({e})"
+                Reason.TRUNCATED, f"audio stream breaks after {total / sample_rate:.2f} s ({e})"
             ) from None
     audio = np.concatenate(chunks).astype(np.float32, copy=False) if chunks else np.zeros(0, np.float32)
     if audio.size == 0:
-        raise MediaError("truncated" if declared else "empty", "no audio samples decoded")
+        raise MediaError(Reason.TRUNCATED if declared else Reason.EMPTY, "no audio samples decoded")
     got = audio.size / sample_rate
     if declared and declared > 0.5 and got < TRUNCATED_FRACTION * declared:
-        raise MediaError("truncated", f"decoded {got:.2f} s of a declared {declared:.2f} s")
+        raise MediaError(Reason.TRUNCATED, f"decoded {got:.2f} s of a declared {declared:.2f} s")
     if not np.isfinite(audio).all():
-        raise MediaError("corrupt", "audio contains NaN or infinite samples")
+        raise MediaError(Reason.CORRUPT, "audio contains NaN or infinite samples")
     return audio
 
 
@@ -142,14 +145,15 @@ def _decode_soundfile(data: bytes, sample_rate: int, max_seconds: float | None) 
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             if max_seconds is not None and f.frames > (max_seconds + 1) * f.samplerate:
-                raise MediaError("too_long", f"{f.frames / f.samplerate:.1f} s exceeds {max_seconds:.0f} s")
+                seconds = f.frames / f.samplerate
+                raise MediaError(Reason.TOO_LONG, f"{seconds:.1f} s exceeds {max_seconds:.0f} s")
             pcm = f.read(dtype="float32", always_2d=True)
             rate = f.samplerate
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise MediaError("unsupported", f"libsndfile cannot read it ({e})") from None
+        raise MediaError(Reason.UNSUPPORTED, f"libsndfile cannot read it ({e})") from None
     mono = np.ascontiguousarray(pcm.mean(axis=1, dtype=np.float32))
     if mono.size == 0:
-        raise MediaError("empty", "no audio samples decoded")
+        raise MediaError(Reason.EMPTY, "no audio samples decoded")
     if rate == sample_rate:
         return mono
     frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
@@ -170,10 +174,10 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, min_side: int | None
     at least that long: a model that resizes to 224 px need not decode all 12 MP of a photo.
     """
     if not data:
-        raise MediaError("empty", "zero-byte image")
+        raise MediaError(Reason.EMPTY, "zero-byte image")
     kind = sniff(data)
     if kind in ("audio", "text"):
-        raise MediaError("wrong_content", f"expected an image, bytes look like {kind}")
+        raise MediaError(Reason.WRONG_CONTENT, f"expected an image, bytes look like {kind}")
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
@@ -181,9 +185,9 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, min_side: int | None
             img = Image.open(io.BytesIO(data))
             width, height = img.size
             if width <= 0 or height <= 0:
-                raise MediaError("corrupt", f"image declares {width}x{height} pixels")
+                raise MediaError(Reason.CORRUPT, f"image declares {width}x{height} pixels")
             if width * height > max_pixels:
-                raise MediaError("bomb", f"{width}x{height} exceeds the {max_pixels} pixel limit")
+                raise MediaError(Reason.BOMB, f"{width}x{height} exceeds the {max_pixels} pixel limit")
             img.seek(0)
             if min_side and img.format == "JPEG":
                 img.draft(None, (min_side, min_side))
@@ -193,12 +197,12 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, min_side: int | None
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise MediaError("bomb", str(e)) from None
+        raise MediaError(Reason.BOMB, str(e)) from None
     except Image.UnidentifiedImageError:
-        raise MediaError("unsupported", "not an image format Pillow can read") from None
+        raise MediaError(Reason.UNSUPPORTED, "not an image format Pillow can read") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as e:
         text = str(e)
-        kind = "truncated" if "truncated" in text or isinstance(e, EOFError) else "corrupt"
+        kind = Reason.TRUNCATED if "truncated" in text or isinstance(e, EOFError) else Reason.CORRUPT
         raise MediaError(kind, f"image does not decode ({text or type(e).__name__})") from None
 
 

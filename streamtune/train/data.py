@@ -224,19 +224,30 @@ class Packer:
         return pack_rows(rows, self.seq_len)
 
 
+def encode_sample(
+    sample: dict, tokenizer, *, seq_len: int, template: TemplateLike = DEFAULT_TEMPLATE
+) -> tuple[tuple[str, str], tuple[list[int], int]] | None:
+    """Render one feature row and encode it, truncated to `seq_len + 1` tokens (`seq_len` input slots):
+    ((prompt, completion), (ids, prompt_len)), or None when the row has nothing to learn from (no
+    completion, or no completion token left after truncation)."""
+    pair = render(sample, template)
+    if pair is None:
+        return None
+    system = getattr(template, "system", None)
+    ids, prompt_len = encode(tokenizer, *pair, max_len=seq_len + 1, system=system)
+    if len(ids) <= max(prompt_len, 1):
+        return None
+    return pair, (ids, prompt_len)
+
+
 def encoded_samples(
     samples: Iterable[dict], tokenizer, *, seq_len: int, template: TemplateLike = DEFAULT_TEMPLATE
 ) -> Iterator[tuple[list[int], int]]:
-    """(ids, prompt_len) per usable row; rows without a completion or with no completion token left
-    after truncation are skipped."""
-    system = getattr(template, "system", None)
+    """(ids, prompt_len) per usable row (`encode_sample`); the other rows are skipped."""
     for sample in samples:
-        pair = render(sample, template)
-        if pair is None:
-            continue
-        ids, prompt_len = encode(tokenizer, *pair, max_len=seq_len + 1, system=system)
-        if len(ids) > prompt_len and len(ids) >= 2:
-            yield ids, prompt_len
+        found = encode_sample(sample, tokenizer, seq_len=seq_len, template=template)
+        if found is not None:
+            yield found[1]
 
 
 def packed_batches(
@@ -254,9 +265,13 @@ def packed_batches(
         yield batch
 
 
-def padded_batch(encoded: list[tuple[list[int], int]], seq_len: int) -> Batch:
-    """One sample per row (for architectures without a packed forward)."""
-    return pack_rows([[s] for s in encoded], seq_len)
+def padded_batch(pull: Callable[[], tuple[list[int], int] | None], rows: int, seq_len: int) -> Batch | None:
+    """The next `rows` samples of `pull` one per row, padded (for architectures without a packed
+    forward); rows past the end of the stream stay empty, None when there is no sample left."""
+    samples = [s for s in (pull() for _ in range(rows)) if s is not None]
+    if not samples:
+        return None
+    return pack_rows([[s] for s in samples] + [[] for _ in range(rows - len(samples))], seq_len)
 
 
 class ListSource:

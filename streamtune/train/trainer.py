@@ -15,9 +15,9 @@ import queue
 import resource
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import mlx.core as mx
@@ -28,61 +28,17 @@ import xxhash
 from mlx.utils import tree_flatten, tree_map
 
 from streamtune.accel import default_dtype
-from streamtune.train import checkpoint
+from streamtune.config import TrainArgs
+from streamtune.train import adapters, checkpoint
 from streamtune.train.data import (
-    DEFAULT_TEMPLATE,
     Batch,
     ListSource,
     Packer,
-    TemplateLike,
-    encode,
-    render,
+    encode_sample,
+    padded_batch,
 )
 from streamtune.train.forward import loss_at, supports_packing
 from streamtune.train.models import load_base
-
-
-@dataclass
-class TrainArgs:
-    model: str = "offline:smollm2"
-    adapter_path: str = "adapters"
-    fine_tune_type: str = "lora"  # "lora" | "dora" | "full"
-    qlora: bool = False  # keep (or quantize) the base in `quantize_bits`
-    quantize_bits: int = 4
-    num_layers: int = 8  # blocks (from the top) that get adapters; -1 = all
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-    keys: list[str] | None = None  # e.g. ["self_attn.q_proj", "self_attn.v_proj"]; None = every linear
-    lr: float = 5e-4
-    warmup: int = 2
-    lr_schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr) | "constant"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    iters: int = 6
-    epochs: int | None = None  # stop after this many passes over the data (if before `iters`)
-    batch_size: int = 2  # packed rows per micro-batch, over all processes
-    seq_len: int = 256  # tokens per row; longer samples are truncated
-    grad_accum: int = 1
-    grad_checkpoint: bool = False
-    compile: bool | None = None  # None: on GPU only (CPU compilation costs more than it saves)
-    packing: bool = True
-    additive_mask: bool | None = None  # 0/-inf float mask, not boolean; None: on GPU (faster there)
-    prefetch: int = 2  # batches prepared ahead in a background thread (0: inline)
-    attention_window: int | None = None  # longest sample (< seq_len / 2): attention over 2 windows only
-    template: TemplateLike = DEFAULT_TEMPLATE
-    eval_every: int = 0
-    val_fraction: float = 0.0
-    max_val_samples: int = 64
-    save_every: int = 0
-    checkpoint_url: str | None = None
-    storage_options: dict | None = None
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 0
-    dtype: str | None = None
-    progress: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def peak_memory_mb() -> float:
@@ -121,8 +77,8 @@ def validate(args: TrainArgs) -> None:
         raise ValueError(f"val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.fine_tune_type not in ("lora", "dora", "full"):
         raise ValueError(f"fine_tune_type must be lora, dora or full, got {args.fine_tune_type!r}")
-    if args.save_every and not args.checkpoint_url:
-        raise ValueError("save_every needs checkpoint_url")
+    if args.init_adapter and args.fine_tune_type == "full":
+        raise ValueError("init_adapter needs adapters (fine_tune_type lora or dora)")
 
 
 def setup_model(args: TrainArgs):
@@ -231,22 +187,19 @@ class SampleStream:
                 ):
                     self.dataset.set_epoch(self.epoch)
                 continue
-            pair = render(row, self.args.template)
-            if pair is None:
-                self.skipped += 1
-                continue
-            system = getattr(self.args.template, "system", None)
+            # samples are cut to the attention window, if any, so that attending over 2 windows is exact
             longest = min(self.args.seq_len, self.args.attention_window or self.args.seq_len)
-            ids, prompt_len = encode(self.tokenizer, *pair, max_len=longest + 1, system=system)
-            if len(ids) <= max(prompt_len, 1):
+            found = encode_sample(row, self.tokenizer, seq_len=longest, template=self.args.template)
+            if found is None:
                 self.skipped += 1
                 continue
+            pair, sample = found
             if self._is_val(row, pair):
                 if self.epoch == 0 and len(self.val) < self.args.max_val_samples:
-                    self.val.append((ids, prompt_len))
+                    self.val.append(sample)
                 continue
             self.yielded_this_epoch += 1
-            return ids, prompt_len
+            return sample
 
     def state_dict(self) -> dict:
         if not hasattr(self.dataset, "state_dict"):
@@ -309,30 +262,41 @@ def train(
     rank, world = group.rank(), group.size()
     if args.batch_size % world:
         raise ValueError(f"batch_size {args.batch_size} is not divisible by {world} processes")
+    if args.resume and checkpoint.latest(args.checkpoint_dir, args.storage_options) is None:
+        raise ValueError(f"nothing to resume from: no checkpoint at {args.checkpoint_dir}")
     model, tokenizer, config = model_bundle or setup_model(args)
     on_gpu = default_dtype() != "float32"
     additive = on_gpu if args.additive_mask is None else args.additive_mask
     packed = args.packing and supports_packing(model)
     rows = args.batch_size // world
     stream = SampleStream(dataset, tokenizer, args, rank, world)
+    # A checkpoint must hold the loader's position: datasets that cannot report one are not checkpointed.
+    checkpointing = bool(args.save_every) and hasattr(stream.dataset, "state_dict")
+    if args.save_every and not checkpointing:
+        warnings.warn(f"no checkpoints: {type(stream.dataset).__name__} has no state_dict()", stacklevel=2)
     packer = Packer(rows, args.seq_len)
 
     schedule = _schedule(args)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
     optimizer.init(model.trainable_parameters())
-    step, losses, history = 0, [], []
-    if args.resume and args.checkpoint_url:
-        found = checkpoint.load(args.checkpoint_url, args.storage_options)
-        if found is not None:
-            params, opt_state, state = found
-            model.load_weights(list(params.items()), strict=False)
-            optimizer.state = opt_state
-            if len(state["stream"]) != world:
-                raise ValueError(f"checkpoint was written by {len(state['stream'])} processes, not {world}")
-            stream.load_state_dict(state["stream"][rank])
-            packer.load_state_dict(state["packer"][rank])
-            step, losses = state["step"], state["losses"]
-            mx.eval(model.parameters(), optimizer.state)
+    step, losses, history, resumed_from = 0, [], [], None
+    if args.resume:
+        params, opt_state, state = checkpoint.load(args.checkpoint_dir, args.storage_options)
+        model.load_weights(list(params.items()), strict=False)
+        optimizer.state = opt_state
+        if len(state["stream"]) != world:
+            raise ValueError(f"checkpoint was written by {len(state['stream'])} processes, not {world}")
+        stream.load_state_dict(state["stream"][rank])
+        packer.load_state_dict(state["packer"][rank])
+        step, losses = state["step"], state["losses"]
+        resumed_from = step
+        mx.eval(model.parameters(), optimizer.state)
+    elif args.init_adapter:
+        weights = adapters.read_weights(args.init_adapter, args.storage_options)
+        if weights is None:
+            raise ValueError(f"init_adapter: no adapters.safetensors at {args.init_adapter}")
+        model.load_weights(list(weights.items()), strict=False)
+        mx.eval(model.parameters())
 
     def compute(inputs, positions, segments, index, targets, weights):
         return loss_at(
@@ -361,16 +325,15 @@ def train(
     def make_batch() -> Batch | None:
         if packed:
             return packer.next_batch(stream.pull)
-        row = [s for s in (stream.pull() for _ in range(rows)) if s is not None]
-        return None if not row else _one_per_row(row, rows, args.seq_len)
+        return padded_batch(stream.pull, rows, args.seq_len)
 
     def snapshot() -> str | None:
         # loader + packer position right after a batch: what a checkpoint after that batch must hold
-        if not args.save_every:
+        if not checkpointing:
             return None
         return json.dumps({"stream": stream.state_dict(), "packer": packer.state_dict()})
 
-    batches = Prefetcher(make_batch, snapshot, args.prefetch)
+    batches = BatchPrefetcher(make_batch, snapshot, args.prefetch)
     resume_state = None
 
     bar = None
@@ -449,14 +412,15 @@ def train(
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if on_step is not None and rank == 0:
             on_step(metrics)
-        if args.save_every and step % args.save_every == 0:
+        if checkpointing and step % args.save_every == 0:
             _save_checkpoint(args, model, optimizer, resume_state, step, losses, group)
     batches.close()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
     if rank == 0:
-        save_adapter(model, args.adapter_path, adapter_config(args, config))
+        save_adapter(model, adapters.local_dir(args.adapter_dir), adapter_config(args, config))
+        adapters.upload(adapters.local_dir(args.adapter_dir), args.adapter_dir, args.storage_options)
     final_val = evaluate(model, stream.val, args, packed, world) if stream.val or world > 1 else None
     return {
         "steps": step,
@@ -469,20 +433,22 @@ def train(
         "tokens_per_s": timed_tokens / timed_seconds
         if timed_seconds
         else (tokens_total / seconds if seconds else 0),
-        "adapter_path": args.adapter_path,
+        "adapter_path": args.adapter_dir,
+        "resumed_from_step": resumed_from,
         "peak_mem_mb": peak_memory_mb(),
         "seconds": seconds,
         "packed": packed,
         "world_size": world,
         "skipped_rows": stream.skipped,
         "history": history,
-        "args": {k: v for k, v in asdict(args).items() if k not in ("template", "storage_options")},
+        "args": args.settings(),
     }
 
 
-class Prefetcher:
-    """Prepares batches (read, tokenize, pack) in a thread while the device computes. Each batch comes
-    with the loader/packer state right after it, so checkpoints stay exact."""
+class BatchPrefetcher:
+    """Prepares training batches (read, tokenize, pack) in a thread while the device computes. Each batch
+    comes with the loader/packer state right after it, so checkpoints stay exact. (Not the range fetcher
+    `streamtune.stream.prefetch.Prefetcher`, which reads shard bytes ahead under a byte budget.)"""
 
     def __init__(self, make: Callable[[], Batch | None], snapshot: Callable[[], str | None], depth: int):
         self.make, self.snapshot, self.depth = make, snapshot, depth
@@ -528,12 +494,6 @@ class Prefetcher:
             self.thread.join(timeout=5)
 
 
-def _one_per_row(samples: list[tuple[list[int], int]], rows: int, seq_len: int) -> Batch:
-    from streamtune.train.data import pack_rows
-
-    return pack_rows([[s] for s in samples] + [[] for _ in range(rows - len(samples))], seq_len)
-
-
 def evaluate(
     model: nn.Module, samples: list[tuple[list[int], int]], args: TrainArgs, packed: bool, world: int
 ):
@@ -549,11 +509,7 @@ def evaluate(
         return pending.popleft() if pending else None
 
     while True:
-        if packed:
-            batch = packer.next_batch(pull)
-        else:
-            take = [s for s in (pull() for _ in range(packer.rows)) if s is not None]
-            batch = _one_per_row(take, packer.rows, args.seq_len) if take else None
+        batch = packer.next_batch(pull) if packed else padded_batch(pull, packer.rows, args.seq_len)
         if batch is None:
             break
         total = total + loss_at(
@@ -584,7 +540,7 @@ def _save_checkpoint(args, model, optimizer, local: str, step, losses, group):
         states = [json.loads(local)]
     if group.rank() == 0:
         checkpoint.save(
-            args.checkpoint_url,
+            args.checkpoint_dir,
             step,
             params=dict(tree_flatten(model.trainable_parameters())),
             optimizer_state=optimizer.state,

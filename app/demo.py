@@ -7,6 +7,7 @@ import os
 import time
 
 from streamtune import storage
+from streamtune.config import DEFAULT_MODEL
 from streamtune.demo.data import generate_demo_source, upload_dir
 from streamtune.testing.s3server import start_local_s3
 
@@ -19,11 +20,8 @@ def demo_params(workdir: str, *, samples: int = 24, iters: int | None = None) ->
     params = {
         "source_url": f"s3://{BUCKET}/raw",
         "work_url": f"s3://{BUCKET}/streamtune",
-        "adapter_path": os.path.join(workdir, "adapters"),
-        "max_shard_bytes": 256 << 10,  # several small shards, so the fan-out is visible
-        "iters": iters or 24,
-        "batch_size": 2,
-        "seq_len": 256,
+        "shard": {"max_shard_bytes": 256 << 10},  # several small shards, so the fan-out is visible
+        "train": {"adapter_path": os.path.join(workdir, "adapters"), "iters": iters or 24, "batch_size": 2},
     }
     return params
 
@@ -64,7 +62,7 @@ def _before_after(summary: dict, workdir: str) -> dict:
     from streamtune.train.data import render
     from streamtune.train.generate import generate
 
-    model = summary.get("model") or "offline:smollm2"
+    model = summary.get("model") or DEFAULT_MODEL
     rendered = render(DEMO_PROMPT_SAMPLE)
     prompt = rendered[0] if rendered else DEMO_PROMPT_SAMPLE["transcript"]
     before = generate(model, prompt, max_tokens=24)

@@ -1,7 +1,7 @@
 """Prefect settings the pipeline runs with: no telemetry, results persisted, a local result folder by default.
 
 Prefect reads its settings from the environment when `prefect` is first imported, so these defaults are
-applied by `flows/__init__.py` before anything imports Prefect. Values already in the environment win.
+applied by `tasks/__init__.py` (which `flows` imports) before anything imports Prefect. Values already in the environment win.
 """
 
 from __future__ import annotations

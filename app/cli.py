@@ -1,4 +1,8 @@
-"""`streamtune` command line. User errors print one line and exit non-zero; `--debug` shows tracebacks."""
+"""`streamtune` command line. User errors print one line and exit non-zero; `--debug` shows tracebacks.
+
+Commands that take settings (`run`, `shard`, `decode`, `train`) read them from `-c FILE.yaml` and a flag per
+field (see docs/configuration.md): defaults < YAML < flags. Every command ends with a one-line JSON summary.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+from app.settings_flags import flags_help, parse_flags
+from streamtune.config import DEFAULT_MODEL, DecodeConfig, ShardConfig, TrainArgs
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
+SETTINGS = {"ignore_unknown_options": True, "allow_extra_args": True}
 _state = {"debug": False}
 
 
@@ -27,6 +35,22 @@ def _storage_options(endpoint_url: str | None) -> dict | None:
 
 
 EndpointOpt = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (default: AWS env).")
+ConfigOpt = typer.Option(None, "-c", "--config", help="YAML file of settings (flags override it).")
+
+
+def _settings(cls, config: Path | None, flags: list[str], section: str | None = None, **given):
+    """`cls` from defaults < YAML (`config`; a pipeline file's `section` also works) < `given` < flags."""
+    from streamtune.config import build, load_yaml
+
+    data = load_yaml(config) if config else {}
+    if section and isinstance(data.get(section), dict) and section not in cls.model_fields:
+        data = data[section]
+    overrides = {k: v for k, v in given.items() if v is not None} | parse_flags(cls, flags)
+    return build(cls, data, overrides=overrides)
+
+
+def _help(cls, skip: tuple[str, ...] = ()) -> str:
+    return "Settings (also in -c FILE.yaml):\n\n" + flags_help(cls, skip)
 
 
 @app.command()
@@ -38,33 +62,37 @@ def demo(
     iters: int | None = typer.Option(None, help="Training steps (default: the demo's)."),
 ) -> None:
     """Run the whole pipeline on the embedded default: generated media on a loopback S3 server."""
-    from streamtune.demo.run import run_demo
+    from app.demo import run_demo
 
     summary = run_demo(str(workdir), samples=samples, iters=iters)
     _print_summary(summary)
 
 
-@app.command()
+def _pipeline_params():
+    from flows.params import PipelineParams
+
+    return PipelineParams
+
+
+@app.command(
+    context_settings=SETTINGS,
+    epilog="Every pipeline parameter is a flag: --source-url URL, --train.iters 5, --decode.clip-model RN50 (docs/configuration.md).",
+)
 def run(
-    config: Path = typer.Argument(..., help="YAML file with pipeline parameters."),
-    source_url: str | None = typer.Option(None, help="Override source_url."),
-    work_url: str | None = typer.Option(None, help="Override work_url."),
+    ctx: typer.Context,
+    config_arg: Path | None = typer.Argument(
+        None, metavar="[CONFIG]", help="YAML file of pipeline parameters."
+    ),
+    config: Path | None = ConfigOpt,
     summary_path: Path = typer.Option(Path("summary.json"), "--summary", help="Where to write summary.json."),
 ) -> None:
     """Run the pipeline flow on real sources (parameters from CONFIG, flags override)."""
-    import yaml
+    if config_arg and config:
+        raise UserError("give the config once: CONFIG or -c CONFIG")
+    params = _settings(_pipeline_params(), config or config_arg, ctx.args)
+    from flows.pipeline import pipeline
 
-    if not config.exists():
-        raise UserError(f"config not found: {config}")
-    params = yaml.safe_load(config.read_text()) or {}
-    if not isinstance(params, dict):
-        raise UserError(f"{config}: expected a mapping of pipeline parameters")
-    for key, value in (("source_url", source_url), ("work_url", work_url)):
-        if value:
-            params[key] = value
-    from flows.pipeline import PipelineParams, pipeline
-
-    summary = pipeline(PipelineParams(**params))
+    summary = pipeline(params)
     summary_path.write_text(json.dumps(summary, indent=2, default=str))
     _print_summary(summary)
 
@@ -84,77 +112,107 @@ def manifest(
     typer.echo(json.dumps({**summarize_manifest(table), "quarantined": len(problems), "out": out}))
 
 
-@app.command()
+@app.command(context_settings=SETTINGS, epilog=_help(ShardConfig))
 def shard(
+    ctx: typer.Context,
     manifest_url: str = typer.Argument(
         ..., metavar="MANIFEST", help="manifest.parquet written by `manifest`."
     ),
-    source: str = typer.Option(..., "--source", help="The source URL the manifest lists."),
     out: str = typer.Option(..., "--out", help="Shard set prefix."),
-    max_shard_mb: int = typer.Option(64, help="Target shard size."),
+    source: str | None = typer.Option(
+        None, "--source", help="Read objects from here instead of the manifest's source."
+    ),
+    config: Path | None = ConfigOpt,
     endpoint_url: str | None = EndpointOpt,
 ) -> None:
-    """Pack a manifest's samples into Arrow shards + index.json."""
+    """Pack a manifest's samples into Arrow shards + index.json (settings: --max-shard-bytes N)."""
     from streamtune.ingest import commit_raw_shards, plan_shards, unusable_objects, write_raw_shard
-    from streamtune.manifest import read_manifest
+    from streamtune.manifest import manifest_source, read_manifest
 
+    cfg = _settings(ShardConfig, config, ctx.args, section="shard")
     so = _storage_options(endpoint_url)
     table = read_manifest(manifest_url, so)
-    plans = plan_shards(table, max_shard_bytes=max_shard_mb << 20)
+    source_options = so
+    if source is None:
+        source, recorded = manifest_source(table)
+        source_options = {**(recorded or {}), **(so or {})} or None
+    plans = plan_shards(table, max_shard_bytes=cfg.max_shard_bytes)
     with _progress() as progress:
         task = progress.add_task("shard", total=len(plans))
         results = []
         for plan in plans:
-            results.append(write_raw_shard(source, table, plan, out, source_options=so, out_options=so))
+            results.append(
+                write_raw_shard(source, table, plan, out, source_options=source_options, out_options=so)
+            )
             progress.advance(task)
     index = commit_raw_shards(out, results, so, append=False, problems=unusable_objects(table))
-    typer.echo(json.dumps({"shards": len(index["shards"]), "rows": index.get("rows"), "out": out}))
+    quarantined = len(unusable_objects(table)) + sum(len(r["quarantine"]) for r in results)
+    typer.echo(
+        json.dumps({"shards": len(index["shards"]), "rows": index.get("rows"), "bytes": index.get("bytes"),
+                    "quarantined": quarantined, "source": source, "out": out})
+    )  # fmt: skip
 
 
-@app.command()
+@app.command(context_settings=SETTINGS, epilog=_help(DecodeConfig))
 def decode(
+    ctx: typer.Context,
     shards_url: str = typer.Argument(..., metavar="SHARDS", help="Raw shard set prefix."),
     out: str = typer.Option(..., "--out", help="Feature shard set prefix."),
-    whisper_model: str = typer.Option("offline:tiny.en", help="mlx-whisper folder, hub id or offline:NAME."),
-    clip_model: str = typer.Option("ViT-B-32", help="open_clip model name."),
-    clip_pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or checkpoint path."),
+    config: Path | None = ConfigOpt,
     endpoint_url: str | None = EndpointOpt,
 ) -> None:
-    """Decode raw shards into feature shards (transcripts, CLIP embeddings, tags)."""
-    from streamtune.decode.features import DecodeConfig, decode_shards
+    """Decode raw shards into feature shards (transcripts, CLIP embeddings, tags). Settings: --whisper-model,
+    --clip-model, --clip-pretrained, --labels '[a, b]' ... (docs/configuration.md, `decode` section)."""
+    from streamtune.decode.features import decode_shards
 
-    cfg = DecodeConfig(whisper_model=whisper_model, clip_model=clip_model, clip_pretrained=clip_pretrained)
-    result = decode_shards(shards_url, out, cfg, _storage_options(endpoint_url))
-    typer.echo(json.dumps(result, default=str))
+    cfg = _settings(DecodeConfig, config, ctx.args, section="decode")
+    index = decode_shards(shards_url, out, cfg, _storage_options(endpoint_url))
+    stats = index.get("stats") or {}
+    keys = ("samples", "features", "quarantined", "audio_files", "audio_seconds", "images", "skipped_shards")
+    typer.echo(
+        json.dumps({"shards": len(index["shards"]), "rows": index.get("rows"), "bytes": index.get("bytes"),
+                    **{k: round(stats[k], 2) for k in keys if k in stats}, "out": out})
+    )  # fmt: skip
 
 
-@app.command()
+@app.command(context_settings=SETTINGS, epilog=_help(TrainArgs))
 def train(
+    ctx: typer.Context,
     features: str = typer.Argument(..., help="Feature shard set prefix."),
-    model: str = typer.Option(
-        "offline:smollm2", help="Base model: offline:smollm2, .gguf, mlx-lm folder, hub id."
-    ),
-    adapter_path: Path = typer.Option(Path("adapters"), help="Output folder for the adapter."),
-    qlora: bool = typer.Option(False, "--qlora", help="Keep the base quantized (QLoRA)."),
-    iters: int = typer.Option(100, help="Training steps."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    config: Path | None = ConfigOpt,
     endpoint_url: str | None = EndpointOpt,
 ) -> None:
-    """LoRA/QLoRA fine-tune a base model on a feature shard set, streamed."""
+    """LoRA/QLoRA fine-tune a base model on a feature shard set, streamed. Every setting is a flag
+    (--iters 200 --lr 2e-4 --batch-size 8 --qlora ...; docs/configuration.md). Checkpoints go next to the
+    adapter every --save-every steps; --resume continues from the latest one."""
     from streamtune import CloudStreamingDataset
-    from streamtune.train.trainer import TrainArgs
     from streamtune.train.trainer import train as run_train
 
     so = _storage_options(endpoint_url)
-    ds = CloudStreamingDataset(features, storage_options=so, shuffle=True)
-    args = TrainArgs(model=model, adapter_path=str(adapter_path), qlora=qlora, iters=iters, resume=resume)
+    args = _settings(TrainArgs, config, ctx.args, section="train")
+    args = args.model_copy(update={"storage_options": so})
+    ds = CloudStreamingDataset(features, storage_options=so, shuffle=True, seed=args.seed)
     result = run_train(args, ds)
-    typer.echo(json.dumps({k: v for k, v in result.items() if k != "losses"}, default=str))
+    if result.get("resumed_from_step") is not None:
+        typer.echo(f"resumed from step {result['resumed_from_step']} ({args.checkpoint_dir})", err=True)
+    keep = (
+        "steps",
+        "loss_first",
+        "loss_last",
+        "tokens",
+        "tokens_per_s",
+        "seconds",
+        "val_loss",
+        "resumed_from_step",
+    )
+    typer.echo(
+        json.dumps({**{k: result.get(k) for k in keep}, "adapter_path": result["adapter_path"]}, default=str)
+    )
 
 
 @app.command()
 def generate(
-    model: str = typer.Option("offline:smollm2", help="Base model."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model."),
     adapter_path: Path | None = typer.Option(None, help="Adapter folder."),
     prompt: str = typer.Option(..., help="Prompt text."),
     max_tokens: int = typer.Option(64),
@@ -189,27 +247,31 @@ def gc(
 
 @app.command("export-base")
 def export_base_cmd(
-    model: str = typer.Option("offline:smollm2", help="Base model to export."),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model to export."),
     out: Path = typer.Option(..., "--out", help="Output mlx-lm folder."),
 ) -> None:
     """Write a base model as an mlx-lm folder (config.json, model.safetensors, tokenizer)."""
     from streamtune.train.models import export_base
 
-    typer.echo(export_base(model, str(out)))
+    typer.echo(json.dumps({"out": export_base(model, str(out))}))
 
 
-@app.command()
+@app.command(context_settings=SETTINGS)
 def serve(
-    config: Path | None = typer.Argument(None, help="YAML pipeline parameters."),
+    ctx: typer.Context,
+    config_arg: Path | None = typer.Argument(None, metavar="[CONFIG]", help="YAML pipeline parameters."),
+    config: Path | None = ConfigOpt,
     cron: str = typer.Option("0 3 * * *", help="Cron schedule."),
 ) -> None:
     """Serve the pipeline flow on this machine with a cron schedule (Prefect flow.serve)."""
-    import yaml
+    from streamtune.config import load_yaml, set_dotted
 
+    data = load_yaml(config or config_arg) if (config or config_arg) else {}
+    for dotted, value in parse_flags(_pipeline_params(), ctx.args).items():
+        set_dotted(data, dotted, value)
     from flows.pipeline import serve as serve_flow
 
-    params = yaml.safe_load(config.read_text()) if config else {}
-    serve_flow(cron=cron, parameters=params or {})
+    serve_flow(cron=cron, parameters=data)
 
 
 def _progress():
@@ -247,6 +309,19 @@ def _print_summary(summary: dict) -> None:
     console.print("\n".join(lines))
 
 
+def _one_line(e: BaseException) -> str:
+    from pydantic import ValidationError
+
+    from streamtune.config import ConfigError
+    from streamtune.config import _one_line as validation_line
+
+    if isinstance(e, ValidationError):
+        return validation_line(e, type(e))
+    if isinstance(e, ConfigError | UserError):
+        return str(e).splitlines()[0]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def main() -> None:
     debug = "--debug" in sys.argv
     try:
@@ -256,7 +331,7 @@ def main() -> None:
     except (UserError, FileNotFoundError, PermissionError, ValueError, KeyError, OSError) as e:
         if debug:
             raise
-        typer.echo(f"error: {type(e).__name__}: {e}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
     except Exception as e:  # click usage errors etc.
         import click

@@ -1,3 +1,0 @@
-from streamtune.cli import main
-
-main()
