@@ -9,12 +9,13 @@ interleaved stream partitions, the same rows as one process with all lanes.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import string
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -135,7 +136,8 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int, system: str | 
 @dataclass
 class Batch:
     """A packed batch. `inputs`/`targets`/`loss_mask`/`positions`/`segments` are (rows, seq_len) numpy
-    arrays; segment 0 is padding, samples are numbered from 1 within a row."""
+    arrays; segment 0 is padding, samples are numbered from 1 within a row. `media` lists the soft tokens
+    of multimodal samples as (kind, flat position in rows * seq_len, (n, dim) features)."""
 
     inputs: np.ndarray
     targets: np.ndarray
@@ -143,15 +145,40 @@ class Batch:
     positions: np.ndarray
     segments: np.ndarray
     samples: int
-    tokens: int  # non-pad input tokens
+    tokens: int  # non-pad input tokens (soft tokens included)
+    media: list = field(default_factory=list)
 
     @property
     def targets_count(self) -> int:
         return int(self.loss_mask.sum())
 
 
-def pack_rows(rows: list[list[tuple[list[int], int]]], seq_len: int) -> Batch:
-    """Lay out rows of (ids, prompt_len) samples into a Batch. Each sample uses len(ids) - 1 slots."""
+def sample_to_json(sample: tuple) -> list:
+    """An encoded sample as JSON: [ids, prompt_len] (+ media as [kind, at, shape, base64 float16])."""
+    ids, prompt_len, *rest = sample
+    if not rest:
+        return [ids, prompt_len]
+    media = [
+        [kind, at, list(f.shape), base64.b64encode(np.ascontiguousarray(f, np.float16).tobytes()).decode()]
+        for kind, at, f in rest[0]
+    ]
+    return [ids, prompt_len, media]
+
+
+def sample_from_json(data: list) -> tuple:
+    ids, prompt_len = list(data[0]), int(data[1])
+    if len(data) < 3:
+        return ids, prompt_len
+    media = [
+        (kind, int(at), np.frombuffer(base64.b64decode(b64), np.float16).reshape(shape))
+        for kind, at, shape, b64 in data[2]
+    ]
+    return ids, prompt_len, media
+
+
+def pack_rows(rows: list[list[tuple]], seq_len: int) -> Batch:
+    """Lay out rows of (ids, prompt_len[, media]) samples into a Batch. Each sample uses len(ids) - 1
+    slots; a medium's soft tokens go where its slots are."""
     n = len(rows)
     inputs = np.zeros((n, seq_len), np.int32)
     targets = np.zeros((n, seq_len), np.int32)
@@ -159,10 +186,13 @@ def pack_rows(rows: list[list[tuple[list[int], int]]], seq_len: int) -> Batch:
     positions = np.zeros((n, seq_len), np.int32)
     segments = np.zeros((n, seq_len), np.int32)
     samples = tokens = 0
+    media = []
     for r, row in enumerate(rows):
         at = 0
-        for s, (ids, prompt_len) in enumerate(row, start=1):
+        for s, (ids, prompt_len, *extra) in enumerate(row, start=1):
             k = len(ids) - 1
+            for kind, start, feats in extra[0] if extra else ():
+                media.append((kind, r * seq_len + at + start, feats))
             if at + k > seq_len:
                 raise ValueError(f"row {r} overflows seq_len {seq_len}")
             inputs[r, at : at + k] = ids[:-1]
@@ -174,7 +204,7 @@ def pack_rows(rows: list[list[tuple[list[int], int]]], seq_len: int) -> Batch:
             at += k
             samples += 1
             tokens += k
-    return Batch(inputs, targets, loss_mask, positions, segments, samples, tokens)
+    return Batch(inputs, targets, loss_mask, positions, segments, samples, tokens, media)
 
 
 class Packer:
@@ -188,13 +218,13 @@ class Packer:
         self.dealt = 0
 
     def state_dict(self) -> dict:
-        return {"dealt": self.dealt, "lanes": [[[ids, p] for ids, p in lane] for lane in self.lanes]}
+        return {"dealt": self.dealt, "lanes": [[sample_to_json(s) for s in lane] for lane in self.lanes]}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["lanes"]) != self.rows:
             raise ValueError(f"packer state has {len(state['lanes'])} lanes, expected {self.rows}")
         self.dealt = state["dealt"]
-        self.lanes = [deque((list(ids), int(p)) for ids, p in lane) for lane in state["lanes"]]
+        self.lanes = [deque(sample_from_json(s) for s in lane) for lane in state["lanes"]]
 
     def deal(self, sample: tuple[list[int], int]) -> None:
         self.lanes[self.dealt % self.rows].append(sample)

@@ -128,9 +128,11 @@ def packed_hidden(
     checkpoint: bool = False,
     window: int | None = None,
     additive_mask: bool = False,
+    soft: tuple[mx.array, ...] | None = None,
 ) -> mx.array:
     """Final (normed) hidden states of packed rows. `window`: the longest sample, if shorter than half a
-    row (enables `local_attention`)."""
+    row (enables `local_attention`). `soft`: (gather, features per kind) of multimodal soft tokens
+    (`multimodal.soft_inputs`), put into the input embeddings by `model.projectors`."""
     inner = model.model
     L = inputs.shape[1]
     if window and 2 * window <= L and L % window == 0:
@@ -138,10 +140,18 @@ def packed_hidden(
     else:
         mask = attention_mask(segments, inner.embed_tokens.weight.dtype if additive_mask else None)
     h = inner.embed_tokens(inputs)
+    if soft:
+        h = _with_soft(model, h, soft)
     block = _checkpointed_block if checkpoint else _block
     for layer in inner.layers:
         h = block(layer, h, positions, mask)
     return inner.norm(h)
+
+
+def _with_soft(model: nn.Module, h: mx.array, soft: tuple[mx.array, ...]) -> mx.array:
+    from streamtune.train.multimodal import insert_soft
+
+    return insert_soft(model.projectors, h, *soft)
 
 
 def output_head(model: nn.Module, h: mx.array) -> mx.array:
@@ -177,14 +187,19 @@ def loss_at(
     checkpoint: bool = False,
     window: int | None = None,
     additive_mask: bool = False,
+    soft: tuple[mx.array, ...] | None = None,
 ) -> mx.array:
     """`loss_sum`, with the vocabulary projection and cross-entropy computed only at `index` (flat
     positions where the loss counts, padded with weight-0 entries to a few fixed sizes so a compiled step
     sees few shapes). Prompt tokens carry no loss, so this skips most of the widest matmul and the
     softmax over the vocabulary (slow on CPUs: about 0.6 s per 512 tokens of a 49k vocabulary here)."""
     if packed:
-        h = packed_hidden(model, inputs, positions, segments, checkpoint, window, additive_mask)
+        h = packed_hidden(model, inputs, positions, segments, checkpoint, window, additive_mask, soft)
         logits = output_head(model, h.reshape(-1, h.shape[-1])[index])
+    elif soft:
+        embeddings = _with_soft(model, model.model.embed_tokens(inputs), soft)
+        logits = model(inputs, input_embeddings=embeddings)
+        logits = logits.reshape(-1, logits.shape[-1])[index]
     else:
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[index]
@@ -203,6 +218,7 @@ def loss_sum(
     checkpoint: bool = False,
     window: int | None = None,
     additive_mask: bool = False,
+    soft: tuple[mx.array, ...] | None = None,
 ) -> mx.array:
     """Sum of the cross-entropy over completion tokens (divide by `loss_mask.sum()` for the mean), with
     logits at every position; `loss_at` leaves out the positions without loss."""
@@ -218,4 +234,5 @@ def loss_sum(
         checkpoint,
         window,
         additive_mask,
+        soft,
     )
