@@ -113,6 +113,25 @@ class DecodeConfig(Settings):
     max_audio_seconds: float = Field(3600.0, gt=0, description="Longer recordings are quarantined.")
     top_k: int = Field(3, ge=1, description="Tags kept per image.")
     cache_dir: str | None = Field(None, description="Converted model cache; default ~/.cache/streamtune.")
+    media_tokens: list[Literal["image", "audio"]] = Field(
+        default_factory=list,
+        description="Encoder outputs kept for multimodal training: image (CLIP patch tokens), audio (Whisper encoder frames).",
+    )
+    image_layer: int = Field(
+        -2, description="CLIP vision block whose patch tokens are kept (-1 last, -2 penultimate)."
+    )
+    image_pool: int = Field(
+        1, ge=1, description="Average-pool the patch grid by this factor per side (2: a quarter of the tokens)."
+    )
+    audio_layer: int = Field(
+        -1, description="Whisper encoder block whose frames are kept (-1: the final output)."
+    )
+    audio_factor: int = Field(
+        5, ge=1, description="Whisper frames (50 per s) per audio token: 5 gives 10 tokens per second."
+    )
+    audio_pool: Literal["stack", "mean"] = Field(
+        "stack", description="stack: concatenate a token's frames (width factor x d_model); mean: average them."
+    )
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -129,6 +148,9 @@ class DecodeConfig(Settings):
         from streamtune.decode.features import CODE_VERSION, local_fingerprint
 
         settings = self.model_dump(exclude={"audio_batch", "image_batch", "cache_dir"})
+        if not self.media_tokens:  # feature sets decoded before encoder tokens existed keep their keys
+            for name in ("media_tokens", "image_layer", "image_pool", "audio_layer", "audio_factor", "audio_pool"):
+                settings.pop(name)
         settings["whisper_files"] = local_fingerprint(self.whisper_model)
         settings["clip_files"] = local_fingerprint(self.clip_pretrained)
         settings["code"] = CODE_VERSION

@@ -49,7 +49,10 @@ def local_fingerprint(ref: str | None) -> str | None:
     ).hexdigest()[:16]
 
 
-def features_schema(clip_dim: int) -> pa.Schema:
+def features_schema(clip_dim: int, token_dims: dict[str, int] | None = None) -> pa.Schema:
+    """Feature columns; with `token_dims` ({kind: width}) also `image_tokens` / `audio_tokens`:
+    list<fixed_size_list<float16, width>>, one (tokens, width) tensor per sample (null without the medium)."""
+    tokens = [pa.field(f"{k}_tokens", token_type(d)) for k, d in sorted((token_dims or {}).items())]
     return pa.schema(
         [
             pa.field("sample_id", pa.string()),
@@ -63,8 +66,24 @@ def features_schema(clip_dim: int) -> pa.Schema:
             pa.field("clip_embedding", pa.list_(pa.float32(), clip_dim)),
             pa.field("tags", pa.list_(pa.string())),
             pa.field("tag_scores", pa.list_(pa.float32())),
+            *tokens,
         ]
     )
+
+
+def token_type(width: int) -> pa.DataType:
+    return pa.list_(pa.list_(pa.float16(), int(width)))
+
+
+def token_column(arrays: list[np.ndarray | None], width: int) -> pa.Array:
+    """One row per sample: its (tokens, width) float16 array, or null."""
+    lengths = [0 if a is None else len(a) for a in arrays]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    present = [np.asarray(a, np.float16).reshape(-1, width) for a in arrays if a is not None]
+    flat = np.concatenate(present) if present else np.zeros((0, width), np.float16)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float16()), int(width))
+    mask = pa.array([a is None for a in arrays])
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=mask)
 
 
 def _new_stats() -> dict[str, float]:
@@ -91,6 +110,9 @@ class Decoder:
         self._lock = threading.RLock()
         self.stats = _new_stats()
         self.clip_dim = _clip_dim(cfg.clip_model)
+        self.spec = _media_spec(cfg)
+        self.token_dims = {k: s["dim"] for k, s in self.spec.items()}
+        self._image_tokens = self._audio_tokens = None
 
     @property
     def transcriber(self):
@@ -113,6 +135,31 @@ class Decoder:
                     self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.labels, self.cfg.image_batch
                 )
             return self._clip
+
+    @property
+    def image_tokens(self):
+        with self._lock:
+            if self._image_tokens is None:
+                from streamtune.decode.tokens import ImageTokens
+
+                self._image_tokens = ImageTokens(self.clip, self.cfg.image_layer, self.cfg.image_pool)
+            return self._image_tokens
+
+    @property
+    def audio_tokens(self):
+        with self._lock:
+            if self._audio_tokens is None:
+                from streamtune.decode.tokens import AudioTokens
+
+                cfg = self.cfg
+                self._audio_tokens = AudioTokens(
+                    cfg.whisper_model, cfg.audio_layer, cfg.audio_factor, cfg.audio_pool, cfg.cache_dir,
+                    whisper=self.transcriber.model,
+                )  # fmt: skip
+            return self._audio_tokens
+
+    def schema(self) -> pa.Schema:
+        return features_schema(self.clip_dim, self.token_dims)
 
     def decode_table(self, raw: pa.Table) -> tuple[pa.Table, list[dict]]:
         """Decode every row; rows with any undecodable part become quarantine records instead."""
@@ -202,9 +249,21 @@ class Decoder:
                 stats["windows"] += self.transcriber.stats["windows"] - windows
                 stats["model_seconds"] += self.transcriber.stats["model_seconds"] - seconds
                 stats["audio_seconds"] += sum(o["seconds"] for o in outs)
+                if "audio" in self.spec:
+                    t0 = time.perf_counter()
+                    tokens = self.audio_tokens.encode_many([r["audio"] for r in with_audio])
+                    for r, t in zip(with_audio, tokens, strict=True):
+                        r["audio_tokens"] = t
+                    stats["model_seconds"] += time.perf_counter() - t0
             if with_image:
                 t0 = time.perf_counter()
-                emb = self.clip.embed_prepared([r["pixels"] for r in with_image])
+                pixels = [r["pixels"] for r in with_image]
+                if "image" in self.spec:
+                    emb, tokens = self.image_tokens.encode(pixels)
+                    for r, t in zip(with_image, tokens, strict=True):
+                        r["image_tokens"] = t
+                else:
+                    emb = self.clip.embed_prepared(pixels)
                 tags = self.clip.tag(emb, self.cfg.top_k)
                 for r, e, t in zip(with_image, emb, tags, strict=True):
                     r["embedding"], r["tags"] = e, t
@@ -215,7 +274,7 @@ class Decoder:
         return pending
 
     def _to_table(self, rows: list[dict]) -> pa.Table:
-        schema = features_schema(self.clip_dim)
+        schema = self.schema()
         dim = self.clip_dim
         flat = np.zeros((len(rows), dim), np.float32)
         has_image = np.zeros(len(rows), bool)
@@ -239,11 +298,21 @@ class Decoder:
             "tags": [[t for t, _ in r["tags"]] if r.get("tags") is not None else None for r in rows],
             "tag_scores": [[s for _, s in r["tags"]] if r.get("tags") is not None else None for r in rows],
         }
+        for kind, width in self.token_dims.items():
+            columns[f"{kind}_tokens"] = token_column([r.get(f"{kind}_tokens") for r in rows], width)
         arrays = [
             columns[f.name] if isinstance(columns[f.name], pa.Array) else pa.array(columns[f.name], f.type)
             for f in schema
         ]
         return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _media_spec(cfg: DecodeConfig) -> dict:
+    if not cfg.media_tokens:
+        return {}
+    from streamtune.decode.tokens import media_spec
+
+    return media_spec(cfg, cfg.media_tokens)
 
 
 def _clip_dim(model_name: str) -> int:
@@ -347,7 +416,7 @@ def decode_shard(
     except ShardError as e:
         # A missing or corrupt raw shard: an empty feature shard keeps the set consistent, the record says
         # why, and no marker is written, so the next run tries again.
-        features = features_schema(decoder.clip_dim).empty_table()
+        features = decoder.schema().empty_table()
         quarantine = [
             quarantine_table.record(
                 None, name, "read", Reason.CORRUPT_SHARD, str(e), modality="shard", shard=name
@@ -357,6 +426,7 @@ def decode_shard(
         out_entry |= {"key": None, "source": {"path": name, "checksum": entry.get("checksum")}}
         stats = _new_stats() | {"shards": 1, "quarantined": 1}
         result = {"entry": out_entry, "quarantine": quarantine, "key": None, "config_key": cfg.key()}
+        result["media_tokens"] = decoder.spec
         return result | {"schema": schema_to_json(features.schema), "stats": stats, "skipped": False}
     features, quarantine, stats = decoder.decode_table_stats(raw)
     for q in quarantine:
@@ -370,6 +440,7 @@ def decode_shard(
         "key": key,
         "config_key": cfg.key(),
         "schema": schema_to_json(features.schema),
+        "media_tokens": decoder.spec,
     }
     storage.write_json(marker_url, result, storage_options)  # written after the shard: the shard's commit
     return {**result, "stats": stats, "skipped": False}
@@ -397,7 +468,13 @@ def _derive(entry: dict, out_prefix: str, cfg: DecodeConfig, storage_options) ->
     out_entry = write_shard(table.take(keep), storage.join(out_prefix, name), storage_options)
     out_entry |= {"key": shard_key(entry, cfg), "source": {"path": name, "checksum": entry["checksum"]}}
     quarantine = [q | {"shard": name} for q in old.get("quarantine", []) if q.get("sample_id") not in dropped]
-    return {"entry": out_entry, "quarantine": quarantine, "config_key": cfg.key(), "schema": old["schema"]}
+    return {
+        "entry": out_entry,
+        "quarantine": quarantine,
+        "config_key": cfg.key(),
+        "schema": old["schema"],
+        "media_tokens": old.get("media_tokens") or {},
+    }
 
 
 def _decoded(out_prefix: str, name: str, key: str, storage_options) -> dict | None:
@@ -452,11 +529,20 @@ def commit_features(
         by_error[q["error"]] = by_error.get(q["error"], 0) + 1
     extra = {
         "kind": "features",
+        "media_tokens": _media_tokens(results),
         "config_keys": sorted({r["config_key"] for r in results if r.get("config_key")}),
         "quarantine": {"path": QUARANTINE_NAME, "rows": len(records), "by_error": by_error},
         "stats": totals,
     }
     return commit_index(out_prefix, [r["entry"] for r in results], schema, storage_options, extra=extra)
+
+
+def _media_tokens(results: list[dict]) -> dict:
+    """The encoder-token spec every shard was decoded with (one spec per feature set)."""
+    specs = {json.dumps(r.get("media_tokens") or {}, sort_keys=True) for r in results}
+    if len(specs) > 1:
+        raise ValueError(f"feature shards were decoded with different encoder tokens: {sorted(specs)}")
+    return json.loads(specs.pop()) if specs else {}
 
 
 def _index_schema(results: list[dict], clip_dim: int | None) -> pa.Schema:
@@ -471,7 +557,8 @@ def _index_schema(results: list[dict], clip_dim: int | None) -> pa.Schema:
         got = s.field("clip_embedding").type
         if got != want:
             raise ValueError(f"feature shard {r['entry']['path']} has clip_embedding {got}, expected {want}")
-    return features_schema(clip_dim)
+    dims = {k: s["dim"] for k, s in _media_tokens(results).items()}
+    return features_schema(clip_dim, dims)
 
 
 def read_quarantine(out_prefix: str, storage_options: dict[str, Any] | None = None) -> pa.Table:

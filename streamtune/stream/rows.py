@@ -52,6 +52,28 @@ def _tensor_getter(arr: pa.FixedSizeListArray) -> Getter:
     return get
 
 
+def _ragged_tensor_getter(arr: pa.ListArray) -> Getter:
+    """list<fixed_size_list<number, width>>: row i is a (n_i, width) array (e.g. encoder tokens)."""
+    width = arr.type.value_type.list_size
+    offsets = arr.offsets.to_numpy()
+    matrix = arr.values.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False).tolist()
+
+    def get(i: int) -> object:
+        if valid is not None and not valid[i]:
+            return None
+        return matrix[offsets[i] : offsets[i + 1]].copy()
+
+    return get
+
+
+def _is_ragged_tensor(t: pa.DataType, arr: pa.Array) -> bool:
+    if not (pa.types.is_list(t) and pa.types.is_fixed_size_list(t.value_type)):
+        return False
+    inner = t.value_type.value_type
+    return (pa.types.is_floating(inner) or pa.types.is_integer(inner)) and arr.values.values.null_count == 0
+
+
 def column_getter(arr: pa.Array, zero_copy: bool = False) -> Getter:
     t = arr.type
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
@@ -63,6 +85,8 @@ def column_getter(arr: pa.Array, zero_copy: bool = False) -> Getter:
     ):
         if arr.values.null_count == 0:
             return _tensor_getter(arr)
+    if _is_ragged_tensor(t, arr):
+        return _ragged_tensor_getter(arr)
     return arr.to_pylist().__getitem__
 
 

@@ -1,0 +1,226 @@
+"""Frozen encoders as token sources for multimodal training.
+
+- Images: patch tokens of an open_clip ViT from one block (`image_layer`, default -2: the penultimate,
+  as LLaVA takes them), optionally average-pooled over the patch grid (`image_pool` per side). The class
+  token is left out. The same pass gives the usual L2-normalised CLIP embedding.
+- Audio: Whisper encoder frames (50 per second) from one block (`audio_layer`, -1: the final output after
+  `ln_post`, what Whisper's decoder attends to), cut to the clip's length and stacked (SLAM-ASR) or
+  averaged `audio_factor` at a time: 5 gives 10 tokens per second. Clips longer than 30 s are encoded in
+  30 s windows whose tokens are concatenated.
+
+`media_spec(cfg, kinds)` describes both without loading weights (names, layers, pooling, widths); the
+feature index and the adapter's `multimodal.json` carry it, so training and generation rebuild the same
+encoders. Outputs are float16 arrays of shape (tokens, dim).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+import streamtune  # noqa: F401  (OpenBLAS before mlx)
+
+SAMPLE_RATE = 16000
+FRAMES_PER_SECOND = 50  # Whisper encoder frames: 20 ms each
+WINDOW_SAMPLES = 30 * SAMPLE_RATE
+
+
+def _clip_config(model_name: str) -> dict:
+    import open_clip
+
+    from streamtune.decode.clip import resolve_model_name
+
+    return open_clip.get_model_config(resolve_model_name(model_name))
+
+
+def _grid(vision: dict) -> int:
+    size = vision.get("image_size", 224)
+    size = max(size) if isinstance(size, list | tuple) else size
+    return int(size) // int(vision["patch_size"])
+
+
+def image_spec(cfg) -> dict:
+    """What the image tokens are: encoder, block, pooling, tokens per image, width."""
+    vision = _clip_config(cfg.clip_model)["vision_cfg"]
+    if "patch_size" not in vision or isinstance(vision.get("layers"), list | tuple):
+        raise ValueError(f"image tokens need a ViT image tower; {cfg.clip_model} has none")
+    _block_index(cfg.image_layer, int(vision["layers"]))
+    side = math.ceil(_grid(vision) / cfg.image_pool)
+    return {
+        "encoder": "open_clip",
+        "model": cfg.clip_model,
+        "pretrained": cfg.clip_pretrained,
+        "layer": cfg.image_layer,
+        "pool": cfg.image_pool,
+        "tokens": side * side,
+        "dim": int(vision["width"]),
+    }
+
+
+def audio_spec(cfg) -> dict:
+    """What the audio tokens are: encoder, block, stacking, tokens per second, width."""
+    dims = _whisper_dims(cfg.whisper_model, cfg.cache_dir)
+    _block_index(cfg.audio_layer, dims["n_audio_layer"])
+    width = dims["n_audio_state"] * (cfg.audio_factor if cfg.audio_pool == "stack" else 1)
+    return {
+        "encoder": "whisper",
+        "model": cfg.whisper_model,
+        "layer": cfg.audio_layer,
+        "pool": cfg.audio_pool,
+        "factor": cfg.audio_factor,
+        "tokens_per_second": FRAMES_PER_SECOND / cfg.audio_factor,
+        "dim": int(width),
+    }
+
+
+def media_spec(cfg, kinds) -> dict:
+    """{kind: spec} for the media kinds in `kinds` (image, audio) under DecodeConfig `cfg`."""
+    make = {"image": image_spec, "audio": audio_spec}
+    unknown = set(kinds) - set(make)
+    if unknown:
+        raise ValueError(f"unknown media kinds {sorted(unknown)} (known: image, audio)")
+    return {k: make[k](cfg) for k in ("image", "audio") if k in kinds}
+
+
+def _block_index(layer: int, blocks: int) -> int:
+    index = layer if layer >= 0 else blocks + layer
+    if not 0 <= index < blocks:
+        raise ValueError(f"layer {layer} is out of range for an encoder of {blocks} blocks")
+    return index
+
+
+def _whisper_dims(model: str, cache_dir: str | None) -> dict:
+    from streamtune.decode.whisper_convert import resolve_whisper
+
+    with open(os.path.join(resolve_whisper(model, cache_dir), "config.json")) as f:
+        return json.load(f)
+
+
+def config_from_spec(spec: dict, **extra):
+    """A DecodeConfig that rebuilds the encoders of `spec` (from a feature index or multimodal.json)."""
+    from streamtune.config import DecodeConfig
+
+    fields = dict(extra)
+    if "image" in spec:
+        s = spec["image"]
+        fields |= {"clip_model": s["model"], "clip_pretrained": s.get("pretrained")}
+        fields |= {"image_layer": s["layer"], "image_pool": s["pool"]}
+    if "audio" in spec:
+        s = spec["audio"]
+        fields |= {"whisper_model": s["model"], "audio_layer": s["layer"]}
+        fields |= {"audio_pool": s["pool"], "audio_factor": s["factor"]}
+    return DecodeConfig(**fields, media_tokens=list(spec))
+
+
+class ImageTokens:
+    """CLIP patch tokens (and the image embedding) of prepared image tensors, in one pass."""
+
+    def __init__(self, clip, layer: int = -2, pool: int = 1):
+        self.clip = clip
+        self.visual = clip.model.visual
+        self.block = _block_index(layer, len(self.visual.transformer.resblocks))
+        self.pool = int(pool)
+
+    def encode(self, tensors: list) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(embeddings (N, D) float32 L2-normalised, [(tokens, width) float16 per image])."""
+        torch = self.clip.torch
+        embeddings, tokens = [np.zeros((0, self.clip.dim), np.float32)], []
+        for b in range(0, len(tensors), self.clip.batch_size):
+            batch = torch.stack(tensors[b : b + self.clip.batch_size]).to(self.clip.device)
+            with torch.inference_mode():
+                out = self.visual.forward_intermediates(batch, indices=[self.block], output_fmt="NCHW")
+                feats = out["image_features"].float()
+                feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+                grid = out["image_intermediates"][0].float()  # (N, width, gh, gw)
+                if self.pool > 1:
+                    side = (math.ceil(grid.shape[-2] / self.pool), math.ceil(grid.shape[-1] / self.pool))
+                    grid = torch.nn.functional.adaptive_avg_pool2d(grid, side)
+                flat = grid.flatten(2).transpose(1, 2)  # (N, tokens, width), row-major over the grid
+            embeddings.append(feats.cpu().numpy().astype(np.float32))
+            tokens += list(flat.cpu().numpy().astype(np.float16))
+            self.clip.stats["images"] += len(batch)
+            self.clip.stats["batches"] += 1
+        return np.concatenate(embeddings), tokens
+
+
+class AudioTokens:
+    """Whisper encoder frames of 16 kHz mono clips, cut to length and stacked or pooled."""
+
+    def __init__(
+        self,
+        model: str,
+        layer: int = -1,
+        factor: int = 5,
+        pool: str = "stack",
+        cache_dir: str | None = None,
+        whisper=None,
+    ):
+        import mlx.core as mx
+        from mlx_whisper.load_models import load_model
+
+        from streamtune.decode.whisper_convert import resolve_whisper
+
+        if pool not in ("stack", "mean") or factor < 1:
+            raise ValueError(f"audio pooling must be stack or mean with factor >= 1, got {pool} x {factor}")
+        self.model = whisper or load_model(resolve_whisper(model, cache_dir), dtype=mx.float32)
+        self.encoder = self.model.encoder
+        self.block = _block_index(layer, len(self.encoder.blocks))
+        self.final = self.block == len(self.encoder.blocks) - 1
+        self.factor, self.pool = int(factor), pool
+        self.stream = None
+
+    def _frames(self, windows: list[np.ndarray]) -> np.ndarray:
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx_whisper.audio import log_mel_spectrogram, pad_or_trim
+
+        enc = self.encoder
+        n_mels = self.model.dims.n_mels
+        mel = mx.stack(
+            [log_mel_spectrogram(pad_or_trim(mx.array(w), WINDOW_SAMPLES), n_mels) for w in windows]
+        )
+        x = nn.gelu(enc.conv1(mel))
+        x = nn.gelu(enc.conv2(x))
+        x = x + enc._positional_embedding
+        for block in enc.blocks[: self.block + 1]:
+            x, _, _ = block(x)
+        if self.final:
+            x = enc.ln_post(x)
+        return np.array(x.astype(mx.float32))
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """(tokens, width) float16 for one clip; at least one token, even for silence."""
+        return self.encode_many([audio], batch_size=1)[0]
+
+    def encode_many(self, audios: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
+        """`encode` for several clips, their 30 s windows encoded `batch_size` at a time."""
+        import mlx.core as mx
+
+        windows, owner = [], []
+        for i, audio in enumerate(audios):
+            audio = np.asarray(audio, np.float32).reshape(-1)
+            for s in range(0, max(audio.size, 1), WINDOW_SAMPLES):
+                windows.append(audio[s : s + WINDOW_SAMPLES])
+                owner.append(i)
+        if self.stream is None:
+            self.stream = mx.new_stream(mx.default_device())
+        parts: list[list[np.ndarray]] = [[] for _ in audios]
+        for b in range(0, len(windows), batch_size):
+            chunk = windows[b : b + batch_size]
+            with mx.stream(self.stream):  # its own stream: safe beside training in another thread
+                frames = self._frames(chunk)
+            for i, w, f in zip(owner[b : b + batch_size], chunk, frames, strict=True):
+                parts[i].append(self._pool(f, w.size))
+        return [np.concatenate(p).astype(np.float16) for p in parts]
+
+    def _pool(self, frames: np.ndarray, samples: int) -> np.ndarray:
+        n = max(1, math.ceil(samples * FRAMES_PER_SECOND / SAMPLE_RATE))
+        n = min(math.ceil(n / self.factor) * self.factor, frames.shape[0])
+        f = frames[:n]
+        if n % self.factor:
+            f = np.concatenate([f, np.zeros((self.factor - n % self.factor, f.shape[1]), f.dtype)])
+        grouped = f.reshape(-1, self.factor, f.shape[1])
+        return grouped.reshape(grouped.shape[0], -1) if self.pool == "stack" else grouped.mean(1)

@@ -1,0 +1,89 @@
+"""Decode keeps encoder outputs for multimodal training: CLIP patch tokens and stacked Whisper encoder
+frames, float16, one row per sample, streamed back as (tokens, width) arrays."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from corpus import gradient, image_bytes, speech, tiny_clip_config
+
+import streamtune  # noqa: F401
+from streamtune import CloudStreamingDataset, storage
+from streamtune.decode import DecodeConfig, decode_shards
+from streamtune.decode.clip import ClipEmbedder, save_random_checkpoint
+from streamtune.decode.tokens import AudioTokens, config_from_spec, media_spec
+from streamtune.shards import RAW_SCHEMA, commit_index, shard_name, write_shard
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clip")
+    config = tiny_clip_config(folder)  # 64 px, 16 px patches: a 4 x 4 grid, width 64
+    return config, save_random_checkpoint(config, str(folder / "tiny.safetensors"), seed=0)
+
+
+def raw_rows():
+    hello = speech("hello world this is a test")
+    png = image_bytes(gradient(), "PNG")
+    rows = [
+        ("both", hello, png),
+        ("image only", None, image_bytes(gradient(50, 80), "PNG")),
+        ("audio only", speech("red circle"), None),
+        ("text only", None, None),
+    ]
+    return pa.Table.from_pylist(
+        [
+            {"sample_id": sid, "audio": a, "image": i, "text": b"caption " + sid.encode(), "sources": [sid]}
+            for sid, a, i in rows
+        ],
+        RAW_SCHEMA,
+    )
+
+
+def test_decode_stores_encoder_tokens_and_the_index_describes_them(tmp_path, clip):
+    config, ckpt = clip
+    raw, out = f"file://{tmp_path}/raw", f"file://{tmp_path}/features"
+    commit_index(raw, [write_shard(raw_rows(), storage.join(raw, shard_name(0)))], RAW_SCHEMA)
+    cfg = DecodeConfig(
+        clip_model=config,
+        clip_pretrained=ckpt,
+        labels=["a", "b"],
+        media_tokens=["image", "audio"],
+        image_pool=2,
+    )
+    index = decode_shards(raw, out, cfg)
+    spec = index["media_tokens"]
+    assert spec == media_spec(cfg, ["image", "audio"])
+    assert spec["image"] | {"tokens": 4, "dim": 64, "layer": -2, "pool": 2} == spec["image"]
+    assert spec["audio"]["dim"] == 384 * 5 and spec["audio"]["tokens_per_second"] == 10
+    rows = {r["sample_id"]: r for r in CloudStreamingDataset(out)}
+    assert set(rows) == {"both", "image only", "audio only", "text only"}
+    for sid, r in rows.items():
+        has_image, has_audio = r["clip_embedding"] is not None, r["transcript"] is not None
+        assert (r["image_tokens"] is not None) == has_image and (r["audio_tokens"] is not None) == has_audio
+        if has_image:
+            assert r["image_tokens"].shape == (4, 64) and r["image_tokens"].dtype == np.float16
+        if has_audio:
+            tokens = r["audio_tokens"]
+            expect = int(np.ceil(r["audio_seconds"] * 10))
+            assert tokens.shape == (expect, 1920) and tokens.dtype == np.float16, sid
+            assert np.isfinite(tokens.astype(np.float32)).all()
+    # the embedding taken in the same pass as the tokens is the plain CLIP embedding
+    plain = ClipEmbedder(config, pretrained=ckpt).embed_images([gradient()])[0]
+    np.testing.assert_allclose(rows["both"]["clip_embedding"], plain, atol=1e-5)
+    # the spec rebuilds the same encoders (training online, generation)
+    assert media_spec(config_from_spec(spec), ["image", "audio"]) == spec
+
+
+def test_audio_tokens_batched_equal_one_at_a_time_and_mean_pooling():
+    stack = AudioTokens("offline:tiny.en", factor=4)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 8000, 40 * 16000)]
+    together = stack.encode_many(clips, batch_size=4)
+    alone = [stack.encode(c) for c in clips]
+    assert [t.shape for t in together] == [(13, 1536), (7, 1536), (500, 1536)]  # 50 frames/s, 4 per token
+    for a, b in zip(together, alone, strict=True):
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-2)
+    mean = AudioTokens("offline:tiny.en", factor=4, pool="mean", layer=1, whisper=stack.model)
+    assert mean.encode(clips[0]).shape == (13, 384)
+    with pytest.raises(ValueError, match="out of range"):
+        AudioTokens("offline:tiny.en", layer=4, whisper=stack.model)
