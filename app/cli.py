@@ -218,8 +218,9 @@ def generate(
     max_tokens: int = typer.Option(64),
 ) -> None:
     """Generate text with a base model and optional adapter."""
-    if adapter_path is not None and not (adapter_path / "adapters.safetensors").exists():
-        raise UserError(f"no adapters.safetensors in {adapter_path}")
+    has_files = adapter_path is not None and any((adapter_path / n).exists() for n in ("adapters.safetensors", "latest.json"))
+    if adapter_path is not None and not has_files:
+        raise UserError(f"no adapters.safetensors (or latest.json) in {adapter_path}")
     from streamtune.train.generate import generate as gen
 
     typer.echo(

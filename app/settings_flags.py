@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from streamtune.config import ConfigError, _closest, _section, dotted_fields, flag_type
 
-# Values of these shapes are written as YAML on the command line: --keys '[self_attn.q_proj]'
+# Values of these shapes are written as YAML on the command line: --lora-keys '[self_attn.q_proj]'
 _YAML_TYPES = (list, dict, tuple)
 
 

@@ -47,6 +47,11 @@ class PipelineParams(Settings):
     force: list[Stage] = Field(
         default_factory=list, description="Stages to recompute, ignoring cached results."
     )
+    retrain_unchanged: bool = Field(
+        False,
+        description="Train even when features and settings are unchanged (with resume_from: latest, "
+        "training continues from the latest adapter); otherwise such a run keeps the adapter it has.",
+    )
 
     @model_validator(mode="before")
     @classmethod

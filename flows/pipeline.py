@@ -21,6 +21,7 @@ from tasks.stages import (
     build_manifest_task,
     commit_features_task,
     commit_shards_task,
+    data_state_task,
     decode_shard_task,
     list_source_task,
     plan_rewrites_task,
@@ -58,7 +59,7 @@ def manifest_flow(params: PipelineParams) -> dict:
         source_options=so,
         work_options=wo,
     )
-    artifacts.manifest_artifact(result["summary"], result["url"])
+    artifacts.manifest_artifact(result["summary"], result["url"], params.incremental)
     return result
 
 
@@ -87,17 +88,18 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
         )
     if not plans and not rewrites:
         get_run_logger().info("nothing new to shard")
-        return {"new_shards": [], "quarantine": manifest["quarantine"], "bytes": 0}
-    rewritten = []
+        return {"new_shards": [], "cached_shards": 0, "quarantine": manifest["quarantine"], "bytes": 0}
+    rewritten, rewrite_futures = [], []
     if rewrites:
         rewrite = _refresh(rewrite_shard_task, "shard", params)
-        rewritten = rewrite.map(
+        rewrite_futures = rewrite.map(
             index=[p["index"] for p in rewrites],
             entry=[committed[p["replaces"]] for p in rewrites],
             plan=rewrites,
             out_prefix=unmapped(prefix_key(out)),
             work_options=unmapped(wo),
-        ).result()
+        )
+        rewritten = rewrite_futures.result()
     write = _refresh(write_shard_task, "shard", params)
     futures = write.map(
         index=[p["index"] for p in plans],
@@ -119,11 +121,13 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
         problems=manifest["quarantine"],
         work_options=wo,
     )
-    entries = [r["entry"] for r in results if r["entry"] is not None]
-    artifacts.shard_table_artifact(entries)
+    states = [f.state.name for f in [*futures, *rewrite_futures]]
+    ran = [r for r, state in zip(futures.result() + rewritten, states, strict=True) if state != "Cached"]
+    entries = [r["entry"] for r in ran if r["entry"] is not None]
     quarantine = list(manifest["quarantine"]) + [q for r in results for q in r["quarantine"]]
     return {
         "new_shards": [e["path"] for e in entries],
+        "cached_shards": len(results) - len(ran),
         "replaced_shards": [r["replaces"] for r in rewritten],
         "quarantine": quarantine,
         "bytes": sum(int(e["bytes"]) for e in entries),
@@ -201,14 +205,17 @@ def decode_flow(params: PipelineParams) -> dict:
     commit(out, results, checksums, work_options=wo, clip_model=params.decode.clip_model)
     stats = merge_stats([r.get("stats") or {} for r in fresh])
     stats["seconds"] = round(seconds, 2)
+    by_path = {e["path"]: e for e in entries}
+    stats["raw_bytes"] = sum(int(by_path.get(r["entry"]["path"], {}).get("bytes", 0)) for r in fresh)
     quarantine = [q for r in fresh for q in r.get("quarantine") or []]
-    artifacts.decode_artifact(stats)
-    artifacts.shard_table_artifact([r["entry"] for r in results], key="feature-shard-table")
+    if fresh:
+        artifacts.decode_artifact(stats)
     return {
         "decoded": decoded_counts(stats, quarantine),
         "stats": stats,
         "quarantine": quarantine,
         "new_shards": [r["entry"]["path"] for r in fresh],
+        "cached_shards": len(results) - len(fresh),
     }
 
 
@@ -238,8 +245,10 @@ def train_flow(params: PipelineParams) -> dict:
         return {}
     features_digest = digest([(e["path"], e["checksum"]) for e in state["entries"]])
     train = _refresh(train_task, "train", params)
+    if params.retrain_unchanged:
+        train = train.with_options(refresh_cache=True)
     train = train.with_options(tags=[*train.tags, TRAIN_TAG, model_tag(params.train.model)])
-    result = train(
+    state = train(
         features_url=features,
         features_digest=features_digest,
         train_settings=params.train.model_dump(mode="json", exclude={"storage_options"}),
@@ -247,8 +256,16 @@ def train_flow(params: PipelineParams) -> dict:
         checkpoint_url=params.checkpoint_url,
         resume_from=params.resume_from,
         work_options=wo,
+        return_state=True,
     )
-    artifacts.adapter_artifact(result["adapter_path"])
+    result = dict(state.result())
+    result["cached"] = state.name == "Cached"
+    if result["cached"]:
+        get_run_logger().info(
+            "training skipped: features and settings are unchanged since the run that trained %s "
+            "(set retrain_unchanged: true to train again)",
+            result["adapter_path"],
+        )
     return result
 
 
@@ -272,14 +289,27 @@ def pipeline(params: PipelineParams) -> dict:
         TRAIN_TAG: 1,
     }
     ensure_concurrency_limits(limits)
-    manifest = manifest_flow(params)
-    shards = shard_flow(params, manifest)
+    name = current_flow_run.name or "streamtune"
+
+    def stage(subflow, *args, after=None):
+        return subflow.with_options(flow_run_name=f"{name}-{subflow.name}")(
+            *args, wait_for=after, return_state=True
+        )
+
+    manifest_state = stage(manifest_flow, params)
+    manifest = manifest_state.result()
+    shards_state = stage(shard_flow, params, manifest, after=[manifest_state])
+    shards = shards_state.result()
+    last = [shards_state]
     decoded = {"decoded": {"audio": 0, "image": 0}, "quarantine": [], "stats": {}, "new_shards": []}
+    decoded |= {"cached_shards": 0, "skipped": True}
     if params.runs("decode"):
-        decoded = decode_flow.with_options(task_runner=_task_runner(params))(params)
+        decode = decode_flow.with_options(task_runner=_task_runner(params))
+        last = [stage(decode, params, after=last)]
+        decoded = last[0].result()
     train: dict[str, Any] = {}
     if params.runs("train"):
-        train = train_flow(params)  # unchanged features and settings: the cached result, no new steps
+        train = stage(train_flow, params, after=last).result()  # unchanged inputs: the cached result
     quarantined = len(shards["quarantine"]) + len(decoded["quarantine"])
     summary = {
         "samples": manifest["summary"]["samples"],
@@ -287,10 +317,11 @@ def pipeline(params: PipelineParams) -> dict:
         "shard_names": shards["new_shards"],
         "decoded": decoded["decoded"],
         "quarantined": quarantined,
-        "train": {k: train.get(k) for k in ("steps", "loss_first", "loss_last", "tokens_per_s")},
+        "train": {k: train.get(k) for k in ("steps", "loss_first", "loss_last", "val_loss", "tokens_per_s")},
         "adapter_path": train.get("adapter_path") or params.adapter_url,
         "model": params.train.model,
         "flow_run_id": str(current_flow_run.id),
+        "flow_run_name": name,
         "bytes_streamed": shards["bytes"],
         "audio_seconds": decoded["stats"].get("audio_seconds", 0),
         "images_embedded": decoded["decoded"]["image"],
@@ -301,26 +332,45 @@ def pipeline(params: PipelineParams) -> dict:
             "manifest": manifest["url"],
             "shards": params.url("shards"),
             "features": params.url("features"),
-            "adapter": params.adapter_url,
+            "adapter": train.get("adapter_path") or params.adapter_url,
+            "adapters": params.adapter_url,
             "checkpoints": params.checkpoint_url,
         },
     }
-    artifacts.quarantine_artifact(shards["quarantine"] + decoded["quarantine"])
-    artifacts.throughput_artifact(throughput_rows(summary, decoded["stats"], train))
-    log.info("pipeline summary: %s", {k: summary[k] for k in ("samples", "shards", "decoded", "quarantined")})
+    summary["run"] = run_story(params, manifest, shards, decoded, train)
+    state = data_state_task(params.work_url, wo=params.work_options or None)
+    summary["data"] = {k: v for k, v in state.items() if k != "quarantine"}
+    summary["data"]["quarantined"] = len(state["quarantine"])
+    artifacts.data_state_artifacts(state)
+    artifacts.run_summary_artifact(summary, decoded["stats"], train, state)
+    log.info("%s", summary["run"]["headline"])
     return summary
 
 
-def throughput_rows(summary: dict, decode_stats: dict, train: dict) -> list[dict]:
-    rows = [{"stage": "shard", "metric": "bytes", "value": summary["bytes_streamed"]}]
-    if decode_stats.get("seconds"):
-        n = summary["decoded"]["audio"] + summary["decoded"]["image"]
-        rows.append(
-            {"stage": "decode", "metric": "samples/s", "value": round(n / decode_stats["seconds"], 2)}
+def run_story(params: PipelineParams, manifest: dict, shards: dict, decoded: dict, train: dict) -> dict:
+    """What this run did, stage by stage, in words (the run page and summary.json say the same)."""
+    listed = manifest["summary"]["samples"]
+    new = len(shards["new_shards"])
+    if decoded.get("skipped"):
+        decode = "skipped (skip: [decode])"
+    elif decoded["new_shards"] or not decoded["cached_shards"]:
+        decode = f"{len(decoded['new_shards'])} shards decoded, {decoded['cached_shards']} unchanged (cached)"
+    else:
+        decode = f"cached: all {decoded['cached_shards']} shards unchanged"
+    if not params.runs("train"):
+        training = "skipped (skip: [train])"
+    elif not train:
+        training = "skipped: no features to train on"
+    elif train.get("cached"):
+        training = (
+            "skipped: features and settings unchanged (the adapter of the run that trained them stands)"
         )
-    if train.get("tokens_per_s"):
-        rows.append({"stage": "train", "metric": "tokens/s", "value": round(train["tokens_per_s"], 1)})
-    return rows
+    else:
+        training = f"{train.get('steps')} steps"
+    scope = "new or changed samples" if params.incremental else "samples listed"
+    headline = f"{listed} {scope}; {new} shards written; decode {decode}; training {training}"
+    return {"samples_listed": listed, "shards_written": new, "decode": decode, "training": training,
+            "headline": headline}  # fmt: skip
 
 
 def serve(

@@ -177,7 +177,7 @@ class TrainArgs(Settings):
     rank: int = Field(8, ge=1, description="LoRA rank.")
     scale: float = Field(20.0, description="LoRA scale (PEFT's lora_alpha = scale * rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    keys: list[str] | None = Field(
+    lora_keys: list[str] | None = Field(
         None,
         description="Module paths that get adapters, e.g. [self_attn.q_proj, self_attn.v_proj]; null: every linear.",
     )

@@ -280,10 +280,12 @@ def summarize_manifest(table: pa.Table) -> dict:
     }
 
 
-def write_manifest(table: pa.Table, url: str, storage_options: dict | None = None) -> None:
+def write_manifest(table: pa.Table, url: str, storage_options: dict | None = None) -> int:
+    """Write the manifest as Parquet; returns its size in bytes."""
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(url, buf.getvalue(), storage_options)
+    return buf.tell()
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> pa.Table:

@@ -69,47 +69,75 @@ def source_fingerprint(url: str, storage_options: dict | None = None) -> str:
     return digest(rows)
 
 
+Output = str | tuple[str, int | None]  # a URL, or (URL, expected size in bytes)
+
+
 def keyed(
-    stage: str, *fields: str, outputs: Callable[[dict[str, Any]], list[str]] | None = None
+    stage: str,
+    *fields: str,
+    outputs: Callable[[dict[str, Any], Any], list[Output]] | None = None,
 ) -> CachePolicy:
     """A cache policy keyed on the named task parameters plus the stage's code version.
 
     Parameters not named (storage options, callbacks) do not enter the key: credentials must not change
-    results, and a key must never depend on an object's identity. `outputs` names the objects a task
-    writes; if any is missing (deleted, or a fresh bucket) a stored result is not trusted and the task
-    runs again rather than returning a cached result that points at nothing.
+    results, and a key must never depend on an object's identity. `outputs(parameters, cached_result)` names
+    the objects a stored result points at (URLs, or (URL, size) to check the object is whole). A stored result
+    is used only while they all exist: after a fresh bucket, a deleted manifest or a truncated shard the
+    task runs again under a key of its own instead of returning a result that points at nothing.
     """
 
     def key_fn(context: Any, parameters: dict[str, Any]) -> str:
         key = f"streamtune-{stage}-" + digest(stage, code_version(stage), [parameters.get(f) for f in fields])
-        if outputs is None or _all_exist(outputs(parameters), parameters.get("work_options")):
+        if outputs is None:
             return key
-        # Outputs missing: a first run stores under `key` as usual, but a result already stored under it
-        # is stale (outputs deleted, or a fresh bucket), so this run gets a key of its own and recomputes.
-        if _record_exists(getattr(context, "result_store", None), key):
-            key += "-rerun-" + uuid.uuid4().hex[:12]
-        return key
+        found, cached = _stored_result(getattr(context, "result_store", None), key)
+        if not found:
+            return key
+        if cached is not _UNREADABLE and outputs_whole(
+            outputs(parameters, cached), parameters.get("work_options")
+        ):
+            return key
+        return key + "-rerun-" + uuid.uuid4().hex[:12]
 
     return CacheKeyFnPolicy(cache_key_fn=key_fn)
 
 
-def _record_exists(store: Any, key: str) -> bool:
+_UNREADABLE = object()
+
+
+def _stored_result(store: Any, key: str) -> tuple[bool, Any]:
+    """(a result is stored under `key`, that result or _UNREADABLE)."""
     if store is None:
-        return False
+        return False, None
     found = store.exists(key)
     if inspect.iscoroutine(found):
         found.close()
-        return True  # cannot tell from here: recompute rather than trust a possibly stale result
-    return bool(found)
+        return True, _UNREADABLE  # cannot tell from here: recompute rather than trust a possibly stale result
+    if not found:
+        return False, None
+    try:
+        record = store.read(key)
+    except Exception:  # a partly written or foreign record is as good as none
+        return True, _UNREADABLE
+    if inspect.iscoroutine(record):
+        record.close()
+        return True, _UNREADABLE
+    return True, record.result
 
 
-def _all_exist(urls: list[str], storage_options: dict | None) -> bool:
-    from streamtune.storage import exists
+def outputs_whole(wanted: list[Output], storage_options: dict | None) -> bool:
+    """Every URL exists, and has the expected size where one is given."""
+    from streamtune.storage import get_fs
 
     try:
-        return all(exists(url, storage_options or None) for url in urls)
+        for item in wanted:
+            url, size = item if isinstance(item, tuple) else (item, None)
+            fs, path = get_fs(url, storage_options or None)
+            if not fs.exists(path) or (size is not None and fs.size(path) != size):
+                return False
     except OSError:
         return False
+    return True
 
 
 def prefix_key(url: str) -> str:

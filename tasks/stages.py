@@ -13,16 +13,28 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from streamtune.shards import shard_name
 from streamtune.storage import join
 from tasks.cache import digest, keyed, source_fingerprint
 from tasks.policy import task_options
 
 
+def shard_outputs(parameters: dict, result: dict) -> list:
+    """The shard file a write/rewrite/decode result describes, at its recorded size (none for a dropped one)."""
+    entry = result.get("entry")
+    return [(join(parameters["out_prefix"], entry["path"]), entry["bytes"])] if entry else []
+
+
 @task(
     name="build-manifest",
     task_run_name="build-manifest",
-    cache_policy=keyed("manifest", "source_url", "fingerprint", "exclude_digest", "manifest_prefix"),
+    cache_policy=keyed(
+        "manifest",
+        "source_url",
+        "fingerprint",
+        "exclude_digest",
+        "manifest_prefix",
+        outputs=lambda p, r: [(r["url"], r.get("bytes"))],
+    ),
     **task_options("manifest"),
 )
 def build_manifest_task(
@@ -44,7 +56,7 @@ def build_manifest_task(
     table, problems = build_manifest(source_url, source_options, exclude=exclude)
     digest = manifest_hash(table)
     url = storage.join(manifest_prefix, f"manifest-{digest[:16]}.parquet")
-    write_manifest(table, url, work_options)
+    size = write_manifest(table, url, work_options)
     summary = summarize_manifest(table)
     log.info(
         "manifest %s: %s objects, %s samples (%.1fs)",
@@ -53,7 +65,8 @@ def build_manifest_task(
         summary["samples"],
         time.perf_counter() - t0,
     )
-    return {"url": url, "hash": digest, "summary": summary, "quarantine": problems + unusable_objects(table)}
+    quarantine = problems + unusable_objects(table)
+    return {"url": url, "bytes": size, "hash": digest, "summary": summary, "quarantine": quarantine}
 
 
 @task(
@@ -85,7 +98,7 @@ def plan_shards_task(
         "manifest_hash",
         "plan",
         "out_prefix",
-        outputs=lambda p: [join(p["out_prefix"], shard_name(p["plan"]["index"]))],
+        outputs=shard_outputs,
     ),
     **task_options("shard"),
 )
@@ -150,7 +163,7 @@ def plan_rewrites_task(
         "entry",
         "plan",
         "out_prefix",
-        outputs=lambda p: [join(p["out_prefix"], shard_name(p["plan"]["index"]))],
+        outputs=shard_outputs,
     ),
     **task_options("shard"),
 )
@@ -175,7 +188,11 @@ def rewrite_shard_task(
     name="commit-shards",
     task_run_name="commit-shards",
     cache_policy=keyed(
-        "shard", "out_prefix", "checksums", "append", outputs=lambda p: [join(p["out_prefix"], "index.json")]
+        "shard",
+        "out_prefix",
+        "checksums",
+        "append",
+        outputs=lambda p, r: [join(p["out_prefix"], "index.json")],
     ),
     **task_options("commit"),
 )
@@ -226,7 +243,7 @@ def shared_decoder(cfg: Any) -> tuple[Any, threading.Lock]:
         "raw_checksum",
         "out_prefix",
         "decode_key",
-        outputs=lambda p: [join(p["out_prefix"], p["entry"]["path"])],
+        outputs=shard_outputs,
     ),
     **task_options("decode"),
 )
@@ -262,7 +279,7 @@ def decode_shard_task(
         "out_prefix",
         "checksums",
         "clip_model",
-        outputs=lambda p: [join(p["out_prefix"], "index.json")],
+        outputs=lambda p, r: [join(p["out_prefix"], "index.json")],
     ),
     **task_options("commit"),
 )
@@ -291,7 +308,7 @@ def commit_features_task(
         "train_settings",
         "adapter_url",
         "resume_from",
-        outputs=lambda p: [join(p["adapter_url"], "adapters.safetensors")],
+        outputs=lambda p, r: [(join(r["adapter_path"], "adapters.safetensors"), r.get("adapter_bytes"))],
     ),
     **task_options("train"),
 )
@@ -304,11 +321,12 @@ def train_task(
     resume_from: str = "none",
     work_options: dict | None = None,
 ) -> dict:
-    """LoRA/QLoRA fine-tune on the streamed feature shards; save the adapter and its loss curve next to it.
+    """LoRA/QLoRA fine-tune on the streamed feature shards into a new adapter version under `adapter_url`;
+    move `adapter_url/latest.json` to it once it is complete.
 
-    Checkpoints go under `checkpoint_url/<digest of this task's inputs>`, so a retry of this very task
-    continues exactly where the crashed attempt stopped, while a run with other data or settings starts
-    its own; `resume_from="latest"` starts from the adapter a previous run left.
+    Checkpoints go under `checkpoint_url/<digest of this task's inputs and starting adapter>`, so a retry of
+    this very task continues exactly where the crashed attempt stopped, while a run with other data,
+    settings or starting point starts its own; `resume_from="latest"` starts from the latest adapter.
     """
     import os
 
@@ -317,52 +335,94 @@ def train_task(
     from streamtune.config import TrainArgs
     from streamtune.train import adapters, checkpoint
     from streamtune.train.trainer import train
-    from tasks.artifacts import ProgressArtifact, loss_curve_artifact, loss_curve_png
+    from tasks.artifacts import ProgressArtifact, TrainingMetricsArtifact, loss_curve_artifact, loss_curve_png
 
     log = get_run_logger()
     args = TrainArgs.model_validate(train_settings)
-    ckpt = storage.join(
-        checkpoint_url, digest(features_digest, train_settings, adapter_url, resume_from)[:16]
-    )
+    init = args.init_adapter
+    if resume_from == "latest":
+        init = adapters.latest(adapter_url, work_options) or init
+        log.info(f"warm start from {init}" if init else f"no adapter under {adapter_url} yet: starting fresh")
+    key = digest(features_digest, train_settings, adapter_url, resume_from, init)[:16]
+    ckpt = storage.join(checkpoint_url, key)
     resume = checkpoint.latest(ckpt, work_options) is not None
-    init = None
-    if resume_from == "latest" and not resume:
-        init = (
-            adapter_url if storage.exists(join(adapter_url, "adapters.safetensors"), work_options) else None
-        )
-        log.info("warm start from %s" if init else "no adapter at %s yet: starting fresh", adapter_url)
+    if resume:
+        log.info(f"resuming the interrupted attempt from its checkpoint at {ckpt}")
+    version = f"{time.strftime('%Y%m%d-%H%M%S')}-{key[:8]}"
+    version_url = storage.join(adapter_url, version)
     args = args.model_copy(
         update={
-            "adapter_path": adapter_url,
+            "adapter_path": version_url,
             "checkpoint_url": ckpt,
             "storage_options": work_options,
             "save_every": args.save_every or max(args.iters // 4, 1),
             "resume": resume,
-            "init_adapter": init or args.init_adapter,
+            "init_adapter": init,
         }
     )
-    if resume:
-        log.info("resuming from the checkpoint at %s", ckpt)
     dataset = CloudStreamingDataset(features_url, storage_options=work_options, shuffle=True, seed=args.seed)
     progress = ProgressArtifact(args.iters, f"Training {args.model} ({args.iters} steps)")
+    metrics = TrainingMetricsArtifact(args.iters)
 
     def on_step(m: dict) -> None:
         progress.update(m["step"])
+        metrics.update(m)
         if m["step"] == 1 or m["step"] % 10 == 0 or m["step"] == args.iters:
-            log.info("step %d/%d loss %.4f %.0f tok/s", m["step"], args.iters, m["loss"], m["tokens_per_s"])
+            log.info(
+                f"step {m['step']}/{args.iters} (global {m['global_step']}): loss {m['loss']:.3f}, "
+                f"{m['tokens_per_s']:,.0f} tokens/s"
+            )
 
     result = train(args, dataset, on_step=on_step)
     progress.update(args.iters)
-    png = loss_curve_png(result["losses"], f"{args.model} loss")
-    local = adapters.local_dir(adapter_url)
+    metrics.finish(result)
+    local = adapters.local_dir(version_url)
+    png = loss_curve_png(
+        result["losses"],
+        f"{args.model} loss",
+        [(h["step"], h["val_loss"]) for h in result["history"] if "val_loss" in h],
+    )
     with open(os.path.join(local, "loss_curve.png"), "wb") as f:
         f.write(png)
-    adapters.upload(local, adapter_url, work_options, extra=("loss_curve.png",))
-    png_url = storage.join(adapter_url, "loss_curve.png")
+    adapters.upload(local, version_url, work_options, extra=("loss_curve.png",))
+    weights = adapters.describe(local)
+    lora = f"{args.fine_tune_type} rank {args.rank}, scale {args.scale}, {args.num_layers} layers"
+    info = {
+        "version": version,
+        "base_model": args.model,
+        "lora": lora,
+        "steps": result["steps"],
+        "global_step": result["global_step"],
+        "flow_run": flow_run_name(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **weights,
+    }
+    pointer = adapters.publish(adapter_url, version_url, info, work_options)
+    png_url = storage.join(version_url, "loss_curve.png")
     loss_curve_artifact(png, png_url, result)
-    keep = ("steps", "loss_first", "loss_last", "losses", "tokens", "samples", "tokens_per_s", "seconds",
-            "peak_mem_mb", "val_loss", "packed", "resumed_from_step")  # fmt: skip
-    return {**{k: result.get(k) for k in keep}, "adapter_path": adapter_url, "loss_curve": png_url}
+    from tasks.artifacts import adapter_artifact
+
+    adapter_artifact(pointer | {"latest": storage.join(adapter_url, adapters.LATEST)})
+    log.info(
+        f"adapter {version} written to {version_url} ({weights['bytes'] / 1e6:.1f} MB); latest.json points at it"
+    )
+    keep = ("steps", "global_step", "loss_first", "loss_last", "losses", "tokens", "samples", "tokens_per_s",
+            "seconds", "peak_mem_mb", "val_loss", "packed", "resumed_from_step")  # fmt: skip
+    return {
+        **{k: result.get(k) for k in keep},
+        "adapter_path": version_url,
+        "adapter_version": version,
+        "adapter_bytes": weights["bytes"],
+        "adapter_sha256": weights["sha256"],
+        "lora": lora,
+        "loss_curve": png_url,
+    }
+
+
+def flow_run_name() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.name
 
 
 @task(name="list-source", task_run_name="list-source", cache_policy=NO_CACHE, **task_options("manifest"))
@@ -391,3 +451,14 @@ def read_shard_set_task(prefix: str, name: str, work_options: dict | None = None
         return {"committed": False, "entries": [], "next_index": 0}
     entries = read_index(prefix, work_options)["shards"]
     return {"committed": True, "entries": entries, "next_index": next_shard_index(prefix, work_options)}
+
+
+@task(name="data-state", task_run_name="data-state", cache_policy=NO_CACHE, **task_options("report"))
+def data_state_task(work_url: str, wo: dict | None = None) -> dict:
+    """What the work prefix holds now: raw shard set, feature set and the current quarantine."""
+    from streamtune.report import data_state
+
+    state = data_state(work_url, wo)
+    for part in ("shards", "features"):
+        state[part].pop("entries", None) if len(state[part].get("entries", [])) > 200 else None
+    return state

@@ -100,8 +100,8 @@ def test_precedence_defaults_yaml_flags():
     assert (args.iters, args.lr, args.packing, args.rank) == (7, 2e-4, False, TrainArgs().rank)
     from app.settings_flags import parse_flags
 
-    flags = parse_flags(TrainArgs, ["--iters=9", "--no-packing", "--keys", "[self_attn.q_proj]", "--qlora"])
-    assert flags == {"iters": "9", "packing": False, "keys": ["self_attn.q_proj"], "qlora": True}
+    flags = parse_flags(TrainArgs, ["--iters=9", "--no-packing", "--lora-keys", "[self_attn.q_proj]", "--qlora"])
+    assert flags == {"iters": "9", "packing": False, "lora_keys": ["self_attn.q_proj"], "qlora": True}
     assert build(TrainArgs, {"iters": 7}, overrides=flags).iters == 9
 
 

@@ -24,8 +24,11 @@ def load_with_adapter(model: str, adapter_path: str | None = None, dtype: str | 
     QLoRA adapters)."""
     from mlx_lm.tuner.utils import load_adapters
 
+    from streamtune.train.adapters import latest
+
     qbits = None
     if adapter_path:
+        adapter_path = latest(adapter_path) or adapter_path  # a pipeline's adapters/ root: its latest version
         cfg = _adapter_config(adapter_path)
         qbits = cfg.get("quantize_bits") if cfg.get("qlora") else None
     net, tokenizer, config = load_base(model, quantize=qbits, dequantize=qbits is None, dtype=dtype)

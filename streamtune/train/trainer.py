@@ -109,8 +109,8 @@ def setup_model(args: TrainArgs):
 
 def lora_parameters(args: TrainArgs) -> dict:
     params = {"rank": args.rank, "scale": args.scale, "dropout": args.dropout}
-    if args.keys:
-        params["keys"] = list(args.keys)
+    if args.lora_keys:
+        params["keys"] = list(args.lora_keys)
     return params
 
 
@@ -280,6 +280,7 @@ def train(
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
     optimizer.init(model.trainable_parameters())
     step, losses, history, resumed_from = 0, [], [], None
+    offset = 0  # steps the starting adapter was trained for, so a warm start continues the global count
     if args.resume:
         params, opt_state, state = checkpoint.load(args.checkpoint_dir, args.storage_options)
         model.load_weights(list(params.items()), strict=False)
@@ -289,6 +290,7 @@ def train(
         stream.load_state_dict(state["stream"][rank])
         packer.load_state_dict(state["packer"][rank])
         step, losses = state["step"], state["losses"]
+        offset = state.get("step_offset", 0)
         resumed_from = step
         mx.eval(model.parameters(), optimizer.state)
     elif args.init_adapter:
@@ -297,6 +299,7 @@ def train(
             raise ValueError(f"init_adapter: no adapters.safetensors at {args.init_adapter}")
         model.load_weights(list(weights.items()), strict=False)
         mx.eval(model.parameters())
+        offset = int((adapters.read_config(args.init_adapter, args.storage_options) or {}).get("global_step", 0))
 
     def compute(inputs, positions, segments, index, targets, weights):
         return loss_at(
@@ -392,6 +395,7 @@ def train(
         samples_total += samples
         metrics = {
             "step": step,
+            "global_step": offset + step,
             "loss": loss,
             "lr": lr,
             "tokens": tokens,
@@ -413,17 +417,19 @@ def train(
         if on_step is not None and rank == 0:
             on_step(metrics)
         if checkpointing and step % args.save_every == 0:
-            _save_checkpoint(args, model, optimizer, resume_state, step, losses, group)
+            _save_checkpoint(args, model, optimizer, resume_state, step, losses, group, step_offset=offset)
     batches.close()
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
     if rank == 0:
-        save_adapter(model, adapters.local_dir(args.adapter_dir), adapter_config(args, config))
+        done = adapter_config(args, config) | {"global_step": offset + step}
+        save_adapter(model, adapters.local_dir(args.adapter_dir), done)
         adapters.upload(adapters.local_dir(args.adapter_dir), args.adapter_dir, args.storage_options)
     final_val = evaluate(model, stream.val, args, packed, world) if stream.val or world > 1 else None
     return {
         "steps": step,
+        "global_step": offset + step,
         "loss_first": first_loss,
         "loss_last": losses[-1] if losses else None,
         "losses": losses,
@@ -526,7 +532,7 @@ def evaluate(
     return totals[0].item() / totals[1].item() if totals[1].item() else None
 
 
-def _save_checkpoint(args, model, optimizer, local: str, step, losses, group):
+def _save_checkpoint(args, model, optimizer, local: str, step, losses, group, step_offset: int = 0):
     world = group.size()
     if world > 1:
         # gather every rank's loader/packer state on rank 0 as bytes
@@ -548,6 +554,7 @@ def _save_checkpoint(args, model, optimizer, local: str, step, losses, group):
                 "stream": [s["stream"] for s in states],
                 "packer": [s["packer"] for s in states],
                 "losses": losses,
+                "step_offset": step_offset,
                 "rng": {"seed": args.seed, "rule": "seed * 1000003 + step"},
             },
             storage_options=args.storage_options,
