@@ -98,6 +98,22 @@ def run(
 
 
 @app.command()
+def retry(
+    run: str = typer.Argument(..., metavar="RUN", help="Flow run id or name of a finished pipeline run."),
+) -> None:
+    """Run a failed pipeline run again as the same flow run: finished tasks come back from the cache, only
+    what failed runs. A deployment's run is scheduled for its workers (the UI's Retry does the same)."""
+    from app.retry import retry_run
+
+    result = retry_run(run)
+    if result.get("summary"):
+        _print_summary(result["summary"])
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "summary"}))
+    if result.get("state") not in (None, "Completed"):
+        raise typer.Exit(1)
+
+
+@app.command()
 def manifest(
     source: str = typer.Argument(..., help="Source URL (s3://bucket/prefix, a folder, any fsspec URL)."),
     out: str = typer.Option(..., "--out", help="Where to write manifest.parquet."),
