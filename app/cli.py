@@ -234,7 +234,9 @@ def generate(
     max_tokens: int = typer.Option(64),
 ) -> None:
     """Generate text with a base model and optional adapter."""
-    has_files = adapter_path is not None and any((adapter_path / n).exists() for n in ("adapters.safetensors", "latest.json"))
+    has_files = adapter_path is not None and any(
+        (adapter_path / n).exists() for n in ("adapters.safetensors", "latest.json")
+    )
     if adapter_path is not None and not has_files:
         raise UserError(f"no adapters.safetensors (or latest.json) in {adapter_path}")
     from streamtune.train.generate import generate as gen
@@ -273,12 +275,39 @@ def export_base_cmd(
     typer.echo(json.dumps({"out": export_base(model, str(out))}))
 
 
+@app.command("export")
+def export_cmd(
+    adapter: str = typer.Argument(..., metavar="ADAPTER_DIR", help="Adapter folder or URL."),
+    base: str | None = typer.Option(None, "--base", help="Base model (default: the adapter's model)."),
+    to: str = typer.Option(..., "--to", help="peft | gguf-adapter | fused-mlx | fused-gguf | ollama"),
+    out: Path = typer.Option(..., "--out", help="Output folder (or a .gguf file for the GGUF formats)."),
+    dtype: str | None = typer.Option(None, help="GGUF tensor type: f16 (default), bf16, q8_0, f32."),
+    base_name: str | None = typer.Option(None, help="PEFT base_model_name_or_path (default: --base)."),
+    ollama_mode: str = typer.Option("fused", help="ollama: fused (one GGUF) or adapter (base + adapter)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
+    endpoint_url: str | None = EndpointOpt,
+) -> None:
+    """Hand an adapter off: PEFT, a llama.cpp LoRA GGUF, a fused mlx-lm folder or GGUF, an Ollama folder."""
+    from streamtune.export import export_adapter
+
+    summary = export_adapter(
+        adapter, base, to, str(out), dtype=dtype, base_name=base_name, ollama_mode=ollama_mode,
+        force=force, storage_options=_storage_options(endpoint_url),
+    )  # fmt: skip
+    for note in summary["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(json.dumps(summary))
+
+
 @app.command(context_settings=SETTINGS)
 def serve(
     ctx: typer.Context,
     config_arg: Path | None = typer.Argument(None, metavar="[CONFIG]", help="YAML pipeline parameters."),
     config: Path | None = ConfigOpt,
     cron: str = typer.Option("0 3 * * *", help="Cron schedule."),
+    timezone: str = typer.Option(
+        "UTC", help="Time zone of the cron schedule (IANA name, e.g. Europe/Paris)."
+    ),
 ) -> None:
     """Serve the pipeline flow on this machine with a cron schedule (Prefect flow.serve)."""
     from streamtune.config import load_yaml, set_dotted
@@ -288,7 +317,7 @@ def serve(
         set_dotted(data, dotted, value)
     from flows.pipeline import serve as serve_flow
 
-    serve_flow(cron=cron, parameters=data)
+    serve_flow(cron=cron, parameters=data, timezone=timezone)
 
 
 def _progress():

@@ -64,8 +64,8 @@ def deploy() -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    from tasks.settings import RESULT_STORAGE_ENV, save_result_storage_block
     from tasks.policy import TRAIN_TAG, ensure_concurrency_limits
+    from tasks.settings import RESULT_STORAGE_ENV, save_result_storage_block
 
     wait_for_api()
     with get_client(sync_client=True) as client:

@@ -19,12 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("params", type=Path, help="YAML file with pipeline parameters")
     parser.add_argument("--cron", default="0 3 * * *")
+    parser.add_argument("--timezone", default="UTC", help="IANA time zone of the schedule")
     parser.add_argument("--name", default="streamtune-scheduled")
     args = parser.parse_args(argv)
     params = yaml.safe_load(args.params.read_text()) or {}
     from flows.pipeline import serve
 
-    serve(cron=args.cron, parameters=params, name=args.name)
+    serve(cron=args.cron, parameters=params, name=args.name, timezone=args.timezone)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,13 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as current_flow_run
 
 from flows.params import PipelineParams, Stage
 from tasks import artifacts
 from tasks.cache import digest, prefix_key
-from tasks.policy import TRAIN_TAG, ensure_concurrency_limits, model_tag
+from tasks.policy import TRAIN_TAG, ensure_concurrency_limits, model_tag, work_lock_name
 from tasks.settings import save_result_storage_block
 from tasks.stages import (
     build_manifest_task,
@@ -178,6 +179,11 @@ def decode_flow(params: PipelineParams) -> dict:
         get_run_logger().info("no raw shards yet")
         return {"decoded": {"audio": 0, "image": 0}, "quarantine": [], "stats": {}, "new_shards": []}
     entries = state["entries"]
+    if not params.decode.clip_pretrained:
+        get_run_logger().warning(
+            "CLIP runs with random weights (decode.clip_pretrained is not set): image embeddings are valid "
+            "vectors but zero-shot tags mean nothing; set decode.clip_pretrained to a checkpoint or hub tag"
+        )
     settings = params.decode.model_dump()
     decode_key = params.decode.key()
     decode = _refresh(decode_shard_task, "decode", params)
@@ -278,7 +284,6 @@ def train_flow(params: PipelineParams) -> dict:
 )
 def pipeline(params: PipelineParams) -> dict:
     """Manifest -> shard -> decode -> train. Returns the run summary (the fields of summary.json)."""
-    log = get_run_logger()
     t0 = time.perf_counter()
     per_model = params.decode_concurrency
     if params.task_runner != "threads":  # every worker process holds its own copy of the models
@@ -288,7 +293,14 @@ def pipeline(params: PipelineParams) -> dict:
         model_tag(params.decode.clip_model): per_model,
         TRAIN_TAG: 1,
     }
-    ensure_concurrency_limits(limits)
+    lock = work_lock_name(params.work_url)
+    ensure_concurrency_limits(limits, exclusive=[lock])
+    with concurrency(lock, occupy=1):  # one run at a time per work prefix (others wait here)
+        return _stages(params, t0)
+
+
+def _stages(params: PipelineParams, t0: float) -> dict:
+    log = get_run_logger()
     name = current_flow_run.name or "streamtune"
 
     def stage(subflow, *args, after=None):
@@ -374,11 +386,23 @@ def run_story(params: PipelineParams, manifest: dict, shards: dict, decoded: dic
 
 
 def serve(
-    cron: str = "0 3 * * *", parameters: dict | None = None, name: str = "streamtune-scheduled"
+    cron: str = "0 3 * * *",
+    parameters: dict | None = None,
+    name: str = "streamtune-scheduled",
+    timezone: str = "UTC",
 ) -> None:
-    """Serve the pipeline on this machine (Prefect `flow.serve`): a cron-scheduled deployment whose runs are
-    incremental and continue from the latest adapter unless `parameters` say otherwise."""
+    """Serve the pipeline on this machine (Prefect `flow.serve`): a cron-scheduled deployment (in `timezone`)
+    whose runs are incremental and continue from the latest adapter unless `parameters` say otherwise. One
+    run of it at a time; runs on the same work prefix also wait for each other (`work_lock_name`)."""
+    from prefect.schedules import Cron
+
     params = {"incremental": True, "resume_from": "latest", **(parameters or {})}
     PipelineParams.model_validate(params)  # a wrong key fails here, not at 3 a.m.
     save_result_storage_block()  # no-op unless STREAMTUNE_RESULT_STORAGE is a remote URL
-    pipeline.serve(name=name, cron=cron, parameters={"params": params}, tags=["streamtune"])
+    pipeline.serve(
+        name=name,
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters={"params": params},
+        tags=["streamtune"],
+        global_limit=1,
+    )

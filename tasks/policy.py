@@ -55,7 +55,43 @@ def task_options(stage: str, *extra_tags: str, timeout_s: float | None = None) -
         "tags": [*TAGS, f"stage:{stage}", *extra_tags],
         "persist_result": True,
         "result_serializer": "json",
+        "on_failure": [explain_failure],
     }
+
+
+def advice(exc: BaseException) -> str:
+    """What a person can do about a task failure, by its cause."""
+    if isinstance(exc, FileNotFoundError):
+        return (
+            "an input it reads is gone (deleted, moved, or a fresh bucket): run the pipeline again, which "
+            "rebuilds what is missing; if the source itself moved, fix source_url"
+        )
+    if isinstance(exc, PermissionError):
+        return "storage refused access: check the worker's AWS credentials / profile and the bucket policy"
+    if isinstance(exc, TimeoutError):
+        return "it ran past its timeout: retry (`streamtune retry RUN`), or give the stage smaller shards"
+    if isinstance(exc, ValueError | TypeError):
+        return "the input or a setting is not usable (see the message): fix it, then `streamtune retry RUN`"
+    if isinstance(exc, MemoryError):
+        return (
+            "out of memory: lower train.batch_size / train.seq_len or decode.audio_batch / decode.image_batch"
+        )
+    return (
+        "retried automatically; if it keeps failing, read the message above, fix, then `streamtune retry RUN`"
+    )
+
+
+def explain_failure(task: Any, task_run: Any, state: Any) -> None:
+    """on_failure hook: one log line that leads with the cause and says what to do."""
+    from prefect.logging.loggers import task_run_logger
+
+    exc = state.result(raise_on_failure=False)
+    if not isinstance(exc, BaseException):
+        return
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    task_run_logger(task_run, task=task).error(
+        f"{task_run.name} failed: {type(exc).__name__}: {message} — what to do: {advice(exc)}"
+    )
 
 
 def model_tag(model: str) -> str:
@@ -67,13 +103,23 @@ def model_tag(model: str) -> str:
 TRAIN_TAG = "streamtune-train"
 
 
-def ensure_concurrency_limits(limits: dict[str, int]) -> None:
-    """Create or update tag concurrency limits on the Prefect server (idempotent)."""
+def ensure_concurrency_limits(limits: dict[str, int], exclusive: list[str] = ()) -> None:
+    """Create or update tag concurrency limits, and global limits of one slot named `exclusive`
+    (idempotent)."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
         for tag, limit in limits.items():
             client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+        for name in exclusive:
+            client.upsert_global_concurrency_limit_by_name(name, 1)
+
+
+def work_lock_name(work_url: str) -> str:
+    """The global concurrency limit that keeps two pipeline runs off one work prefix at once."""
+    import hashlib
+
+    return "streamtune-work-" + hashlib.sha256(work_url.rstrip("/").encode()).hexdigest()[:12]
 
 
 class _ThreadTimeoutNotice(logging.Filter):

@@ -104,12 +104,25 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
         browser = launch(pw)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.on("request", lambda r: hosts.add(r.url.split("/")[2]) if "://" in r.url[:10] else None)
+        blocked: list[str] = []
+
+        def only_loopback(route):
+            if route.request.url.split("/")[2] == prefect_server.url.split("/")[2] or "://" not in route.request.url[:10]:
+                return route.continue_()
+            blocked.append(route.request.url)
+            return route.abort()
+
+        page.route("**/*", only_loopback)
+        for path in ("/dashboard", "/runs", "/deployments", "/flows"):  # the pages the README sends people to
+            page.goto(f"{prefect_server.url}{path}")
+            page.wait_for_load_state("networkidle", timeout=30_000)
 
         page.goto(f"{prefect_server.url}/runs/flow-run/{summary['flow_run_id']}")
         expect(page.get_by_text("Completed").first).to_be_visible(timeout=30_000)
         page.get_by_text("Subflow Runs", exact=True).first.click()
-        for stage in STAGES:
-            expect(page.get_by_text(stage, exact=True).first).to_be_visible(timeout=30_000)
+        for stage in STAGES:  # subflow runs carry their pipeline run's name
+            run_name = f"{summary['flow_run_name']}-{stage}"
+            expect(page.get_by_text(run_name, exact=True).first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(tmp_path / "flow-run.png"), full_page=True)
 
         page.goto(f"{prefect_server.url}/artifacts")
@@ -126,6 +139,7 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
 
     assert width > 100  # the PNG decoded in the browser
     assert hosts <= {prefect_server.url.split("/")[2]}  # the UI fetched nothing from outside
+    assert blocked == [], blocked  # and attempted nothing: no analytics, no promotional content
     for name in ("flow-run.png", "artifacts.png", "loss-curve.png"):
         assert (tmp_path / name).stat().st_size > 10_000
 
@@ -137,6 +151,6 @@ def test_resume_from_latest_continues_from_the_trained_adapter(finished_run, pre
     params = {**first["params"], "resume_from": "latest"}
     params["train"] = {**params["train"], "iters": 1}
     resumed = run_flow("train_flow", params, prefect_server.api_url, first["results"], s3server)
-    assert resumed["steps"] == 1
+    assert resumed["steps"] == 1 and resumed["global_step"] == first["train"]["steps"] + 1
     # the first step of the resumed run starts where the trained adapter left off, below a fresh start
     assert resumed["loss_first"] < first["train"]["loss_first"]
