@@ -19,12 +19,13 @@ import mlx.nn as nn
 from streamtune import storage
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
-PROJECTOR_FILES = ("projector.safetensors", "projector_config.json")
+PROJECTOR_FILES = ("projector.safetensors", "multimodal.json")
 LEAVES = ("lora_a", "lora_b", "m")
 MODULE = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
 MULTIMODAL_NOTE = (
-    "projector.safetensors (the multimodal projector) stays MLX-only: PEFT, llama.cpp and Ollama get the "
-    "text model's adapter; images/audio need the MLX model with the projector"
+    "projector.safetensors (the multimodal projector) stays MLX-only and is not in this export: it holds the "
+    "text model with its adapter; images/audio need the MLX adapter folder "
+    "(streamtune.train.mm_generate.load_multimodal(BASE, ADAPTER_DIR))"
 )
 
 
@@ -129,9 +130,11 @@ def check_fits(adapter: MlxAdapter, shapes: dict[str, tuple[int, int]], base: st
 
 @contextlib.contextmanager
 def local_adapter(adapter_url: str, storage_options: dict | None = None) -> Iterator[str]:
-    """A local folder holding the adapter at `adapter_url` (the folder itself, or a download of it)."""
-    from streamtune.train.adapters import is_remote
+    """A local folder holding the adapter at `adapter_url` (the folder itself, or a download of it); a
+    pipeline's adapters root stands for the version its latest.json names."""
+    from streamtune.train.adapters import is_remote, latest
 
+    adapter_url = latest(adapter_url, storage_options) or adapter_url
     if not is_remote(adapter_url):
         yield adapter_url.removeprefix("file://")
         return

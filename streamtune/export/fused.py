@@ -11,24 +11,17 @@ import tempfile
 import mlx.core as mx
 
 from streamtune.export import gguf_model
-from streamtune.export.adapter import PROJECTOR_FILES
 from streamtune.train.models import export_base, resolve
 
 QUANTIZED_NOTE = "the base was quantized; the fused model holds dequantized float weights (base + adapter)"
 
 
 def fuse_mlx(base: str, adapter_dir: str, out_dir: str, *, dtype: str = "float32") -> dict:
-    """mlx-lm folder (config.json, model.safetensors, tokenizer) of base + adapter; a multimodal adapter's
-    projector files are copied next to it."""
+    """mlx-lm folder (config.json, model.safetensors, tokenizer) of base + adapter (text model only)."""
     from streamtune.train.generate import fuse
 
     fuse(base, adapter_dir, out_dir, dtype=dtype)
-    copied = []
-    for name in PROJECTOR_FILES:
-        if os.path.exists(os.path.join(adapter_dir, name)):
-            shutil.copy(os.path.join(adapter_dir, name), out_dir)
-            copied.append(name)
-    return {"files": sorted(os.listdir(out_dir)), "projector": copied}
+    return {"files": sorted(os.listdir(out_dir))}
 
 
 def folder_to_gguf(folder: str, path: str, *, dtype: str, tokenizer_from: str | None, name: str) -> dict:
