@@ -121,7 +121,7 @@ class DecodeConfig(Settings):
         -2, description="CLIP vision block whose patch tokens are kept (-1 last, -2 penultimate)."
     )
     image_pool: int = Field(
-        1, ge=1, description="Average-pool the patch grid by this factor per side (2: a quarter of the tokens)."
+        1, ge=1, description="Average-pool the patch grid by this factor per side (2: a quarter of tokens)."
     )
     audio_layer: int = Field(
         -1, description="Whisper encoder block whose frames are kept (-1: the final output)."
@@ -130,7 +130,7 @@ class DecodeConfig(Settings):
         5, ge=1, description="Whisper frames (50 per s) per audio token: 5 gives 10 tokens per second."
     )
     audio_pool: Literal["stack", "mean"] = Field(
-        "stack", description="stack: concatenate a token's frames (width factor x d_model); mean: average them."
+        "stack", description="stack: concatenate a token's frames (width factor x d_model); mean: average."
     )
 
     @field_validator("labels", mode="before")
@@ -149,8 +149,9 @@ class DecodeConfig(Settings):
 
         settings = self.model_dump(exclude={"audio_batch", "image_batch", "cache_dir"})
         if not self.media_tokens:  # feature sets decoded before encoder tokens existed keep their keys
-            for name in ("media_tokens", "image_layer", "image_pool", "audio_layer", "audio_factor", "audio_pool"):
+            for name in ("media_tokens", "image_layer", "image_pool", "audio_layer", "audio_factor"):
                 settings.pop(name)
+            settings.pop("audio_pool")
         settings["whisper_files"] = local_fingerprint(self.whisper_model)
         settings["clip_files"] = local_fingerprint(self.clip_pretrained)
         settings["code"] = CODE_VERSION
@@ -234,6 +235,24 @@ class TrainArgs(Settings):
         None, description="fsspec options for adapter and checkpoint URLs (not for config files: no secrets)."
     )
     progress: bool = Field(False, description="Show a progress bar.")
+    stage: Literal["text", "align", "instruct"] = Field(
+        "text",
+        description="text: prompts are words only; align: train only the media projectors (stage 1); instruct: projectors and adapters (stage 2).",
+    )
+    modalities: list[Literal["image", "audio"]] | None = Field(
+        None, description="Media the model sees as soft tokens (align/instruct); null: all the features hold."
+    )
+    media_source: Literal["cached", "online"] = Field(
+        "cached",
+        description="cached: encoder tokens stored by decode; online: raw media encoded (and augmented) while training.",
+    )
+    projector: Literal["mlp", "linear"] = Field(
+        "mlp", description="Projector per modality: mlp (Linear-GELU-Linear) or linear."
+    )
+    projector_lr: float = Field(1e-3, gt=0, description="Peak learning rate of the projectors.")
+    augment: bool = Field(
+        True, description="online: seeded crop/flip/colour jitter, offset/gain/speed/noise per sample+epoch."
+    )
 
     @property
     def adapter_dir(self) -> str:

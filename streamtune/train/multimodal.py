@@ -68,6 +68,11 @@ class Projectors(nn.Module):
     def kinds(self) -> list[str]:
         return [k for k in KINDS if k in self]
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """Encoder token width each projector takes."""
+        return {k: int(getattr(self, k).layers[0].weight.shape[-1]) for k in self.kinds}
+
 
 def attach_projectors(model: nn.Module, dims: dict[str, int], kind: str = "mlp", seed: int = 0) -> Projectors:
     """Add `model.projectors` (trainable, float32, seeded init) to an mlx-lm model."""

@@ -36,6 +36,8 @@ from streamtune.train.data import (
     Packer,
     encode_sample,
     padded_batch,
+    sample_from_json,
+    sample_to_json,
 )
 from streamtune.train.forward import loss_at, supports_packing
 from streamtune.train.models import load_base
@@ -130,6 +132,12 @@ def adapter_config(args: TrainArgs, config: dict) -> dict:
 def save_adapter(model: nn.Module, path: str, config: dict) -> str:
     os.makedirs(path, exist_ok=True)
     weights = dict(tree_flatten(model.trainable_parameters()))
+    if hasattr(model, "projectors"):  # multimodal: the LM's adapter here, the projectors in their own file
+        from streamtune.train.mm_train import adapter_names, save_multimodal
+
+        everything = dict(tree_flatten(model.parameters()))
+        weights = {k: everything[k] for k in adapter_names(model, config["fine_tune_type"])}
+        save_multimodal(model, path)
     tmp = os.path.join(path, "adapters.safetensors.tmp.safetensors")
     mx.save_safetensors(tmp, weights, metadata={"format": "mlx"})
     os.replace(tmp, os.path.join(path, "adapters.safetensors"))
@@ -141,7 +149,7 @@ def save_adapter(model: nn.Module, path: str, config: dict) -> str:
 class SampleStream:
     """Feature rows -> encoded (ids, prompt_len) samples over epochs, with a held-out split."""
 
-    def __init__(self, dataset, tokenizer, args: TrainArgs, rank: int, world: int):
+    def __init__(self, dataset, tokenizer, args: TrainArgs, rank: int, world: int, media=None):
         if isinstance(dataset, list | tuple):
             dataset = ListSource(list(dataset))
         if world > 1 and getattr(dataset, "world_size", 1) != world:
@@ -157,8 +165,10 @@ class SampleStream:
         self.epoch = 0
         self.iterator = None
         self.yielded_this_epoch = 0
-        self.val: list[tuple[list[int], int]] = []
+        self.val: list[tuple] = []
         self.skipped = 0
+        self.media = media  # mm_train.MultimodalRun: rows -> samples with soft tokens
+        self.quarantined: list[dict] = []
 
     def _is_val(self, row: dict, pair: tuple[str, str]) -> bool:
         if self.args.val_fraction <= 0:
@@ -189,7 +199,7 @@ class SampleStream:
                 continue
             # samples are cut to the attention window, if any, so that attending over 2 windows is exact
             longest = min(self.args.seq_len, self.args.attention_window or self.args.seq_len)
-            found = encode_sample(row, self.tokenizer, seq_len=longest, template=self.args.template)
+            found = self._encode(row, longest)
             if found is None:
                 self.skipped += 1
                 continue
@@ -201,20 +211,39 @@ class SampleStream:
             self.yielded_this_epoch += 1
             return sample
 
+    def _encode(self, row: dict, longest: int):
+        if self.media is None:
+            return encode_sample(row, self.tokenizer, seq_len=longest, template=self.args.template)
+        from streamtune.train.mm_train import Quarantined
+
+        held_out = bool(row.get("sample_id")) and self._is_val(row, ("", ""))
+        if held_out and (self.epoch > 0 or len(self.val) >= self.args.max_val_samples):
+            return None  # not trained on and not kept: no need to encode its media
+        try:
+            return self.media.encode_row(row, longest, self.epoch, augment=not held_out)
+        except Quarantined as q:
+            if all(r["sample_id"] != q.record["sample_id"] for r in self.quarantined):
+                self.quarantined.append(q.record)
+            return None
+
     def state_dict(self) -> dict:
         if not hasattr(self.dataset, "state_dict"):
             raise ValueError("checkpointing needs a dataset with state_dict()/load_state_dict()")
-        return {
+        state = {
             "epoch": self.epoch,
             "yielded_this_epoch": self.yielded_this_epoch,
             "loader": self.dataset.state_dict(),
-            "val": [[ids, p] for ids, p in self.val],
+            "val": [sample_to_json(s) for s in self.val],
         }
+        if self.media is not None:
+            state["quarantined"] = self.quarantined
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = state["epoch"]
         self.yielded_this_epoch = state["yielded_this_epoch"]
-        self.val = [(list(ids), int(p)) for ids, p in state["val"]]
+        self.val = [sample_from_json(s) for s in state["val"]]
+        self.quarantined = list(state.get("quarantined", []))
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.epoch)
         self.dataset.load_state_dict(state["loader"])
@@ -254,9 +283,13 @@ def train(
     *,
     on_step: Callable[[dict], None] | None = None,
     model_bundle: tuple | None = None,
+    media=None,
 ) -> dict:
     """Train adapters on `dataset` (feature rows; streamed, never materialised) and save them to
-    `args.adapter_path`. `model_bundle` = (model, tokenizer, config) from `setup_model` skips loading."""
+    `args.adapter_path`. `model_bundle` = (model, tokenizer, config) from `setup_model` skips loading.
+    With `args.stage` align or instruct the model also sees images and audio through projectors
+    (`streamtune.train.mm_train`): `media` names the encoders (a DecodeConfig, needed for
+    `media_source: online`, or a spec dict); cached encoder tokens name them in the feature index."""
     validate(args)
     group = mx.distributed.init()
     rank, world = group.rank(), group.size()
@@ -265,11 +298,16 @@ def train(
     if args.resume and checkpoint.latest(args.checkpoint_dir, args.storage_options) is None:
         raise ValueError(f"nothing to resume from: no checkpoint at {args.checkpoint_dir}")
     model, tokenizer, config = model_bundle or setup_model(args)
+    mm = None
+    if args.stage != "text":
+        from streamtune.train.mm_train import MultimodalRun, find_spec
+
+        mm = MultimodalRun(args, model, tokenizer, find_spec(args, dataset, media), media)
     on_gpu = default_dtype() != "float32"
     additive = on_gpu if args.additive_mask is None else args.additive_mask
     packed = args.packing and supports_packing(model)
     rows = args.batch_size // world
-    stream = SampleStream(dataset, tokenizer, args, rank, world)
+    stream = SampleStream(dataset, tokenizer, args, rank, world, mm)
     # A checkpoint must hold the loader's position: datasets that cannot report one are not checkpointed.
     checkpointing = bool(args.save_every) and hasattr(stream.dataset, "state_dict")
     if args.save_every and not checkpointing:
@@ -278,6 +316,9 @@ def train(
 
     schedule = _schedule(args)
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
+    if mm is not None:
+        projector_schedule = _schedule(args.model_copy(update={"lr": args.projector_lr}))
+        optimizer = mm.optimizer(schedule, projector_schedule)
     optimizer.init(model.trainable_parameters())
     step, losses, history, resumed_from = 0, [], [], None
     offset = 0  # steps the starting adapter was trained for, so a warm start continues the global count
@@ -298,10 +339,12 @@ def train(
         if weights is None:
             raise ValueError(f"init_adapter: no adapters.safetensors at {args.init_adapter}")
         model.load_weights(list(weights.items()), strict=False)
+        if mm is not None:
+            mm.load_init(model, args.init_adapter, args.storage_options)
         mx.eval(model.parameters())
         offset = int((adapters.read_config(args.init_adapter, args.storage_options) or {}).get("global_step", 0))
 
-    def compute(inputs, positions, segments, index, targets, weights):
+    def compute(inputs, positions, segments, index, targets, weights, *soft):
         return loss_at(
             model,
             inputs,
@@ -314,6 +357,7 @@ def train(
             args.grad_checkpoint,
             args.attention_window,
             additive,
+            soft or None,
         )
 
     value_and_grad = nn.value_and_grad(model, compute)
@@ -362,7 +406,7 @@ def train(
             wait += time.perf_counter() - w0
             if batch is None:
                 break
-            arrays = _arrays(batch)
+            arrays = _arrays(batch) + (mm.soft(batch) if mm else ())
             shape = tuple(a.shape for a in arrays)
             new_shape |= shape not in shapes_seen
             shapes_seen.add(shape)
@@ -408,8 +452,11 @@ def train(
             "data_wait_s": wait,  # of `seconds`, spent waiting for the batch (the data path fell behind)
             "new_shape": new_shape,  # first step at this batch shape: includes tracing (and compiling)
         }
+        if mm is not None:
+            p_lr = projector_schedule
+            metrics["projector_lr"] = float(p_lr(mx.array(step - 1))) if callable(p_lr) else p_lr
         if args.eval_every and step % args.eval_every == 0 and (stream.val or world > 1):
-            metrics["val_loss"] = evaluate(model, stream.val, args, packed, world)
+            metrics["val_loss"] = evaluate(model, stream.val, args, packed, world, mm)
         history.append(metrics)
         if bar is not None:
             bar.update(1)
@@ -426,7 +473,18 @@ def train(
         done = adapter_config(args, config) | {"global_step": offset + step}
         save_adapter(model, adapters.local_dir(args.adapter_dir), done)
         adapters.upload(adapters.local_dir(args.adapter_dir), args.adapter_dir, args.storage_options)
-    final_val = evaluate(model, stream.val, args, packed, world) if stream.val or world > 1 else None
+    final_val = evaluate(model, stream.val, args, packed, world, mm) if stream.val or world > 1 else None
+    quarantined = []
+    if mm is not None:
+        from streamtune.train.mm_train import gather_records
+
+        quarantined = gather_records(stream.quarantined, group)
+        if rank == 0 and quarantined:
+            from streamtune import quarantine as quarantine_table
+            from streamtune.storage import join
+
+            url = join(args.adapter_dir, "quarantine.parquet")
+            quarantine_table.write_quarantine(url, quarantined, args.storage_options)
     return {
         "steps": step,
         "global_step": offset + step,
@@ -446,6 +504,8 @@ def train(
         "packed": packed,
         "world_size": world,
         "skipped_rows": stream.skipped,
+        "quarantined": quarantined,
+        "stage": args.stage,
         "history": history,
         "args": args.settings(),
     }
@@ -500,9 +560,7 @@ class BatchPrefetcher:
             self.thread.join(timeout=5)
 
 
-def evaluate(
-    model: nn.Module, samples: list[tuple[list[int], int]], args: TrainArgs, packed: bool, world: int
-):
+def evaluate(model: nn.Module, samples: list[tuple], args: TrainArgs, packed: bool, world: int, mm=None):
     """Mean completion-token loss over held-out samples."""
     if not samples and world == 1:
         return None
@@ -521,6 +579,7 @@ def evaluate(
         total = total + loss_at(
             model,
             *_arrays(batch),
+            soft=mm.soft(batch) if mm else None,
             packed=packed,
             window=args.attention_window,
             additive_mask=default_dtype() != "float32" if args.additive_mask is None else args.additive_mask,

@@ -1,0 +1,139 @@
+"""Generation (and evaluation) with a multimodal adapter folder: the base LM with its adapter, the
+projectors, and the frozen encoders named in `multimodal.json`.
+
+    from streamtune.train.mm_generate import load_multimodal
+    mm = load_multimodal("offline:smollm2", "adapters/")
+    mm.generate("What does this picture show?", image="shape.png")
+    mm.generate("What is said?", audio="clip.wav")
+
+A prompt without a placeholder for a given medium gets one in front (`<image>\\n`), the layout the
+default training template uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from streamtune.train.multimodal import (
+    KINDS,
+    PLACEHOLDER,
+    PROJECTOR_FILE,
+    attach_projectors,
+    prompt_with_media,
+    read_meta,
+    sample_embeddings,
+)
+
+MediaInput = str | os.PathLike | bytes | np.ndarray | None
+
+
+class MultimodalModel:
+    """An LM with adapters and projectors, plus the encoders that turn media into its soft tokens."""
+
+    def __init__(self, net: nn.Module, tokenizer, meta: dict):
+        self.net, self.tokenizer, self.meta = net, tokenizer, meta
+        self.spec = meta["media"]
+        self._encoders = None
+
+    def encoders(self) -> dict:
+        if self._encoders is None:
+            from streamtune.decode.tokens import AudioTokens, ImageTokens, config_from_spec
+
+            cfg = config_from_spec(self.spec)
+            self._encoders = {"cfg": cfg}
+            if "image" in self.spec:
+                from streamtune.decode.clip import ClipEmbedder
+
+                clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
+                self._encoders["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool)
+            if "audio" in self.spec:
+                self._encoders["audio"] = AudioTokens(
+                    cfg.whisper_model, cfg.audio_layer, cfg.audio_factor, cfg.audio_pool, cfg.cache_dir
+                )
+        return self._encoders
+
+    def encode(self, kind: str, value) -> np.ndarray:
+        """(tokens, dim) float16 for one medium: a file path, encoded bytes, a PIL image or 16 kHz PCM."""
+        from PIL import Image
+
+        from streamtune.decode.media import decode_audio, decode_image
+
+        if kind not in self.spec:
+            raise ValueError(f"this adapter has no {kind} projector (it knows {sorted(self.spec)})")
+        enc = self.encoders()
+        if isinstance(value, str | os.PathLike):
+            with open(value, "rb") as f:
+                value = f.read()
+        if kind == "image":
+            tokens = enc["image"]
+            image = (
+                value if isinstance(value, Image.Image) else decode_image(bytes(value), enc["cfg"].max_pixels)
+            )
+            return tokens.encode([tokens.clip.prepare(image)])[1][0]
+        audio = value if isinstance(value, np.ndarray) else decode_audio(bytes(value), 16000)
+        return enc["audio"].encode(audio)
+
+    def media_of(self, row: dict) -> dict[str, list[np.ndarray]]:
+        """Media of a feature row (cached `*_tokens`) or a raw row (`image` / `audio` bytes)."""
+        out = {}
+        for kind in self.spec:
+            cached = row.get(f"{kind}_tokens")
+            value = cached if cached is not None else row.get(kind)
+            items = value if isinstance(value, list) else [] if value is None else [value]
+            out[kind] = [
+                np.asarray(v, np.float16) if cached is not None else self.encode(kind, v) for v in items
+            ]
+        return out
+
+    def generate(
+        self,
+        prompt: str,
+        image: MediaInput = None,
+        audio: MediaInput = None,
+        max_tokens: int = 64,
+        system: str | None = None,
+    ) -> str:
+        """Greedy completion of `prompt` with the given media as soft tokens."""
+        from mlx_lm.generate import generate as mlx_generate
+
+        media = {}
+        for kind, value in (("image", image), ("audio", audio)):
+            if value is None:
+                continue
+            media[kind] = [self.encode(kind, value)]
+            if PLACEHOLDER[kind] not in prompt:
+                prompt = f"{PLACEHOLDER[kind]}\n{prompt}"
+        ids, placed = prompt_with_media(self.tokenizer, prompt, media, system)
+        embeddings = sample_embeddings(self.net, ids, placed)[0]
+        text = mlx_generate(self.net, self.tokenizer, ids, max_tokens=max_tokens, input_embeddings=embeddings)
+        return text.strip()
+
+    def counterfactual(self, rows: list[dict], template=None, **kw) -> dict:
+        """Held-out loss with own vs another sample's media (`counterfactual.counterfactual`)."""
+        from streamtune.train.counterfactual import counterfactual
+        from streamtune.train.data import Template
+
+        template = template or Template(**self.meta["template"])
+        return counterfactual(self.net, self.tokenizer, rows, template, self.media_of, **kw)
+
+
+def load_multimodal(model: str, adapter_path: str, dtype: str | None = None) -> MultimodalModel:
+    """The base `model` with the adapter, projectors and encoder spec of a multimodal output folder."""
+    from streamtune.train.generate import load_with_adapter
+
+    meta = read_meta(adapter_path)
+    if meta is None:
+        raise FileNotFoundError(f"no multimodal.json in {adapter_path}: not a multimodal adapter folder")
+    net, tokenizer, _ = load_with_adapter(model, adapter_path, dtype=dtype)
+    dims = {k: int(s["dim"]) for k, s in meta["media"].items() if k in KINDS}
+    attach_projectors(net, dims, meta["projector"])
+    net.projectors.load_weights(os.path.join(adapter_path, PROJECTOR_FILE), strict=True)
+    net.projectors.meta_json = json.dumps(meta)
+    net.eval()
+    mx.eval(net.parameters())
+    return MultimodalModel(net, tokenizer, meta)

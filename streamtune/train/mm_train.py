@@ -1,0 +1,269 @@
+"""Multimodal training runs: what `trainer.train` adds for `stage` align or instruct.
+
+- align (stage 1): only the projectors learn (the LM, adapters included, is frozen), typically on
+  caption / transcript pairs, at `projector_lr`.
+- instruct (stage 2): projectors at `projector_lr` and the adapters (LoRA / QLoRA / DoRA) at `lr`, on
+  instruction data; `init_adapter` = a stage-1 output folder starts from its projectors.
+
+Media reach the model in one of two ways (`media_source`):
+- cached: encoder tokens the decode stage stored (`image_tokens` / `audio_tokens` columns of a feature
+  set decoded with `media_tokens`); the feature index says which encoders made them.
+- online: raw media (`image` / `audio` bytes of a raw shard set) are decoded, augmented
+  (`streamtune.decode.augment`, seeded from (seed, epoch, sample id)) and encoded by the frozen encoders
+  inside the data path, one sample at a time so results never depend on batching. A medium that does not
+  decode is a quarantine record (`quarantined` in the result, `quarantine.parquet` next to the adapter)
+  and its sample is skipped, the same way on every rank and after a resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from streamtune import quarantine
+from streamtune.train.data import DEFAULT_TEMPLATE, Template, render
+from streamtune.train.multimodal import (
+    KINDS,
+    PROJECTOR_FILE,
+    attach_projectors,
+    encode_with_media,
+    placeholder_fields,
+    save_projector,
+    soft_inputs,
+)
+
+MEDIA_TEMPLATE = Template(prompt="{image}\n{audio}", completion="{text}")
+ADAPTER_PARAMS = ("lora_a", "lora_b", "m")  # LoRA / DoRA parameters of mlx-lm's adapter layers
+
+
+class Quarantined(Exception):
+    """A sample whose medium could not be used; `record` is its quarantine record."""
+
+    def __init__(self, record: dict):
+        super().__init__(record["message"])
+        self.record = record
+
+
+def find_spec(args, dataset, media=None) -> dict:
+    """{kind: encoder spec} of a run: from `media` (a spec dict or a DecodeConfig naming the encoders),
+    else from the feature index of `dataset`, restricted to `args.modalities`."""
+    from streamtune.config import DecodeConfig
+
+    if isinstance(media, DecodeConfig):
+        from streamtune.decode.tokens import media_spec
+
+        spec = media_spec(media, args.modalities or media.media_tokens or KINDS)
+    elif media:
+        spec = dict(media)
+    else:
+        index = getattr(dataset, "index", None)  # CloudStreamingDataset: the feature index
+        spec = (index.get("media_tokens") if isinstance(index, dict) else None) or {}
+    if not spec:
+        raise ValueError(
+            f"stage {args.stage!r} needs encoder tokens: a feature set decoded with media_tokens, or "
+            "media= (a DecodeConfig naming the encoders, required for media_source online)"
+        )
+    want = args.modalities or list(spec)
+    missing = [k for k in want if k not in spec]
+    if missing:
+        raise ValueError(f"modalities {missing} have no encoder tokens (available: {sorted(spec)})")
+    return {k: spec[k] for k in KINDS if k in want}
+
+
+def adapter_names(model: nn.Module, fine_tune_type: str) -> list[str]:
+    """Names of the LM's adapter weights (what adapters.safetensors holds), whatever is trainable now."""
+    names = [k for k, _ in tree_flatten(model.parameters()) if not k.startswith("projectors.")]
+    if fine_tune_type == "full":
+        return names
+    return [k for k in names if k.rsplit(".", 1)[-1] in ADAPTER_PARAMS]
+
+
+class MultimodalRun:
+    """Projectors on the model, trainable parts per stage, the media data path, optimizer, files."""
+
+    def __init__(self, args, model: nn.Module, tokenizer, spec: dict, media=None):
+        self.args, self.spec, self.tokenizer = args, spec, tokenizer
+        self.kinds = list(spec)
+        self.dims = {k: int(s["dim"]) for k, s in spec.items()}
+        self.online = args.media_source == "online"
+        self.template = args.template if "template" in args.model_fields_set else MEDIA_TEMPLATE
+        if self.template is DEFAULT_TEMPLATE:
+            self.template = MEDIA_TEMPLATE
+        attach_projectors(model, self.dims, args.projector, seed=args.seed)
+        model.projectors.meta_json = json.dumps(self.meta())
+        model.freeze()
+        if args.stage == "instruct":
+            if args.fine_tune_type == "full":
+                model.unfreeze()
+            else:
+                model.unfreeze(keys=list(ADAPTER_PARAMS), strict=False)
+        elif args.stage != "align":
+            raise ValueError(f"stage must be text, align or instruct, got {args.stage!r}")
+        model.projectors.unfreeze()
+        self._media_cfg = media
+        self._encoders = None
+
+    def meta(self) -> dict:
+        """multimodal.json: encoders, layers, pooling, token counts, projector."""
+        return {
+            "stage": self.args.stage,
+            "projector": self.args.projector,
+            "placeholders": {k: f"<{k}>" for k in self.kinds},
+            "media": self.spec,
+            "template": self.template.__dict__ if isinstance(self.template, Template) else None,
+        }
+
+    # ----------------------------------------------------------------------------- optimizer, files
+
+    def optimizer(self, schedule, projector_schedule):
+        """AdamW at `projector_lr` for the projectors; in stage instruct a second AdamW at `lr` for the
+        adapters."""
+        wd = self.args.weight_decay
+        projector = optim.AdamW(learning_rate=projector_schedule, weight_decay=wd)
+        if self.args.stage == "align":
+            return projector
+        rest = optim.AdamW(learning_rate=schedule, weight_decay=wd)
+        return optim.MultiOptimizer([projector, rest], [lambda path, _: path.startswith("projectors.")])
+
+    def load_init(self, model: nn.Module, url: str, storage_options=None) -> bool:
+        """Projector weights of an earlier run's output folder (stage 1 -> stage 2), if it has them."""
+        from streamtune import storage
+
+        path = storage.join(url, PROJECTOR_FILE)
+        if not storage.exists(path, storage_options):
+            return False
+        with _local(path, storage_options) as local:
+            weights = mx.load(local)
+        model.projectors.load_weights(list(weights.items()), strict=True)
+        mx.eval(model.projectors.parameters())
+        return True
+
+    # ------------------------------------------------------------------------------------ data path
+
+    def soft(self, batch) -> tuple:
+        return soft_inputs(batch, self.kinds, self.dims)
+
+    def media_of(self, row: dict, epoch: int, augment: bool) -> dict[str, list[np.ndarray]]:
+        """{kind: [(tokens, dim) float16 per medium]} of one row."""
+        out = {}
+        for kind in self.kinds:
+            if self.online:
+                value = row.get(kind)
+                items = value if isinstance(value, list) else [] if value is None else [value]
+                out[kind] = [self._encode(kind, row, data, epoch, augment) for data in items]
+            else:
+                value = row.get(f"{kind}_tokens")
+                items = value if isinstance(value, list) else [] if value is None else [value]
+                out[kind] = [np.asarray(v, np.float16) for v in items]
+                for v in out[kind]:
+                    if v.ndim != 2 or v.shape[1] != self.dims[kind]:
+                        raise ValueError(
+                            f"sample {row.get('sample_id')!r}: {kind}_tokens has shape {v.shape}, the "
+                            f"projector expects (n, {self.dims[kind]})"
+                        )
+        return out
+
+    def encode_row(self, row: dict, max_len: int, epoch: int, augment: bool = True):
+        """((prompt, completion), (ids, prompt_len, media)) or None when the row has nothing to learn;
+        raises Quarantined for an undecodable medium and MediaMismatch for placeholders that do not
+        match the media."""
+        media = self.media_of(row, epoch, augment)
+        view = {k: v for k, v in row.items() if k not in KINDS and not k.endswith("_tokens")}
+        pair = render(view | placeholder_fields(media), self.template)
+        if pair is None:
+            return None
+        system = getattr(self.template, "system", None)
+        ids, prompt_len, placed = encode_with_media(
+            self.tokenizer, *pair, media, max_len, system, row.get("sample_id")
+        )
+        if len(ids) <= max(prompt_len, 1):
+            return None
+        return pair, (ids, prompt_len, placed)
+
+    def _encode(self, kind: str, row: dict, data, epoch: int, augment: bool) -> np.ndarray:
+        from streamtune.decode.augment import augment_audio, augment_image, rng_for
+        from streamtune.decode.media import MediaError, decode_audio, decode_image
+
+        enc = self.encoders()
+        cfg = enc["cfg"]
+        sid = row.get("sample_id")
+        try:
+            if kind == "image":
+                image = decode_image(bytes(data), cfg.max_pixels, min_side=enc["image"].clip.image_size)
+                if augment and self.args.augment:
+                    image = augment_image(image, rng_for(self.args.seed, epoch, sid, kind))
+                return enc["image"].encode([enc["image"].clip.prepare(image)])[1][0]
+            audio = decode_audio(bytes(data), 16000, max_seconds=cfg.max_audio_seconds)
+            if augment and self.args.augment:
+                audio = augment_audio(audio, rng_for(self.args.seed, epoch, sid, kind))
+            return enc["audio"].encode(audio)
+        except MediaError as e:
+            from streamtune.decode.features import _source_key
+
+            key = _source_key(list(row.get("sources") or []), kind, sid)
+            raise Quarantined(quarantine.record(sid, key, "train", e.kind, e.reason, modality=kind)) from None
+
+    def encoders(self) -> dict:
+        """The frozen encoders of online mode, built on first use from the spec."""
+        if self._encoders is None:
+            from streamtune.config import DecodeConfig
+            from streamtune.decode.tokens import AudioTokens, ImageTokens, config_from_spec
+
+            cfg = (
+                self._media_cfg if isinstance(self._media_cfg, DecodeConfig) else config_from_spec(self.spec)
+            )
+            self._encoders = {"cfg": cfg}
+            if "image" in self.spec:
+                from streamtune.decode.clip import ClipEmbedder
+
+                clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
+                self._encoders["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool)
+            if "audio" in self.spec:
+                self._encoders["audio"] = AudioTokens(
+                    cfg.whisper_model, cfg.audio_layer, cfg.audio_factor, cfg.audio_pool, cfg.cache_dir
+                )
+        return self._encoders
+
+
+def _local(url: str, storage_options):
+    """A context manager yielding a local path of `url` (downloaded to a temporary file if remote)."""
+    import contextlib
+    import tempfile
+
+    from streamtune import storage
+
+    @contextlib.contextmanager
+    def opened():
+        if "://" not in url or url.startswith("file://"):
+            yield url.removeprefix("file://")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, os.path.basename(url))
+            with open(path, "wb") as f:
+                f.write(storage.read_bytes(url, storage_options))
+            yield path
+
+    return opened()
+
+
+def save_multimodal(model: nn.Module, folder: str) -> None:
+    """projector.safetensors + multimodal.json next to the adapter files."""
+    save_projector(model, folder, json.loads(model.projectors.meta_json))
+
+
+def gather_records(records: list[dict], group) -> list[dict]:
+    """Every rank's quarantine records (a collective: all ranks call it), sorted by sample id."""
+    if group.size() > 1:
+        data = np.frombuffer(json.dumps(records).encode(), np.uint8)
+        sizes = mx.distributed.all_gather(mx.array([data.size]), group=group).tolist()
+        padded = np.zeros(max(sizes), np.uint8)
+        padded[: data.size] = data
+        gathered = np.array(mx.distributed.all_gather(mx.array(padded)[None], group=group))
+        records = [r for i in range(group.size()) for r in json.loads(gathered[i, : sizes[i]].tobytes())]
+    return sorted(records, key=lambda r: str(r.get("sample_id")))

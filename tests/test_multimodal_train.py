@@ -1,0 +1,119 @@
+"""Two-stage multimodal training on a tiny model, real MLX steps: stage 1 trains only the projector and
+makes the model read its media (counterfactual loss); stage 2 starts from it and trains projector and
+LoRA at their own learning rates; the text part of the output still loads in mlx-lm."""
+
+import json
+
+import mlx.core as mx  # noqa: I001
+import numpy as np
+import pytest
+
+import streamtune  # noqa: F401
+from streamtune.train.data import ListSource, Template
+from streamtune.train.mm_generate import load_multimodal
+from streamtune.train.synthetic import write_random_model
+from streamtune.train.trainer import TrainArgs, train
+
+CLASSES = ["red", "green", "blue", "yellow"]
+SPEC = {"image": {"encoder": "synthetic", "dim": 16, "tokens": 16}}
+TEMPLATE = Template(prompt="{image}\nWhat colour is it?", completion="{text}")
+PROTOTYPES = np.random.default_rng(0).standard_normal((4, 16, 16))
+
+
+def rows(n: int, start: int = 0) -> list[dict]:
+    rng = np.random.default_rng(start + 1)
+    out = []
+    for i in range(start, start + n):
+        c = (i * 7) % 4
+        feats = PROTOTYPES[c] + 0.2 * rng.standard_normal((16, 16))
+        out.append({"sample_id": f"s{i}", "image_tokens": feats.astype(np.float16), "text": CLASSES[c]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_random_model(str(tmp_path_factory.mktemp("m") / "tiny"), "tiny", seed=4)
+
+
+def args(tiny, path, **kw):
+    base = dict(
+        model=tiny,
+        adapter_path=str(path),
+        stage="align",
+        template=TEMPLATE,
+        iters=40,
+        batch_size=4,
+        seq_len=96,
+        lr=1e-3,
+        projector_lr=1e-2,
+        warmup=2,
+        num_layers=-1,
+        rank=4,
+        save_every=0,
+    )
+    return TrainArgs(**(base | kw))
+
+
+def test_stage1_projector_only_then_stage2_with_lora(tiny, tmp_path):
+    held_out = rows(16, start=1000)
+    stage1 = tmp_path / "stage1"
+    steps = []
+    res = train(args(tiny, stage1), ListSource(rows(64), shuffle=True), on_step=steps.append, media=SPEC)
+    assert res["steps"] == 40 and res["loss_last"] < res["loss_first"] - 2
+    assert all(m["projector_lr"] != m["lr"] for m in steps[3:])
+    files = {p.name for p in stage1.iterdir()}
+    assert {
+        "adapters.safetensors",
+        "adapter_config.json",
+        "projector.safetensors",
+        "multimodal.json",
+    } <= files
+    meta = json.loads((stage1 / "multimodal.json").read_text())
+    assert meta["media"] == SPEC and meta["stage"] == "align" and meta["placeholders"] == {"image": "<image>"}
+    lora = mx.load(str(stage1 / "adapters.safetensors"))
+    assert lora and all(k.endswith(("lora_a", "lora_b")) for k in lora)
+    assert all(mx.all(v == 0).item() for k, v in lora.items() if k.endswith("lora_b")), "LM frozen in stage 1"
+
+    # a frozen random 2-layer LM is a poor reader, but the projector alone makes it use the media
+    untrained = tmp_path / "untrained"
+    train(args(tiny, untrained, iters=0), rows(4), media=SPEC)
+    before = load_multimodal(tiny, str(untrained)).counterfactual(held_out, seq_len=96)
+    after = load_multimodal(tiny, str(stage1)).counterfactual(held_out, seq_len=96)
+    assert after["samples"] == 16 and abs(before["shuffled"] - before["matched"]) < 0.1, before
+    assert after["matched"] < before["matched"] - 2 and after["shuffled"] - after["matched"] > 0.4, after
+
+    # the text part is a plain mlx-lm adapter
+    from mlx_lm import load
+
+    net, _ = load(tiny, adapter_path=str(stage1))
+    assert net is not None
+
+    stage2 = tmp_path / "stage2"
+    res2 = train(
+        args(tiny, stage2, stage="instruct", iters=6, init_adapter=str(stage1), lr=5e-3, projector_lr=1e-4),
+        ListSource(rows(32, start=500)),
+        media=SPEC,
+    )
+    assert res2["loss_first"] < res["loss_first"] - 2, "stage 2 starts from the stage-1 projector"
+    p1, p2 = mx.load(str(stage1 / "projector.safetensors")), mx.load(str(stage2 / "projector.safetensors"))
+    assert any(not mx.array_equal(p1[k], p2[k]).item() for k in p1)
+    lora2 = mx.load(str(stage2 / "adapters.safetensors"))
+    assert any(mx.abs(v).sum().item() > 0 for k, v in lora2.items() if k.endswith("lora_b")), "LoRA trains"
+    assert json.loads((stage2 / "multimodal.json").read_text())["stage"] == "instruct"
+
+
+def test_mismatched_placeholders_name_the_sample(tiny, tmp_path):
+    bad = rows(4)
+    bad[2] = {**bad[2], "image_tokens": None}
+    literal = Template(prompt="<image>\nWhat colour is it?", completion="{text}")
+    with pytest.raises(ValueError, match="sample 's2'.*1 <image> placeholder.*0 image"):
+        train(args(tiny, tmp_path / "x", iters=2, template=literal), bad, media=SPEC)
+    # with the {image} field instead, a sample without an image simply has no image line
+    assert train(args(tiny, tmp_path / "x", iters=1), bad, media=SPEC)["steps"] == 1
+
+
+def test_cached_tokens_of_the_wrong_width_are_a_clear_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match="sample 's0'.*image_tokens has shape"):
+        train(args(tiny, tmp_path / "y", iters=1), rows(2), media={"image": {"dim": 8}})
+    with pytest.raises(ValueError, match="needs encoder tokens"):
+        train(args(tiny, tmp_path / "z", iters=1), rows(2))
