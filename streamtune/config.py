@@ -132,6 +132,9 @@ class DecodeConfig(Settings):
     audio_pool: Literal["stack", "mean"] = Field(
         "stack", description="stack: concatenate a token's frames (width factor x d_model); mean: average."
     )
+    audio_context: Literal["clip", "window"] = Field(
+        "clip", description="clip: encode a clip's own frames only (cheap); window: pad to Whisper's 30 s."
+    )
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -152,6 +155,7 @@ class DecodeConfig(Settings):
             for name in ("media_tokens", "image_layer", "image_pool", "audio_layer", "audio_factor"):
                 settings.pop(name)
             settings.pop("audio_pool")
+            settings.pop("audio_context")
         settings["whisper_files"] = local_fingerprint(self.whisper_model)
         settings["clip_files"] = local_fingerprint(self.clip_pretrained)
         settings["code"] = CODE_VERSION

@@ -74,16 +74,22 @@ def test_decode_stores_encoder_tokens_and_the_index_describes_them(tmp_path, cli
     assert media_spec(config_from_spec(spec), ["image", "audio"]) == spec
 
 
-def test_audio_tokens_batched_equal_one_at_a_time_and_mean_pooling():
-    stack = AudioTokens("offline:tiny.en", factor=4)
+def test_audio_tokens_per_clip_or_padded_window_and_mean_pooling():
+    clip = AudioTokens("offline:tiny.en", factor=4)
     rng = np.random.default_rng(0)
     clips = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (16000, 8000, 40 * 16000)]
-    together = stack.encode_many(clips, batch_size=4)
-    alone = [stack.encode(c) for c in clips]
+    together = clip.encode_many(clips, batch_size=4)
     assert [t.shape for t in together] == [(13, 1536), (7, 1536), (500, 1536)]  # 50 frames/s, 4 per token
-    for a, b in zip(together, alone, strict=True):
-        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-2)
-    mean = AudioTokens("offline:tiny.en", factor=4, pool="mean", layer=1, whisper=stack.model)
+    for a, c in zip(together, clips, strict=True):  # one clip at a time, whatever else is asked for
+        assert a.tobytes() == clip.encode(c).tobytes()
+    window = AudioTokens("offline:tiny.en", factor=4, whisper=clip.model, context="window")
+    padded = window.encode_many(clips[:2], batch_size=2)
+    assert [t.shape for t in padded] == [(13, 1536), (7, 1536)]
+    np.testing.assert_allclose(
+        padded[1].astype(np.float32), window.encode(clips[1]).astype(np.float32), atol=2e-2
+    )
+    assert np.abs(padded[0].astype(np.float32) - together[0].astype(np.float32)).max() > 1e-2
+    mean = AudioTokens("offline:tiny.en", factor=4, pool="mean", layer=1, whisper=clip.model)
     assert mean.encode(clips[0]).shape == (13, 384)
     with pytest.raises(ValueError, match="out of range"):
-        AudioTokens("offline:tiny.en", layer=4, whisper=stack.model)
+        AudioTokens("offline:tiny.en", layer=4, whisper=clip.model)

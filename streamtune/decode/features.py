@@ -154,7 +154,7 @@ class Decoder:
                 cfg = self.cfg
                 self._audio_tokens = AudioTokens(
                     cfg.whisper_model, cfg.audio_layer, cfg.audio_factor, cfg.audio_pool, cfg.cache_dir,
-                    whisper=self.transcriber.model,
+                    whisper=self.transcriber.model, context=cfg.audio_context,
                 )  # fmt: skip
             return self._audio_tokens
 

@@ -6,7 +6,9 @@
 - Audio: Whisper encoder frames (50 per second) from one block (`audio_layer`, -1: the final output after
   `ln_post`, what Whisper's decoder attends to), cut to the clip's length and stacked (SLAM-ASR) or
   averaged `audio_factor` at a time: 5 gives 10 tokens per second. Clips longer than 30 s are encoded in
-  30 s windows whose tokens are concatenated.
+  30 s windows whose tokens are concatenated. `audio_context`: `window` pads each window to 30 s as
+  Whisper was trained (a 2 s clip costs as much as 30 s: about 2 s of CPU for tiny.en here); `clip`
+  (default) runs the encoder on the clip's own frames only (positions 0..n), 15x cheaper for 2 s clips.
 
 `media_spec(cfg, kinds)` describes both without loading weights (names, layers, pooling, widths); the
 feature index and the adapter's `multimodal.json` carry it, so training and generation rebuild the same
@@ -71,6 +73,7 @@ def audio_spec(cfg) -> dict:
         "layer": cfg.audio_layer,
         "pool": cfg.audio_pool,
         "factor": cfg.audio_factor,
+        "context": cfg.audio_context,
         "tokens_per_second": FRAMES_PER_SECOND / cfg.audio_factor,
         "dim": int(width),
     }
@@ -112,6 +115,7 @@ def config_from_spec(spec: dict, **extra):
         s = spec["audio"]
         fields |= {"whisper_model": s["model"], "audio_layer": s["layer"]}
         fields |= {"audio_pool": s["pool"], "audio_factor": s["factor"]}
+        fields |= {"audio_context": s.get("context", "window")}
     return DecodeConfig(**fields, media_tokens=list(spec))
 
 
@@ -157,6 +161,7 @@ class AudioTokens:
         pool: str = "stack",
         cache_dir: str | None = None,
         whisper=None,
+        context: str = "clip",
     ):
         import mlx.core as mx
         from mlx_whisper.load_models import load_model
@@ -165,6 +170,9 @@ class AudioTokens:
 
         if pool not in ("stack", "mean") or factor < 1:
             raise ValueError(f"audio pooling must be stack or mean with factor >= 1, got {pool} x {factor}")
+        if context not in ("clip", "window"):
+            raise ValueError(f"audio context must be clip or window, got {context!r}")
+        self.context = context
         self.model = whisper or load_model(resolve_whisper(model, cache_dir), dtype=mx.float32)
         self.encoder = self.model.encoder
         self.block = _block_index(layer, len(self.encoder.blocks))
@@ -173,18 +181,19 @@ class AudioTokens:
         self.stream = None
 
     def _frames(self, windows: list[np.ndarray]) -> np.ndarray:
+        """Encoder output of windows of equal length (30 s, or one window of any length up to 30 s)."""
         import mlx.core as mx
         import mlx.nn as nn
-        from mlx_whisper.audio import log_mel_spectrogram, pad_or_trim
+        from mlx_whisper.audio import log_mel_spectrogram
 
         enc = self.encoder
         n_mels = self.model.dims.n_mels
-        mel = mx.stack(
-            [log_mel_spectrogram(pad_or_trim(mx.array(w), WINDOW_SAMPLES), n_mels) for w in windows]
-        )
+        size = WINDOW_SAMPLES if self.context == "window" else -(-max(w.size for w in windows) // 320) * 320
+        padded = [np.pad(w, (0, size - w.size)) for w in windows]
+        mel = mx.stack([log_mel_spectrogram(mx.array(w), n_mels) for w in padded])
         x = nn.gelu(enc.conv1(mel))
         x = nn.gelu(enc.conv2(x))
-        x = x + enc._positional_embedding
+        x = x + enc._positional_embedding[: x.shape[1]]
         for block in enc.blocks[: self.block + 1]:
             x, _, _ = block(x)
         if self.final:
@@ -196,7 +205,10 @@ class AudioTokens:
         return self.encode_many([audio], batch_size=1)[0]
 
     def encode_many(self, audios: list[np.ndarray], batch_size: int = 8) -> list[np.ndarray]:
-        """`encode` for several clips, their 30 s windows encoded `batch_size` at a time."""
+        """`encode` for several clips. Context `window` pads every window to 30 s (as Whisper was trained)
+        and encodes `batch_size` at a time; `clip` encodes only each window's own frames, one at a time
+        (no padding, so results never depend on what else is in a batch; a 2 s clip costs 1/15 of a
+        window)."""
         import mlx.core as mx
 
         windows, owner = [], []
@@ -208,6 +220,7 @@ class AudioTokens:
         if self.stream is None:
             self.stream = mx.new_stream(mx.default_device())
         parts: list[list[np.ndarray]] = [[] for _ in audios]
+        batch_size = batch_size if self.context == "window" else 1
         for b in range(0, len(windows), batch_size):
             chunk = windows[b : b + batch_size]
             with mx.stream(self.stream):  # its own stream: safe beside training in another thread
@@ -224,3 +237,24 @@ class AudioTokens:
             f = np.concatenate([f, np.zeros((self.factor - n % self.factor, f.shape[1]), f.dtype)])
         grouped = f.reshape(-1, self.factor, f.shape[1])
         return grouped.reshape(grouped.shape[0], -1) if self.pool == "stack" else grouped.mean(1)
+
+
+def build_encoders(cfg, kinds) -> dict:
+    """{"cfg", "image": ImageTokens, "audio": AudioTokens} for the kinds asked, from DecodeConfig `cfg`
+    (one medium at a time: online training and generation)."""
+    out = {"cfg": cfg}
+    if "image" in kinds:
+        from streamtune.decode.clip import ClipEmbedder
+
+        clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
+        out["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool)
+    if "audio" in kinds:
+        out["audio"] = AudioTokens(
+            cfg.whisper_model,
+            cfg.audio_layer,
+            cfg.audio_factor,
+            cfg.audio_pool,
+            cfg.cache_dir,
+            context=cfg.audio_context,
+        )
+    return out

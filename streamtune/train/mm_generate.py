@@ -42,19 +42,9 @@ class MultimodalModel:
 
     def encoders(self) -> dict:
         if self._encoders is None:
-            from streamtune.decode.tokens import AudioTokens, ImageTokens, config_from_spec
+            from streamtune.decode.tokens import build_encoders, config_from_spec
 
-            cfg = config_from_spec(self.spec)
-            self._encoders = {"cfg": cfg}
-            if "image" in self.spec:
-                from streamtune.decode.clip import ClipEmbedder
-
-                clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
-                self._encoders["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool)
-            if "audio" in self.spec:
-                self._encoders["audio"] = AudioTokens(
-                    cfg.whisper_model, cfg.audio_layer, cfg.audio_factor, cfg.audio_pool, cfg.cache_dir
-                )
+            self._encoders = build_encoders(config_from_spec(self.spec), self.spec)
         return self._encoders
 
     def encode(self, kind: str, value) -> np.ndarray:

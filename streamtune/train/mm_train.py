@@ -213,21 +213,11 @@ class MultimodalRun:
         """The frozen encoders of online mode, built on first use from the spec."""
         if self._encoders is None:
             from streamtune.config import DecodeConfig
-            from streamtune.decode.tokens import AudioTokens, ImageTokens, config_from_spec
+            from streamtune.decode.tokens import build_encoders, config_from_spec
 
-            cfg = (
-                self._media_cfg if isinstance(self._media_cfg, DecodeConfig) else config_from_spec(self.spec)
-            )
-            self._encoders = {"cfg": cfg}
-            if "image" in self.spec:
-                from streamtune.decode.clip import ClipEmbedder
-
-                clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
-                self._encoders["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool)
-            if "audio" in self.spec:
-                self._encoders["audio"] = AudioTokens(
-                    cfg.whisper_model, cfg.audio_layer, cfg.audio_factor, cfg.audio_pool, cfg.cache_dir
-                )
+            media = self._media_cfg
+            cfg = media if isinstance(media, DecodeConfig) else config_from_spec(self.spec)
+            self._encoders = build_encoders(cfg, self.spec)
         return self._encoders
 
 
