@@ -47,6 +47,10 @@ class PipelineParams(Settings):
     force: list[Stage] = Field(
         default_factory=list, description="Stages to recompute, ignoring cached results."
     )
+    export: list[Literal["peft", "gguf-adapter", "fused-mlx", "fused-gguf", "ollama"]] = Field(
+        default_factory=list,
+        description="Hand the new adapter off in these formats, under WORK_URL/exports/<adapter version>/.",
+    )
     retrain_unchanged: bool = Field(
         False,
         description="Train even when features and settings are unchanged (with resume_from: latest, "

@@ -24,6 +24,7 @@ from tasks.stages import (
     commit_shards_task,
     data_state_task,
     decode_shard_task,
+    export_task,
     list_source_task,
     plan_rewrites_task,
     plan_shards_task,
@@ -322,6 +323,14 @@ def _stages(params: PipelineParams, t0: float) -> dict:
     train: dict[str, Any] = {}
     if params.runs("train"):
         train = stage(train_flow, params, after=last).result()  # unchanged inputs: the cached result
+    exports = []
+    if params.export and train.get("adapter_path"):
+        version = train["adapter_path"].rstrip("/").rsplit("/", 1)[-1]
+        for fmt in params.export:
+            out = params.url("exports", version, fmt)
+            exports.append(
+                export_task(train["adapter_path"], params.train.model, fmt, out, params.work_options or None)
+            )
     quarantined = len(shards["quarantine"]) + len(decoded["quarantine"])
     summary = {
         "samples": manifest["summary"]["samples"],
@@ -349,6 +358,7 @@ def _stages(params: PipelineParams, t0: float) -> dict:
             "checkpoints": params.checkpoint_url,
         },
     }
+    summary["exports"] = {e["format"]: e["out"] for e in exports}
     summary["run"] = run_story(params, manifest, shards, decoded, train)
     state = data_state_task(params.work_url, wo=params.work_options or None)
     summary["data"] = {k: v for k, v in state.items() if k != "quarantine"}

@@ -24,6 +24,7 @@ STAGE_CODE = {
     "shard": ["streamtune/ingest.py", "streamtune/shards", "streamtune/storage.py"],
     "decode": ["streamtune/decode", "streamtune/shards", "streamtune/stream"],
     "train": ["streamtune/train", "streamtune/stream"],
+    "export": ["streamtune/export", "streamtune/train"],
 }
 
 _ROOT = Path(__file__).resolve().parent.parent

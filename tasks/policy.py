@@ -23,6 +23,7 @@ TIMEOUTS = {
     "decode": 3600,
     "train": 6 * 3600,
     "report": 300,
+    "export": 3600,
 }
 
 

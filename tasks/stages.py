@@ -462,3 +462,33 @@ def data_state_task(work_url: str, wo: dict | None = None) -> dict:
     for part in ("shards", "features"):
         state[part].pop("entries", None) if len(state[part].get("entries", [])) > 200 else None
     return state
+
+
+@task(
+    name="export-adapter",
+    task_run_name="export-{to}",
+    cache_policy=keyed("export", "adapter_path", "base", "to", "out_url", outputs=lambda p, r: [r["out"]]),
+    **task_options("export"),
+)
+def export_task(
+    adapter_path: str, base: str, to: str, out_url: str, work_options: dict | None = None
+) -> dict:
+    """Hand the finished adapter off as `to` (peft, gguf-adapter, fused-mlx, fused-gguf, ollama) at `out_url`."""
+    import os
+    import tempfile
+
+    from streamtune import storage
+    from streamtune.export import export_adapter
+    from streamtune.train.adapters import is_remote
+
+    log = get_run_logger()
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "out") if is_remote(out_url) else out_url
+        summary = export_adapter(adapter_path, base, to, local, force=True, storage_options=work_options)
+        if is_remote(out_url):
+            fs, path = storage.get_fs(out_url, work_options)
+            fs.put(local, path, recursive=True)
+    for note in summary.get("notes") or []:
+        log.warning(note)
+    log.info(f"exported {adapter_path} as {to} to {out_url} in {summary['seconds']:.1f} s")
+    return {**summary, "out": out_url}
