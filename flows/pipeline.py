@@ -216,7 +216,7 @@ def decode_flow(params: PipelineParams) -> dict:
     stats["raw_bytes"] = sum(int(by_path.get(r["entry"]["path"], {}).get("bytes", 0)) for r in fresh)
     quarantine = [q for r in fresh for q in r.get("quarantine") or []]
     if fresh:
-        artifacts.decode_artifact(stats)
+        artifacts.decode_artifact(stats, decoded_counts(stats, quarantine))
     return {
         "decoded": decoded_counts(stats, quarantine),
         "stats": stats,

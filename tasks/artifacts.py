@@ -38,7 +38,7 @@ def manifest_artifact(summary: dict[str, Any], manifest_url: str, incremental: b
     return create_markdown_artifact(body, key="manifest-summary", description=f"This run listed {what}")
 
 
-def decode_artifact(stats: dict[str, Any]) -> UUID:
+def decode_artifact(stats: dict[str, Any], decoded: dict[str, int]) -> UUID:
     """What this run's decode did (published only when it decoded something)."""
     seconds = stats.get("seconds") or 0
     model = stats.get("model_seconds") or 0
@@ -46,7 +46,7 @@ def decode_artifact(stats: dict[str, Any]) -> UUID:
         {"stat": "samples decoded", "value": figure(stats.get("samples", 0))},
         {"stat": "features written", "value": figure(stats.get("features", 0))},
         {"stat": "quarantined", "value": figure(stats.get("quarantined", 0))},
-        {"stat": "audio files", "value": figure(stats.get("audio_files", 0))},
+        {"stat": "audio files transcribed", "value": f"{decoded['audio']} of {stats.get('audio_files', 0)}"},
         {"stat": "audio transcribed", "value": duration(stats.get("audio_seconds", 0))},
         {"stat": "audio real-time factor", "value": f"{stats['audio_seconds'] / model:.1f}x" if model and stats.get("audio_seconds") else "-"},
         {"stat": "images embedded", "value": figure(stats.get("images", 0))},

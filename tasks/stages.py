@@ -265,9 +265,15 @@ def decode_shard_task(
     decoder, lock = shared_decoder(cfg)
     with lock:
         result = decode_shard(raw_prefix, entry, out_prefix, cfg, work_options, decoder=decoder)
-    get_run_logger().info(
-        "decoded %s in %.1fs: %s", entry["path"], time.perf_counter() - t0, result.get("stats")
-    )
+    s = result.get("stats") or {}
+    if result.get("skipped"):
+        get_run_logger().info(f"{entry['path']}: already decoded with these settings, kept")
+    else:
+        get_run_logger().info(
+            f"decoded {entry['path']} in {time.perf_counter() - t0:.1f} s: {s.get('samples', 0)} samples, "
+            f"{s.get('audio_seconds', 0):.0f} s of audio, {s.get('images', 0)} images, "
+            f"{s.get('quarantined', 0)} quarantined"
+        )
     return result
 
 
