@@ -20,21 +20,25 @@ import pyarrow.compute as pc
 from streamtune import quarantine, shards, storage
 from streamtune.manifest import sample_id_of, versions
 from streamtune.quarantine import Reason
+from streamtune.records.shard import plan_record_shards, planned_records, record_rows
 
 MEDIA = ("audio", "image")
 
 
 def _samples(manifest: pa.Table) -> dict[str, list[dict]]:
+    """Object samples (record rows are planned and read by streamtune.records.shard)."""
     by_sample: dict[str, list[dict]] = defaultdict(list)
+    manifest = manifest.filter(pc.not_equal(manifest["modality"], "record"))
     for row in manifest.to_pylist():
-        if row["modality"] in ("sidecar", "unknown", "superseded"):
+        if row["modality"] in ("sidecar", "unknown", "superseded", "dataset_info"):
             continue
         by_sample[row["sample_id"]].append(row)
     return dict(sorted(by_sample.items()))
 
 
 def plan_shards(manifest: pa.Table, *, max_shard_bytes: int = 64 << 20, start_index: int = 0) -> list[dict]:
-    """Group samples (in key order) into shards of at most `max_shard_bytes` (a larger sample gets its own)."""
+    """Group samples (in key order) into shards of at most `max_shard_bytes` (a larger sample gets its own).
+    Records of record files follow in shards of their own, cut by records (`plan["records"]`)."""
     plans: list[dict] = []
     current: dict = {"index": start_index, "sample_ids": [], "bytes": 0}
     for sample_id, rows in _samples(manifest).items():
@@ -46,7 +50,8 @@ def plan_shards(manifest: pa.Table, *, max_shard_bytes: int = 64 << 20, start_in
         current["bytes"] += size
     if current["sample_ids"]:
         plans.append(current)
-    return plans
+    start = plans[-1]["index"] + 1 if plans else start_index
+    return plans + plan_record_shards(manifest, max_shard_bytes, start)
 
 
 def unusable_objects(manifest: pa.Table) -> list[dict]:
@@ -122,6 +127,7 @@ def write_raw_shard(
     Returns {"entry": the shard's index entry (with "sources": {key: version}), "quarantine": [records]}.
     """
     # this shard's rows only, selected in Arrow: the manifest may list millions of objects
+    full_manifest = manifest
     wanted = pa.array(sorted(set(plan["sample_ids"])), pa.string())
     manifest = manifest.filter(pc.is_in(manifest["sample_id"], value_set=wanted))
     by_sample = _samples(manifest)
@@ -150,6 +156,13 @@ def write_raw_shard(
         sample_rows = [r for r in by_sample[sample_id] if r["key"] not in unread]
         if sample_rows:
             rows.append(_build_row(sample_id, sample_rows, blobs, problems))
+    if plan.get("records"):  # rows of record files, read by range (streamtune.records)
+        chosen = planned_records(full_manifest, plan)
+        built, bad, unread_records = record_rows(fs, root, chosen)
+        rows += built
+        problems += bad
+        unread |= unread_records
+        manifest = pa.concat_tables([manifest, chosen])
     table = pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA)
     url = storage.join(out_prefix, shards.shard_name(plan["index"]))
     entry = shards.write_shard(table, url, out_options)

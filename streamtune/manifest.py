@@ -21,9 +21,11 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streamtune import quarantine, storage
+from streamtune import records as record_files
 from streamtune.quarantine import Reason
 from streamtune.sniff import SNIFF_BYTES, detect_modality
 
@@ -33,11 +35,13 @@ SCHEMA = pa.schema(
         ("key", pa.string()),
         ("size", pa.int64()),
         ("etag", pa.string()),
-        ("modality", pa.string()),  # audio | image | text | json | sidecar | unknown | superseded
-        ("detected_by", pa.string()),  # content | extension | unknown
+        ("modality", pa.string()),  # audio | image | text | json | record | sidecar | dataset_info | unknown | superseded
+        ("detected_by", pa.string()),  # content | extension | unknown | record:<format>
         ("sidecar", pa.string()),  # JSON object of sidecar fields for this file, or null
+        *record_files.MANIFEST_FIELDS,  # where a record lives in its record file (null for other objects)
     ]
 )
+SAMPLE_MODALITIES = ("audio", "image", "text", "json", "record")
 
 
 def _etag(info: dict) -> str:
@@ -113,6 +117,9 @@ def _diff(
 
 
 def sample_id_of(key: str) -> str:
+    """The sample a key belongs to: its stem for objects, the key itself for a record (`file#row`)."""
+    if record_files.SEP in key and record_files.is_record_key(key):
+        return key
     stem, _ = posixpath.splitext(key)
     return stem
 
@@ -190,19 +197,79 @@ def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
     return rows, bad
 
 
+def _record_files(fs, objects: list[dict]) -> dict[str, tuple[str, str | None]]:
+    """{key: (format, compression)} of the record files among `objects` (streamtune.records)."""
+    maybe = [o for o in objects if record_files.record_format(o["key"], b"[")]
+    arrays = [o for o in maybe if record_files.split_ext(o["key"]) == ("json", None)]
+    heads = dict(zip([o["key"] for o in arrays], _read_heads(fs, arrays), strict=True))
+    found = {}
+    for o in maybe:
+        fmt = record_files.record_format(o["key"], heads.get(o["key"], b"["))
+        if fmt:
+            found[o["key"]] = fmt
+    return found
+
+
+def _dataset_info_keys(objects: list[dict], found: dict) -> set[str]:
+    """Files that describe a dataset folder instead of holding samples: `dataset_info.json`, `state.json`,
+    `dataset_dict.json` and a `README.md` dataset card, in a folder holding Parquet/Arrow record files."""
+    folders = {posixpath.dirname(k) for k, (fmt, _) in found.items() if fmt in ("parquet", "arrow")}
+    out = set()
+    for o in objects:
+        folder, name = posixpath.split(o["key"])
+        if name not in record_files.HF_INFO and name != "README.md":
+            continue
+        prefix = folder + "/" if folder else ""
+        if any(f == folder or f.startswith(prefix) for f in folders):
+            out.add(o["key"])
+    return out
+
+
+def _scan_record_file(fs, obj: dict, fmt: tuple[str, str | None], id_column: str | None):
+    """(manifest table of the file's records, quarantine records)."""
+    tables, problems = [], []
+    name = fmt[0] + (f"+{fmt[1]}" if fmt[1] else "")
+    for cols, bad in record_files.scan(fs, obj["path"], obj["key"], obj["etag"], *fmt, id_column=id_column):
+        problems += bad
+        n = len(cols["id"])
+        if not n:
+            continue
+        keys = [record_files.record_key(obj["key"], rid) for rid in cols.pop("id")]
+        data = {"sample_id": keys, "key": keys, "size": cols.pop("size", None) or cols["length"]}
+        data |= {"modality": ["record"] * n, "detected_by": [f"record:{name}"] * n, "file": [obj["key"]] * n}
+        data |= cols
+        tables.append(pa.Table.from_pydict(data, schema=pa.schema([SCHEMA.field(c) for c in data])))
+    return tables, problems
+
+
 def build_manifest(
     source_url: str,
     storage_options: dict | None = None,
     *,
     exclude: dict[str, str] | None = None,
+    id_column: str | None = None,
 ) -> tuple[pa.Table, list[dict]]:
     """List and classify `source_url`. `exclude` ({key: version}) is what the shard set already holds: samples
     that match it are skipped and changed or removed ones superseded (module docstring), which makes
-    incremental runs cheap and keeps them in step with the source. Returns (manifest table, quarantine records).
+    incremental runs cheap and keeps them in step with the source. Record files (streamtune.records) are
+    read and listed one row per record, keyed `file#row` (or `file#<id_column value>`).
+    Returns (manifest table, quarantine records).
     """
     fs, _ = storage.get_fs(source_url, storage_options)
     objects = list_objects(source_url, storage_options)
     problems: list[dict] = []
+    found = _record_files(fs, objects)
+    info_keys = _dataset_info_keys(objects, found)
+    record_tables: list[pa.Table] = []
+    with ThreadPoolExecutor(4) as pool:
+        scans = pool.map(
+            lambda o: _scan_record_file(fs, o, found[o["key"]], id_column),
+            [o for o in objects if o["key"] in found],
+        )
+        for tables, bad in scans:
+            record_tables += tables
+            problems += bad
+    objects = [o for o in objects if o["key"] not in found]
 
     sidecar_rows: dict[str, dict] = {}
     for obj in objects:
@@ -216,11 +283,17 @@ def build_manifest(
         for o in objects
         if posixpath.basename(o["key"]) not in SIDECAR_NAMES
     }
+    if exclude:
+        for t in record_tables:
+            current.update(zip(t["key"].to_pylist(), t["etag"].to_pylist(), strict=True))
+        record_tables = [_unheld(t, exclude) for t in record_tables]
     todo, superseded = _diff(objects, current, exclude or {})
     heads = _read_heads(fs, todo)
     records = []
     for obj, head in zip(todo, heads, strict=True):
         modality, how = detect_modality(obj["key"], head)
+        if obj["key"] in info_keys:
+            modality, how = "dataset_info", "extension"
         records.append(
             {
                 "sample_id": sample_id_of(obj["key"]),
@@ -241,8 +314,17 @@ def build_manifest(
                 )
             )
     table = pa.Table.from_pylist(records, schema=SCHEMA)
+    if record_tables:
+        table = pa.concat_tables([table, *record_tables], promote_options="default").select(SCHEMA.names)
+        table = table.cast(SCHEMA)
     source = {"url": source_url, "options": storage.public_options(storage_options)}
     return table.replace_schema_metadata({SOURCE_KEY: json.dumps(source)}), problems
+
+
+def _unheld(table: pa.Table, held: dict[str, str]) -> pa.Table:
+    """Rows of `table` whose (key, etag) the shard set does not hold already."""
+    keep = [held.get(k) != v for k, v in zip(table["key"].to_pylist(), table["etag"].to_pylist(), strict=True)]
+    return table.filter(pa.array(keep, pa.bool_()))
 
 
 def manifest_source(table: pa.Table) -> tuple[str, dict | None]:
@@ -257,26 +339,36 @@ def manifest_source(table: pa.Table) -> tuple[str, dict | None]:
 
 
 def manifest_hash(table: pa.Table) -> str:
-    """Content hash of a manifest (keys, etags, sizes, sidecar fields): the cache key of downstream stages."""
+    """Content hash of a manifest (keys, etags, sizes, sidecar fields): the cache key of downstream stages.
+    Rows are hashed in key order, 64k at a time (a manifest of record files may list millions)."""
     h = hashlib.sha256()
-    for row in sorted(table.select(["key", "etag", "size", "sidecar"]).to_pylist(), key=lambda r: r["key"]):
-        h.update(json.dumps(row, sort_keys=True).encode())
+    cols = table.select(["key", "etag", "size", "sidecar"])
+    cols = cols.take(pc.sort_indices(cols, [("key", "ascending")]))
+    for start in range(0, cols.num_rows, 65536):
+        for row in cols.slice(start, 65536).to_pylist():
+            h.update(json.dumps(row, sort_keys=True).encode())
     return h.hexdigest()
 
 
 def summarize_manifest(table: pa.Table) -> dict:
-    rows = table.to_pylist()
-    by_modality: dict[str, int] = {}
-    for r in rows:
-        by_modality[r["modality"]] = by_modality.get(r["modality"], 0) + 1
-    samples = {r["sample_id"] for r in rows if r["modality"] in ("audio", "image", "text", "json")}
+    """Counts for people and artifacts. `objects` counts listed objects, a record file once; `samples`
+    counts samples, every record one; `records` / `record_files` count what record files hold."""
+    modality = table["modality"]
+    counts = pc.value_counts(modality).to_pylist() if table.num_rows else []
+    by_modality = {c["values"]: c["counts"] for c in counts}
+    is_record = pc.equal(modality, "record")
+    record_files_seen = pc.count_distinct(table.filter(is_record)["file"]).as_py() if table.num_rows else 0
+    usable = table.filter(pc.is_in(modality, value_set=pa.array(SAMPLE_MODALITIES)))
+    superseded = table.filter(pc.equal(modality, "superseded"))
     return {
-        "objects": len(rows),
-        "samples": len(samples),
-        "bytes": sum(r["size"] for r in rows),
+        "objects": table.num_rows - by_modality.get("record", 0) + record_files_seen,
+        "samples": pc.count_distinct(usable["sample_id"]).as_py() if usable.num_rows else 0,
+        "bytes": pc.sum(table["size"]).as_py() or 0,
         "by_modality": dict(sorted(by_modality.items())),
-        "with_sidecar": sum(1 for r in rows if r["sidecar"] is not None),
-        "superseded_samples": len({r["sample_id"] for r in rows if r["modality"] == "superseded"}),
+        "with_sidecar": table.num_rows - table["sidecar"].null_count,
+        "superseded_samples": pc.count_distinct(superseded["sample_id"]).as_py() if superseded.num_rows else 0,
+        "records": by_modality.get("record", 0),
+        "record_files": record_files_seen,
     }
 
 

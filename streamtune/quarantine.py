@@ -30,6 +30,8 @@ class Reason(StrEnum):
     UNREADABLE = "unreadable"
     BAD_ROW = "bad_row"
     CORRUPT_SHARD = "corrupt_shard"
+    BROKEN_RECORD = "broken_record"
+    MEDIA_REF = "media_ref"
 
     @property
     def sentence(self) -> str:
@@ -51,6 +53,8 @@ SENTENCES = {
     Reason.UNREADABLE: "The object could not be read from the source.",
     Reason.BAD_ROW: "The raw row has no sample_id.",
     Reason.CORRUPT_SHARD: "The raw shard is missing or fails its checksum; the next run retries it.",
+    Reason.BROKEN_RECORD: "A record of a record file (JSONL line, CSV row, array element) does not parse, is not an object, or has no usable id.",
+    Reason.MEDIA_REF: "A record's media path leaves the source or names no readable object.",
 }
 
 SCHEMA = pa.schema(
