@@ -232,18 +232,37 @@ def generate(
     adapter_path: Path | None = typer.Option(None, help="Adapter folder."),
     prompt: str = typer.Option(..., help="Prompt text."),
     max_tokens: int = typer.Option(64),
+    image: Path | None = typer.Option(None, "--image", help="Picture the model sees (multimodal adapter)."),
+    audio: Path | None = typer.Option(None, "--audio", help="Sound the model hears (multimodal adapter)."),
 ) -> None:
-    """Generate text with a base model and optional adapter."""
+    """Generate text with a base model and optional adapter. With --image / --audio the adapter folder must
+    be a multimodal one (projector.safetensors + multimodal.json); the prompt may place them with <image> /
+    <audio>, else they go first."""
     has_files = adapter_path is not None and any(
         (adapter_path / n).exists() for n in ("adapters.safetensors", "latest.json")
     )
     if adapter_path is not None and not has_files:
         raise UserError(f"no adapters.safetensors (or latest.json) in {adapter_path}")
+    if image is not None or audio is not None:
+        typer.echo(_generate_with_media(model, adapter_path, prompt, image, audio, max_tokens))
+        return
     from streamtune.train.generate import generate as gen
 
     typer.echo(
         gen(model, prompt, adapter_path=str(adapter_path) if adapter_path else None, max_tokens=max_tokens)
     )
+
+
+def _generate_with_media(model, adapter_path, prompt, image, audio, max_tokens) -> str:
+    for kind, path in (("image", image), ("audio", audio)):
+        if path is not None and not path.is_file():
+            raise UserError(f"--{kind}: no such file {path}")
+    if adapter_path is None:
+        raise UserError("--image/--audio need --adapter-path: a multimodal adapter folder")
+    from streamtune.train.mm_generate import load_multimodal
+
+    mm = load_multimodal(model, str(adapter_path))
+    return mm.generate(prompt, image=image, audio=audio, max_tokens=max_tokens)
 
 
 @app.command()

@@ -114,8 +114,10 @@ class MultimodalModel:
 
 def load_multimodal(model: str, adapter_path: str, dtype: str | None = None) -> MultimodalModel:
     """The base `model` with the adapter, projectors and encoder spec of a multimodal output folder."""
+    from streamtune.train.adapters import latest
     from streamtune.train.generate import load_with_adapter
 
+    adapter_path = latest(adapter_path) or adapter_path  # a pipeline's adapters/ root: its newest version
     meta = read_meta(adapter_path)
     if meta is None:
         raise FileNotFoundError(f"no multimodal.json in {adapter_path}: not a multimodal adapter folder")
