@@ -87,6 +87,10 @@ class ShardConfig(Settings):
     """How raw samples are packed into Arrow shards."""
 
     max_shard_bytes: int = Field(64 << 20, gt=0, description="Target size of one raw shard in bytes.")
+    id_column: str | None = Field(
+        None,
+        description="Field of record files (JSONL/CSV/Parquet/...) whose value names each record; null: file + row number. Read by the manifest stage.",
+    )
 
 
 class DecodeConfig(Settings):
@@ -217,6 +221,13 @@ class TrainArgs(Settings):
     template: Template | SkipJsonSchema[Callable[[dict], Any]] = Field(
         DEFAULT_TEMPLATE,
         description="Prompt/completion format strings over a feature row's fields (and system).",
+    )
+    record_format: Literal["auto", "template", "messages", "prompt_completion", "alpaca", "text"] = Field(
+        "auto",
+        description="Rows of record files: auto picks messages / prompt_completion / alpaca / text by their fields (with the default template); template: use the template.",
+    )
+    assistant_turns: Literal["all", "last"] = Field(
+        "all", description="Chat records (messages): learn every assistant turn, or only the last."
     )
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0: only at the end).")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="Share of rows held out for validation.")

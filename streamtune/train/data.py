@@ -166,7 +166,7 @@ def sample_to_json(sample: tuple) -> list:
 
 
 def sample_from_json(data: list) -> tuple:
-    ids, prompt_len = list(data[0]), int(data[1])
+    ids, prompt_len = list(data[0]), data[1] if isinstance(data[1], list) else int(data[1])
     if len(data) < 3:
         return ids, prompt_len
     media = [
@@ -174,6 +174,18 @@ def sample_from_json(data: list) -> tuple:
         for kind, at, shape, b64 in data[2]
     ]
     return ids, prompt_len, media
+
+
+def learned(prompt_len: int | list, k: int) -> np.ndarray:
+    """Loss mask of a sample's k targets (target j is token j + 1). The second element of an encoded sample
+    is the prompt length (tokens from there on are learned) or, for multi-turn chats, a list of
+    [start, stop) token spans that are learned (streamtune.train.formats)."""
+    if not isinstance(prompt_len, list):
+        return np.arange(1, k + 1) >= prompt_len
+    mask = np.zeros(k, bool)
+    for start, stop in prompt_len:
+        mask[max(start - 1, 0) : max(stop - 1, 0)] = True
+    return mask
 
 
 def pack_rows(rows: list[list[tuple]], seq_len: int) -> Batch:
@@ -198,7 +210,7 @@ def pack_rows(rows: list[list[tuple]], seq_len: int) -> Batch:
             inputs[r, at : at + k] = ids[:-1]
             targets[r, at : at + k] = ids[1:]
             # target j is token j+1: learn only completion tokens
-            loss_mask[r, at : at + k] = np.arange(1, k + 1) >= prompt_len
+            loss_mask[r, at : at + k] = learned(prompt_len, k)
             positions[r, at : at + k] = np.arange(k)
             segments[r, at : at + k] = s
             at += k
@@ -255,11 +267,19 @@ class Packer:
 
 
 def encode_sample(
-    sample: dict, tokenizer, *, seq_len: int, template: TemplateLike = DEFAULT_TEMPLATE
+    sample: dict, tokenizer, *, seq_len: int, template: TemplateLike = DEFAULT_TEMPLATE, records=None
 ) -> tuple[tuple[str, str], tuple[list[int], int]] | None:
     """Render one feature row and encode it, truncated to `seq_len + 1` tokens (`seq_len` input slots):
     ((prompt, completion), (ids, prompt_len)), or None when the row has nothing to learn from (no
-    completion, or no completion token left after truncation)."""
+    completion, or no completion token left after truncation). Rows of record files in a known format
+    (chat `messages`, prompt/completion, Alpaca, text) skip the template: streamtune.train.formats,
+    `records` (RecordOptions) says how."""
+    if isinstance(template, Template):
+        from streamtune.train.formats import encode_record
+
+        found = encode_record(sample, tokenizer, seq_len=seq_len, template=template, options=records)
+        if found is not NotImplemented:
+            return found
     pair = render(sample, template)
     if pair is None:
         return None

@@ -39,6 +39,7 @@ from streamtune.train.data import (
     sample_from_json,
     sample_to_json,
 )
+from streamtune.train.formats import record_options
 from streamtune.train.forward import loss_at, supports_packing
 from streamtune.train.models import load_base
 
@@ -213,7 +214,9 @@ class SampleStream:
 
     def _encode(self, row: dict, longest: int):
         if self.media is None:
-            return encode_sample(row, self.tokenizer, seq_len=longest, template=self.args.template)
+            return encode_sample(
+                row, self.tokenizer, seq_len=longest, template=self.args.template, records=record_options(self.args)
+            )
         from streamtune.train.mm_train import Quarantined
 
         held_out = bool(row.get("sample_id")) and self._is_val(row, ("", ""))
