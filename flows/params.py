@@ -51,6 +51,12 @@ class PipelineParams(Settings):
         default_factory=list,
         description="Hand the new adapter off in these formats, under WORK_URL/exports/<adapter version>/.",
     )
+    align_iters: int = Field(
+        0,
+        ge=0,
+        description="With train.stage instruct: first train the media projectors alone for this many steps "
+        "(stage 1, its own cached task), then projectors and adapters from there (stage 2).",
+    )
     retrain_unchanged: bool = Field(
         False,
         description="Train even when features and settings are unchanged (with resume_from: latest, "

@@ -14,6 +14,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run as current_flow_run
 
 from flows.params import PipelineParams, Stage
+from streamtune.storage import join as storage_join
 from tasks import artifacts
 from tasks.cache import digest, prefix_key
 from tasks.policy import TRAIN_TAG, ensure_concurrency_limits, model_tag, work_lock_name
@@ -255,10 +256,23 @@ def train_flow(params: PipelineParams) -> dict:
     if params.retrain_unchanged:
         train = train.with_options(refresh_cache=True)
     train = train.with_options(tags=[*train.tags, TRAIN_TAG, model_tag(params.train.model)])
+    settings = params.train.model_dump(mode="json", exclude={"storage_options"})
+    if params.train.stage == "instruct" and params.align_iters:
+        # stage 1 on its own task and adapter folder: cached, so later runs reuse it while its inputs stand
+        aligned = train.with_options(task_run_name="train-align")(
+            features_url=features,
+            features_digest=features_digest,
+            train_settings={**settings, "stage": "align", "iters": params.align_iters},
+            adapter_url=storage_join(params.adapter_url, "align"),
+            checkpoint_url=params.checkpoint_url,
+            work_options=wo,
+            label="align",
+        )
+        settings["init_adapter"] = aligned["adapter_path"]
     state = train(
         features_url=features,
         features_digest=features_digest,
-        train_settings=params.train.model_dump(mode="json", exclude={"storage_options"}),
+        train_settings=settings,
         adapter_url=params.adapter_url,
         checkpoint_url=params.checkpoint_url,
         resume_from=params.resume_from,

@@ -243,7 +243,7 @@ def loss_curve_png(
     return buf.getvalue()
 
 
-def loss_curve_artifact(png: bytes, png_url: str, train: dict[str, Any]) -> UUID:
+def loss_curve_artifact(png: bytes, png_url: str, train: dict[str, Any], key: str = "loss-curve") -> UUID:
     """Embed the picture (data URI, so the UI shows it wherever the file lives) and link its location."""
     data = base64.b64encode(png).decode()
     rows = [
@@ -254,7 +254,7 @@ def loss_curve_artifact(png: bytes, png_url: str, train: dict[str, Any]) -> UUID
         f"![loss curve](data:image/png;base64,{data})\n\n"
         f"Saved at `{png_url}`\n\n" + markdown_table(rows)
     )
-    return create_markdown_artifact(body, key="loss-curve", description="Training loss per step")
+    return create_markdown_artifact(body, key=key, description="Training loss per step")
 
 
 def _round(value: Any) -> Any:

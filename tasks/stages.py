@@ -326,6 +326,7 @@ def train_task(
     checkpoint_url: str,
     resume_from: str = "none",
     work_options: dict | None = None,
+    label: str = "train",
 ) -> dict:
     """LoRA/QLoRA fine-tune on the streamed feature shards into a new adapter version under `adapter_url`;
     move `adapter_url/latest.json` to it once it is complete.
@@ -367,7 +368,7 @@ def train_task(
         }
     )
     dataset = CloudStreamingDataset(features_url, storage_options=work_options, shuffle=True, seed=args.seed)
-    progress = ProgressArtifact(args.iters, f"Training {args.model} ({args.iters} steps)")
+    progress = ProgressArtifact(args.iters, f"Training {args.model} ({args.iters} steps, {args.stage})")
     metrics = TrainingMetricsArtifact(args.iters)
 
     def on_step(m: dict) -> None:
@@ -405,7 +406,7 @@ def train_task(
     }
     pointer = adapters.publish(adapter_url, version_url, info, work_options)
     png_url = storage.join(version_url, "loss_curve.png")
-    loss_curve_artifact(png, png_url, result)
+    loss_curve_artifact(png, png_url, result, key="loss-curve" if label == "train" else f"loss-curve-{label}")
     from tasks.artifacts import adapter_artifact
 
     adapter_artifact(pointer | {"latest": storage.join(adapter_url, adapters.LATEST)})
