@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from streamtune.records.inplace import build_index, decode_parquet, file_url
 from streamtune.shards.format import INDEX_NAME, ShardError
 from streamtune.shards.index import decode_batch, parse_index
 from streamtune.stream.buffers import BufferPool
@@ -68,6 +69,9 @@ class CloudStreamingDataset:
         if prefetch_bytes <= 0 or max_concurrency <= 0 or range_bytes <= 0:
             raise ValueError("prefetch_bytes, max_concurrency and range_bytes must be positive")
         self.url = url.rstrip("/")
+        # a Parquet/Arrow file (or a folder of them without index.json) is streamed in place
+        self._one_file = file_url(self.url)
+        self._storage_options = storage_options
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
@@ -86,7 +90,7 @@ class CloudStreamingDataset:
         cache = RangeCache(cache_dir, cache_limit_bytes) if cache_dir else None
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, checksum_retries=checksum_retries)
         self._fetcher = RangeFetcher(
-            self.url, storage_options, policy=policy, timeout_s=timeout_s, cache=cache, stats=self._stats
+            self._one_file[0] if self._one_file else self.url, storage_options, policy=policy, timeout_s=timeout_s, cache=cache, stats=self._stats
         )
         self.index = self._read_index(policy.checksum_retries)
         schema: pa.Schema = self.index["schema"]
@@ -120,11 +124,18 @@ class CloudStreamingDataset:
         self.epoch, self._position = state["epoch"], state["position"]
 
     def _read_index(self, refetches: int) -> dict:
+        if self._one_file:
+            return build_index(self._one_file[0], self._storage_options, only=self._one_file[1])
         # index.json has no checksum of its own: a damaged read shows up as a parse error, so re-read.
         for attempt in range(refetches + 1):
             try:
                 return parse_index(self._fetcher.read_object(INDEX_NAME), f"{self.url}/{INDEX_NAME}")
             except ShardError as e:
+                if "object not found" in str(e):
+                    try:
+                        return build_index(self.url, self._storage_options)  # Parquet/Arrow files in place
+                    except FileNotFoundError:
+                        raise e from None
                 if "not valid JSON" not in str(e) or attempt == refetches:
                     raise
                 self._stats.add(retries=1)
@@ -208,12 +219,15 @@ class CloudStreamingDataset:
         entry = self._shards[int(ranges.shard[r])]
         base = int(ranges.offset[r])
         batches = ranges.batches[r]
-        checks = [(b["offset"] - base, b["length"], b["checksum"]) for b in batches]
+        checks = [(b["offset"] - base, b["length"], b["checksum"]) for b in batches if b["checksum"]]
         data = self._fetcher.read_range(
             entry["path"], base, int(ranges.length[r]), checks, pool=self._buffers
         )
         buf = pa.py_buffer(data)
         decoded = []
+        if entry.get("format") == "parquet":  # row groups of a Parquet file streamed in place
+            decoded = decode_parquet(entry, data, base, batches)
+            batches = []
         for b in batches:
             try:
                 batch = decode_batch(buf.slice(b["offset"] - base, b["length"]), self.schema)
