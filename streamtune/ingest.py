@@ -156,14 +156,14 @@ def write_raw_shard(
         sample_rows = [r for r in by_sample[sample_id] if r["key"] not in unread]
         if sample_rows:
             rows.append(_build_row(sample_id, sample_rows, blobs, problems))
+    table = pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA)
     if plan.get("records"):  # rows of record files, read by range (streamtune.records)
         chosen = planned_records(full_manifest, plan)
         built, bad, unread_records = record_rows(fs, root, chosen)
-        rows += built
+        table = pa.concat_tables([table, built]) if table.num_rows else built
         problems += bad
         unread |= unread_records
         manifest = pa.concat_tables([manifest, chosen])
-    table = pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA)
     url = storage.join(out_prefix, shards.shard_name(plan["index"]))
     entry = shards.write_shard(table, url, out_options)
     # every file of these samples as the manifest saw it (unusable ones too, so an unchanged sample stays

@@ -39,73 +39,133 @@ def _plan(index: int, positions: np.ndarray, nbytes: int) -> dict:
     return {"index": index, "sample_ids": [], "records": runs, "bytes": int(nbytes)}
 
 
+READ_COLUMNS = ["key", "file", "row", "line", "offset", "length", "batch", "batch_row"]
+
+
 def planned_records(manifest: pa.Table, plan: dict) -> pa.Table:
     runs = plan.get("records") or []
     return pa.concat_tables([manifest.slice(a, b - a) for a, b in runs]) if runs else manifest.slice(0, 0)
 
 
-def record_rows(fs, root: str, table: pa.Table) -> tuple[list[dict], list[dict], set[str]]:
-    """Raw rows of the records in `table` (manifest rows), in its order, plus quarantine records and the
-    keys of records whose file could not be read (left out of the shard's sources, so the next run
-    retries them)."""
+def record_rows(fs, root: str, table: pa.Table) -> tuple[pa.Table, list[dict], set[str]]:
+    """Raw rows (a RAW_SCHEMA table, in `table` order) of the records in `table` (manifest rows), plus
+    quarantine records and the keys of records whose file could not be read (left out of the shard's
+    sources, so the next run retries them). Each record goes into column lists as it is read: only the
+    columns are held, not records or row dicts."""
     by_file: dict[str, list[dict]] = defaultdict(list)
-    for r in table.to_pylist():
+    for i, r in enumerate(table.select(READ_COLUMNS).to_pylist()):
+        r["position"] = i
         by_file[r["file"]].append(r)
-    built: dict[str, dict] = {}
+    cols = Columns()
     problems: list[dict] = []
     unread: set[str] = set()
     for file_key, rows in by_file.items():
         fmt, compression = split_ext(file_key)
         path = f"{root}/{file_key}"
+        refs: dict[int, dict[str, str]] = {}
+        done: set[str] = set()
         try:
             kinds = None
             if fmt in ("parquet", "arrow"):
                 schema = columnar.read_schema(fs, path, fmt)
                 kinds = fields.media_kinds(schema.names, columnar.hf_features(schema))
-            parsed = list(read(fs, path, fmt, compression, rows))
+            for r, record, error in read(fs, path, fmt, compression, rows):
+                done.add(r["key"])
+                if error:
+                    problems.append(fields.problem(r["key"], r["row"], r["line"], error))
+                    continue
+                media, wanted, rest = fields.split_media(record, kinds or fields.media_kinds(list(record)))
+                at = cols.add(r["position"], fields.raw_row(r["key"], media, rest, []))
+                if wanted:
+                    refs[at] = wanted
         except (OSError, ValueError, pa.ArrowException) as e:
             for r in rows:
-                unread.add(r["key"])
-                problems.append(quarantine.record(r["key"], r["key"], "shard", Reason.UNREADABLE, str(e)))
-            continue
-        refs: dict[str, dict[str, str]] = {}
-        for r, record, error in parsed:
-            if error:
-                problems.append(fields.problem(r["key"], r["row"], r["line"], error))
-                continue
-            media, wanted, rest = fields.split_media(record, kinds or fields.media_kinds(list(record)))
-            built[r["key"]] = {"media": media, "rest": rest, "file": file_key}
-            if wanted:
-                refs[r["key"]] = wanted
-        _fetch_refs(fs, root, file_key, refs, built, problems)
-    rows = [
-        fields.raw_row(key, b["media"], b["rest"], [key])
-        for key in table["key"].to_pylist()
-        if (b := built.get(key)) is not None
-    ]
-    return rows, problems, unread
+                if r["key"] not in done:
+                    unread.add(r["key"])
+                    problems.append(quarantine.record(r["key"], r["key"], "shard", Reason.UNREADABLE, str(e)))
+        _fetch_refs(fs, root, file_key, refs, cols, problems)
+    return cols.table(), problems, unread
 
 
-def _fetch_refs(fs, root: str, file_key: str, refs: dict, built: dict, problems: list[dict]) -> None:
+class Columns:
+    """Raw shard columns filled row by row; `table()` orders rows by the position they were added with.
+    Text columns move into Arrow every CHUNK rows, so Python strings of a whole shard are never held."""
+
+    CHUNK = 4096
+    TEXT = ("sample_id", "text", "meta")
+
+    def __init__(self) -> None:
+        from streamtune.shards import RAW_SCHEMA
+
+        self.schema = RAW_SCHEMA
+        self.pending: dict[str, list] = {name: [] for name in self.TEXT}
+        self.chunks: dict[str, list[pa.Array]] = {name: [] for name in self.TEXT}
+        self.media: dict[str, list] = {"audio": [], "image": []}
+        self.keys: dict[int, str] = {}
+        self.order: list[int] = []
+
+    def add(self, position: int, row: dict) -> int:
+        for name, values in self.pending.items():
+            values.append(row[name])
+        for name, values in self.media.items():
+            values.append(row[name])
+        self.order.append(position)
+        if len(self.pending["sample_id"]) >= self.CHUNK:
+            self._flush()
+        at = len(self.order) - 1
+        self.keys[at] = row["sample_id"]
+        return at
+
+    def _flush(self) -> None:
+        for name, values in self.pending.items():
+            if values:
+                self.chunks[name].append(pa.array(values, self.schema.field(name).type))
+                self.pending[name] = []
+
+    def set(self, at: int, kind: str, value: bytes) -> None:
+        self.media[kind][at] = value
+
+    def key(self, at: int) -> str:
+        return self.keys[at]
+
+    def table(self) -> pa.Table:
+        self._flush()
+        arrays = {
+            name: pa.concat_arrays(chunks) if chunks else pa.array([], self.schema.field(name).type)
+            for name, chunks in self.chunks.items()
+        }
+        arrays |= {name: pa.array(values, pa.binary()) for name, values in self.media.items()}
+        ids = arrays["sample_id"]
+        arrays["sources"] = pa.ListArray.from_arrays(pa.array(np.arange(len(ids) + 1, dtype=np.int32)), ids)
+        table = pa.table([arrays[f.name] for f in self.schema], schema=self.schema)
+        order = np.asarray(self.order)
+        if len(order) > 1 and (np.diff(order) < 0).any():
+            table = table.take(pa.array(np.argsort(order, kind="stable")))
+        return table
+
+
+def _fetch_refs(fs, root: str, file_key: str, refs: dict, cols: Columns, problems: list[dict]) -> None:
     """Media that records name by relative path, fetched concurrently; a bad path is quarantined and the
     record keeps its other fields."""
-    targets: dict[str, list[tuple[str, str]]] = defaultdict(list)
-    for key, wanted in refs.items():
+    targets: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for at, wanted in refs.items():
+        key = cols.key(at)
         for kind, path in wanted.items():
             target = fields.resolve(file_key, path)
             if target is None:
                 problems.append(_ref_problem(key, f"{kind} path {path!r} leaves the source"))
             else:
-                targets[f"{root}/{target}"].append((key, kind))
+                targets[f"{root}/{target}"].append((at, kind))
     if not targets:
         return
     fetched = fs.cat(list(targets), on_error="return")
     for path, users in targets.items():
         data = fetched.get(path)
-        for key, kind in users:
+        for at, kind in users:
             if isinstance(data, bytes | bytearray) and data:
-                built[key]["media"][kind] = bytes(data)
+                cols.set(at, kind, bytes(data))
             else:
+                key = cols.key(at)
                 problems.append(_ref_problem(key, f"{kind} {path[len(root) + 1 :]!r}: {data or 'empty'}"))
 
 

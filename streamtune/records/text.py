@@ -22,7 +22,7 @@ import xxhash
 
 CHUNK = 8 << 20
 MAX_GAP = 1 << 20  # records closer than this are fetched with one ranged read
-MAX_SPAN = 64 << 20
+MAX_SPAN = 16 << 20
 MAX_ELEMENT = 256 << 20  # a JSON array element larger than this is treated as broken
 BATCH = 65536  # manifest rows per chunk
 _WS = re.compile(r"[ \t\n\r]*")
@@ -246,8 +246,9 @@ def _spans(rows: list[dict]) -> list[tuple[int, int, list[dict]]]:
     for r in sorted(rows, key=lambda r: r["offset"]):
         end = r["offset"] + r["length"]
         if spans and r["offset"] - spans[-1][1] <= MAX_GAP and end - spans[-1][0] <= MAX_SPAN:
-            start, _, group = spans[-1]
-            spans[-1] = (start, max(end, spans[-1][1]), [*group, r])
+            start, stop, group = spans[-1]
+            group.append(r)
+            spans[-1] = (start, max(end, stop), group)
         else:
             spans.append((r["offset"], end, [r]))
     return spans
