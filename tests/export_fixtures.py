@@ -1,7 +1,7 @@
 """Shared artifacts of tests/test_export_*.py, built once per test process: a tiny random llama and adapters
 trained on it for a few real steps (lora_b far from zero, so a wrong export shows)."""
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001  (streamtune before mlx, below)
 
 import atexit
 import os
@@ -9,10 +9,9 @@ import shutil
 import tempfile
 from functools import cache
 
+import streamtune  # noqa: F401  (loads OpenBLAS before MLX: 30x faster f32 matmul on CPU)
 import mlx.core as mx
 import numpy as np
-
-import streamtune  # noqa: F401  (OpenBLAS before MLX)
 
 ROOT = tempfile.mkdtemp(prefix="streamtune-export-tests-")
 atexit.register(shutil.rmtree, ROOT, True)
@@ -44,14 +43,18 @@ TRAINED = {
 
 @cache
 def trained(kind: str, model: str | None = None) -> str:
-    """An adapter folder trained for 6 steps at a high learning rate on `model` (default: the tiny one)."""
+    """An adapter folder trained for a few steps at a high learning rate on `model` (default: the tiny one;
+    a real model gets the top 4 blocks, 4 steps at 1e-3)."""
     from streamtune.train.trainer import TrainArgs, train
 
+    real = model is not None
     model = model or tiny_model()
     out = os.path.join(ROOT, f"{kind}-{abs(hash(model)) % 10**6}")
+    fields = TRAINED[kind] | ({"num_layers": 4} if real else {})
     args = TrainArgs(
-        model=model, adapter_path=out, iters=6, batch_size=2, seq_len=64, lr=2e-2, warmup=0, **TRAINED[kind]
-    )
+        model=model, adapter_path=out, iters=4 if real else 6, batch_size=2, seq_len=64,
+        lr=1e-3 if real else 2e-2, warmup=0, **fields,
+    )  # fmt: skip
     train(args, rows())
     return out
 
@@ -82,3 +85,55 @@ def greedy(step, ids: list[int], n: int) -> list[int]:
     for _ in range(n):
         ids.append(int(np.argmax(step(ids))))
     return ids[-n:]
+
+
+@cache
+def random_model(arch: str) -> str:
+    """A tiny random mlx-lm model of another architecture (qwen2: q/k/v biases, no rotary permutation in
+    GGUF; qwen3: no GGUF export here), same layer shapes as the tiny llama, SmolLM2 tokenizer."""
+    import importlib
+    import json
+
+    from mlx.utils import tree_flatten
+
+    config = json.load(open(os.path.join(tiny_model(), "config.json")))
+    config |= {"model_type": arch, "head_dim": 16}
+    module = importlib.import_module(f"mlx_lm.models.{arch}")
+    mx.random.seed(7)
+    net = module.Model(module.ModelArgs.from_dict(config))
+    out = os.path.join(ROOT, arch)
+    os.makedirs(out)
+    mx.save_safetensors(os.path.join(out, "model.safetensors"), dict(tree_flatten(net.parameters())))
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    for name in os.listdir(tiny_model()):
+        if name.startswith("tokenizer") or name.endswith((".jinja", "special_tokens_map.json")):
+            shutil.copy(os.path.join(tiny_model(), name), out)
+    return out
+
+
+def llama_cpp_logits(model: str, ids: list[int], lora: str | None = None, n_new: int = 0):
+    """(logits at every prompt position, n_new greedy tokens) from llama.cpp itself (llama-cpp-python)."""
+    from llama_cpp import Llama
+
+    llm = Llama(
+        model_path=model, lora_path=lora, n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=2
+    )
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)])
+
+        def step(seq):
+            llm.reset()
+            llm.eval(seq)
+            return np.array(llm.scores[len(seq) - 1])
+
+        return logits, greedy(step, ids, n_new) if n_new else []
+    finally:
+        llm.close()
+
+
+def mlx_greedy(model: str, adapter: str | None, ids: list[int], n_new: int) -> list[int]:
+    from streamtune.train.generate import load_with_adapter
+
+    net, _, _ = load_with_adapter(model, adapter, dtype="float32")
+    return greedy(lambda seq: np.array(net(mx.array([seq]))[0, -1]), ids, n_new)

@@ -43,6 +43,8 @@ def export_adapter(
         raise ValueError(f"unknown export format {to!r} (one of: {', '.join(FORMATS)})")
     if ollama_mode not in ("fused", "adapter"):
         raise ValueError(f"ollama_mode must be fused or adapter, got {ollama_mode!r}")
+    if os.path.exists(out) and not force:
+        raise FileExistsError(f"{out} already exists (pass --force to replace it)")
     start = time.perf_counter()
     with local_adapter(adapter_dir, storage_options) as local:
         adapter = read_mlx_adapter(local)

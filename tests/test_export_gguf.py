@@ -1,0 +1,182 @@
+"""GGUF exports: the llama.cpp LoRA adapter and the fused model, read back by the project's own GGUF reader
+and (marker `llamacpp`, scripts/check_llamacpp.sh) by llama.cpp itself on the same tokens."""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from export_fixtures import (
+    llama_cpp_logits,
+    mlx_greedy,
+    mlx_logits,
+    prompt_ids,
+    random_model,
+    rel,
+    tiny_model,
+    trained,
+)
+
+from streamtune.export import export_adapter
+from streamtune.export.fused import base_gguf
+from streamtune.train.gguf import _unpermute_rows
+from streamtune.train.models import load_base, offline_smollm2_gguf
+
+llamacpp = pytest.mark.llamacpp
+
+
+def gguf_fields(path: str) -> tuple[dict, dict]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors = {t.name: t for t in reader.tensors}
+    return meta, tensors
+
+
+def test_gguf_adapter_layout_alpha_and_rotary_rows(tmp_path):
+    adapter = trained("lora")
+    summary = export_adapter(adapter, tiny_model(), "gguf-adapter", str(tmp_path / "a.gguf"))
+    meta, tensors = gguf_fields(str(tmp_path / "a.gguf"))
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == "llama"
+    assert meta["adapter.lora.alpha"] == pytest.approx(160.0) == summary["lora_alpha"]
+    assert len(tensors) == 2 * 7 * 2
+    mlx = mx.load(os.path.join(adapter, "adapters.safetensors"))
+    a = tensors["blk.1.attn_q.weight.lora_a"]
+    assert a.shape.tolist() == [64, 8], "GGUF shape (ne0, ne1) = (in, r): PEFT's A"
+    # q rows are in llama.cpp's rotary order: the project's GGUF reader's un-permutation gives them back
+    b_q = np.array(tensors["blk.1.attn_q.weight.lora_b"].data)
+    want = np.array(mlx["model.layers.1.self_attn.q_proj.lora_b"].T)
+    assert not np.array_equal(b_q, want)
+    assert np.array_equal(np.array(_unpermute_rows(mx.array(b_q), 4)), want)
+    b_k = np.array(tensors["blk.1.attn_k.weight.lora_b"].data)
+    assert np.array_equal(
+        np.array(_unpermute_rows(mx.array(b_k), 2)), np.array(mlx["model.layers.1.self_attn.k_proj.lora_b"].T)
+    )
+    b_v = np.array(tensors["blk.1.attn_v.weight.lora_b"].data)
+    assert np.array_equal(b_v, np.array(mlx["model.layers.1.self_attn.v_proj.lora_b"].T))
+
+
+@pytest.mark.parametrize("dtype, bound", [("f32", 1e-5), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+def test_fused_gguf_reads_back_with_the_projects_reader(dtype, bound, tmp_path):
+    base, adapter = tiny_model(), trained("lora")
+    path = tmp_path / "m.gguf"
+    summary = export_adapter(adapter, base, "fused-gguf", str(path), dtype=dtype)
+    assert summary["dtype"] == dtype and summary["arch"] == "llama"
+    ids = prompt_ids(base)
+    want = mlx_logits(base, adapter, ids)
+    net, tokenizer, _ = load_base(str(path), dequantize=True, dtype="float32")
+    got = np.array(net(mx.array([ids]))[0])
+    assert rel(got, want) < bound, f"{dtype}: {rel(got, want):.2e}"
+    assert tokenizer.encode("The capital of France is", add_special_tokens=False) == ids
+    meta, _ = gguf_fields(str(path))
+    assert meta["tokenizer.ggml.pre"] == "smollm" and "<|im_start|>" in meta["tokenizer.chat_template"]
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
+
+
+@pytest.mark.slow
+def test_fused_gguf_of_a_gguf_base_copies_its_tokenizer(tmp_path):
+    """SmolLM2 (Q4_1 GGUF) base: the fused file carries the base's tokenizer metadata unchanged."""
+    adapter = trained("lora", "offline:smollm2")
+    path = tmp_path / "m.gguf"
+    export_adapter(adapter, "offline:smollm2", "fused-gguf", str(path), dtype="f16")
+    meta, tensors = gguf_fields(str(path))
+    base_meta, _ = gguf_fields(offline_smollm2_gguf())
+    for key in [k for k in base_meta if k.startswith("tokenizer.")]:
+        assert meta[key] == base_meta[key], key
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "F16"
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+def test_qwen2_is_written_in_hugging_face_row_order(tmp_path):
+    """qwen2 GGUFs keep q/k rows unpermuted (llama.cpp runs it with NeoX rotary) and carry q/k/v biases."""
+    base = random_model("qwen2")
+    path = tmp_path / "q.gguf"
+    export_adapter(trained("lora"), base, "fused-gguf", str(path), dtype="f32")
+    meta, tensors = gguf_fields(str(path))
+    assert meta["general.architecture"] == "qwen2" and "blk.0.attn_q.bias" in tensors
+    weights = mx.load(os.path.join(base, "model.safetensors"))
+    assert np.array_equal(
+        np.array(tensors["blk.0.attn_q.bias"].data), np.array(weights["model.layers.0.self_attn.q_proj.bias"])
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, base, to, reason",
+    [
+        ("dora", None, "gguf-adapter", "DoRA magnitudes have no llama.cpp LoRA form"),
+        ("qlora", None, "gguf-adapter", "QLoRA adapter was trained against MLX's own 4-bit"),
+        ("lora", "qwen3", "fused-gguf", "architecture 'qwen3' has no GGUF export here"),
+        ("lora", "qwen3", "gguf-adapter", "architecture 'qwen3' has no GGUF export here"),
+    ],
+)
+def test_refusals_name_the_problem_and_leave_nothing(kind, base, to, reason, tmp_path):
+    base = random_model(base) if base else tiny_model()
+    with pytest.raises(ValueError, match=reason):
+        export_adapter(trained(kind), base, to, str(tmp_path / "out.gguf"))
+    assert os.listdir(tmp_path) == []
+
+
+@llamacpp
+def test_llama_cpp_runs_the_adapter_on_the_base_like_mlx(tmp_path):
+    pytest.importorskip("llama_cpp")
+    base, adapter = tiny_model(), trained("lora")
+    ids = prompt_ids(base)
+    base_gguf(base, str(tmp_path / "base.gguf"), dtype="f32")
+    export_adapter(adapter, base, "gguf-adapter", str(tmp_path / "adapter.gguf"))
+    want, plain = mlx_logits(base, adapter, ids), mlx_logits(base, None, ids)
+    got, tokens = llama_cpp_logits(str(tmp_path / "base.gguf"), ids, str(tmp_path / "adapter.gguf"), n_new=8)
+    assert rel(got, want) < 1e-4 < 0.5 < rel(want, plain), f"llama.cpp + adapter: {rel(got, want):.2e}"
+    assert tokens == mlx_greedy(base, adapter, ids, 8)
+
+
+@llamacpp
+@pytest.mark.parametrize("dtype, bound", [("f32", 1e-4), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+def test_llama_cpp_runs_the_fused_gguf_like_mlx(dtype, bound, tmp_path):
+    pytest.importorskip("llama_cpp")
+    base, adapter = tiny_model(), trained("lora")
+    ids = prompt_ids(base)
+    export_adapter(adapter, base, "fused-gguf", str(tmp_path / "m.gguf"), dtype=dtype)
+    want = mlx_logits(base, adapter, ids)
+    got, _ = llama_cpp_logits(str(tmp_path / "m.gguf"), ids)
+    assert rel(got, want) < bound, f"{dtype}: {rel(got, want):.2e}"
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@llamacpp
+def test_llama_cpp_runs_qwen2_fused_and_adapter(tmp_path):
+    pytest.importorskip("llama_cpp")
+    base, adapter = random_model("qwen2"), trained("lora")
+    ids = prompt_ids(base)
+    want = mlx_logits(base, adapter, ids)
+    export_adapter(adapter, base, "fused-gguf", str(tmp_path / "m.gguf"), dtype="f32")
+    assert rel(llama_cpp_logits(str(tmp_path / "m.gguf"), ids)[0], want) < 1e-4
+    base_gguf(base, str(tmp_path / "base.gguf"), dtype="f32")
+    export_adapter(adapter, base, "gguf-adapter", str(tmp_path / "a.gguf"))
+    assert rel(llama_cpp_logits(str(tmp_path / "base.gguf"), ids, str(tmp_path / "a.gguf"))[0], want) < 1e-4
+
+
+@llamacpp
+@pytest.mark.slow
+def test_llama_cpp_on_smollm2_adapter_and_fused(tmp_path):
+    """Real SmolLM2-135M: a LoRA trained on the dequantized Q4_1 weights runs in llama.cpp on the Q4_1 GGUF
+    itself (which also quantizes activations for Q4_1 dot products: logits differ by a few %, tokens not)."""
+    pytest.importorskip("llama_cpp")
+    base = "offline:smollm2"
+    adapter = trained("lora", base)
+    _, tokenizer, _ = load_base(base)
+    chat = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    ids = tokenizer.encode(
+        tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )
+    want, plain = mlx_logits(base, adapter, ids), mlx_logits(base, None, ids)
+    want_tokens = mlx_greedy(base, adapter, ids, 10)
+    export_adapter(adapter, base, "gguf-adapter", str(tmp_path / "a.gguf"))
+    got, tokens = llama_cpp_logits(offline_smollm2_gguf(), ids, str(tmp_path / "a.gguf"), n_new=10)
+    assert tokens == want_tokens and rel(got, want) < 0.1 < rel(want, plain)
+    for dtype, bound in (("f16", 5e-3), ("q8_0", 0.1)):
+        export_adapter(adapter, base, "fused-gguf", str(tmp_path / f"{dtype}.gguf"), dtype=dtype)
+        got, tokens = llama_cpp_logits(str(tmp_path / f"{dtype}.gguf"), ids, n_new=10)
+        assert tokens == want_tokens and rel(got, want) < bound, (dtype, rel(got, want))
