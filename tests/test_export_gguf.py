@@ -96,6 +96,9 @@ def test_qwen2_is_written_in_hugging_face_row_order(tmp_path):
     export_adapter(trained("lora"), base, "fused-gguf", str(path), dtype="f32")
     meta, tensors = gguf_fields(str(path))
     assert meta["general.architecture"] == "qwen2" and "blk.0.attn_q.bias" in tensors
+    ids = prompt_ids(base)
+    net, _, _ = load_base(str(path), dtype="float32")  # the project's reader takes it back unpermuted
+    assert rel(np.array(net(mx.array([ids]))[0]), mlx_logits(base, trained("lora"), ids)) < 1e-5
     weights = mx.load(os.path.join(base, "model.safetensors"))
     assert np.array_equal(
         np.array(tensors["blk.0.attn_q.bias"].data), np.array(weights["model.layers.0.self_attn.q_proj.bias"])

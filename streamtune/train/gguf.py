@@ -119,13 +119,15 @@ def _unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
 
 
 def convert(weights: dict[str, mx.array], config: dict) -> dict[str, mx.array]:
-    """GGUF tensors -> mlx-lm names in Hugging Face row order (so `rope_traditional=False`)."""
+    """GGUF tensors -> mlx-lm names in Hugging Face row order (so `rope_traditional=False`). Only llama-graph
+    files (llama, mistral) have permuted Q/K rows; llama.cpp runs qwen2 with NeoX rotary on HF order."""
     out = {}
+    permuted = config.get("model_type") != "qwen2"
     for name, w in weights.items():
         target = mlx_name(name)
-        if ".self_attn.q_proj." in target:
+        if permuted and ".self_attn.q_proj." in target:
             w = _unpermute_rows(w, config["num_attention_heads"])
-        elif ".self_attn.k_proj." in target:
+        elif permuted and ".self_attn.k_proj." in target:
             w = _unpermute_rows(w, config["num_key_value_heads"])
         out[target] = w
     if "lm_head.weight" in out:
