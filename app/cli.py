@@ -117,13 +117,16 @@ def retry(
 def manifest(
     source: str = typer.Argument(..., help="Source URL (s3://bucket/prefix, a folder, any fsspec URL)."),
     out: str = typer.Option(..., "--out", help="Where to write manifest.parquet."),
+    id_column: str | None = typer.Option(
+        None, "--id-column", help="Field naming each record of record files (default: file + row)."
+    ),
     endpoint_url: str | None = EndpointOpt,
 ) -> None:
-    """List and classify a source; write the manifest."""
+    """List and classify a source (record files: one row per record); write the manifest."""
     from streamtune.manifest import build_manifest, summarize_manifest, write_manifest
 
     so = _storage_options(endpoint_url)
-    table, problems = build_manifest(source, so)
+    table, problems = build_manifest(source, so, id_column=id_column)
     write_manifest(table, out, so)
     typer.echo(json.dumps({**summarize_manifest(table), "quarantined": len(problems), "out": out}))
 

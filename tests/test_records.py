@@ -169,3 +169,24 @@ def test_id_column_and_incremental_runs_per_record(bucket, s3opts):
     texts = Counter((r["sample_id"], r["text"]) for r in rows)
     assert len(texts) == len(rows) == 301 and texts[("data.jsonl#u7", "edited")] == 1
     assert ("data.jsonl#u100", "t100") not in texts
+
+
+def test_cli_manifest_and_shard_count_records(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "src").mkdir()
+    lines = [json.dumps({"id": f"k{i}", "prompt": f"p{i}", "completion": f"c{i}"}) for i in range(50)]
+    (tmp_path / "src" / "train.jsonl").write_text("\n".join(lines[:20] + ["{oops"] + lines[20:]) + "\n")
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    m = cli("manifest", str(tmp_path / "src"), "--out", str(tmp_path / "m.parquet"), "--id-column", "id")
+    assert (m["records"], m["samples"], m["objects"], m["quarantined"]) == (50, 50, 1, 1)
+    s = cli("shard", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "shards"), "--max-shard-bytes", "1000")
+    assert s["rows"] == 50 and s["shards"] > 1
+    ids = {r["sample_id"] for r in CloudStreamingDataset(str(tmp_path / "shards"))}
+    assert ids == {f"train.jsonl#k{i}" for i in range(50)}
