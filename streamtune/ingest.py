@@ -20,7 +20,15 @@ import pyarrow.compute as pc
 from streamtune import quarantine, shards, storage
 from streamtune.manifest import sample_id_of, versions
 from streamtune.quarantine import Reason
-from streamtune.records.shard import plan_record_shards, planned_records, record_rows
+from streamtune.records import split_record_key
+from streamtune.records.shard import (
+    plan_record_shards,
+    planned_records,
+    read_record_sources,
+    record_rows,
+    stale_records,
+    write_record_sources,
+)
 
 MEDIA = ("audio", "image")
 
@@ -163,12 +171,16 @@ def write_raw_shard(
         table = pa.concat_tables([table, built]) if table.num_rows else built
         problems += bad
         unread |= unread_records
-        manifest = pa.concat_tables([manifest, chosen])
     url = storage.join(out_prefix, shards.shard_name(plan["index"]))
     entry = shards.write_shard(table, url, out_options)
     # every file of these samples as the manifest saw it (unusable ones too, so an unchanged sample stays
     # unchanged); a file that could not be read is left out, so the next incremental run retries its sample
     entry["sources"] = {k: v for k, v in versions(manifest).items() if k not in unread}
+    if plan.get("records"):  # records' versions go to a file beside the shard, not into index.json
+        held = chosen.select(["key", "etag", "file"])
+        if unread:
+            held = held.filter(pc.invert(pc.is_in(held["key"], value_set=pa.array(sorted(unread), pa.string()))))
+        entry["record_sources"] = write_record_sources(out_prefix, plan["index"], held, out_options)
     return {"entry": entry, "quarantine": problems}
 
 
@@ -176,11 +188,28 @@ def superseded_samples(manifest: pa.Table) -> set[str]:
     return set(manifest.filter(pc.equal(manifest["modality"], "superseded"))["sample_id"].to_pylist())
 
 
-def plan_rewrites(entries: list[dict], stale: set[str], *, start_index: int) -> list[dict]:
-    """One plan per committed shard that holds a stale sample: {index (of the new shard), replaces, drop}."""
+def plan_rewrites(
+    entries: list[dict],
+    stale: set[str],
+    *,
+    start_index: int,
+    prefix: str | None = None,
+    storage_options: dict | None = None,
+) -> list[dict]:
+    """One plan per committed shard that holds a stale sample: {index (of the new shard), replaces, drop}.
+    Stale records are matched against a shard's record sources when `prefix` (the shard set) is given, else
+    every shard holding records of the same file is planned (rewriting it drops what it has)."""
     plans = []
+    stale_by_file: dict[str, set[str]] = defaultdict(set)
+    for key in stale:
+        if (found := split_record_key(key)) is not None:
+            stale_by_file[found[0]].add(key)
     for entry in entries:
-        drop = sorted({sample_id_of(k) for k in entry.get("sources") or {}} & stale)
+        drop = {sample_id_of(k) for k in entry.get("sources") or {}} & stale
+        if stale_by_file and entry.get("record_sources"):
+            held = read_record_sources(prefix, entry, storage_options) if prefix is not None else None
+            drop |= stale_records(entry, stale_by_file, held)
+        drop = sorted(drop)
         if drop:
             plans.append({"index": start_index + len(plans), "replaces": entry["path"], "drop": drop})
     return plans
@@ -197,6 +226,10 @@ def rewrite_raw_shard(prefix: str, entry: dict, plan: dict, storage_options: dic
         url = storage.join(prefix, shards.shard_name(plan["index"]))
         new = shards.write_shard(table.take(keep), url, storage_options)
         new["sources"] = {k: v for k, v in entry["sources"].items() if sample_id_of(k) not in drop}
+        if entry.get("record_sources"):
+            held = read_record_sources(prefix, entry, storage_options)
+            held = held.filter(pc.invert(pc.is_in(held["key"], value_set=pa.array(sorted(drop), pa.string()))))
+            new["record_sources"] = write_record_sources(prefix, plan["index"], held, storage_options)
         # lets the decode stage derive this shard's features from the old one's instead of decoding again
         new["derived_from"] = {"path": entry["path"], "checksum": entry["checksum"], "dropped": sorted(drop)}
         result["entry"] = new
@@ -204,7 +237,8 @@ def rewrite_raw_shard(prefix: str, entry: dict, plan: dict, storage_options: dic
 
 
 def ingested_sources(shards_prefix: str, storage_options: dict | None = None) -> dict[str, str]:
-    """{key: version} of every object already in the committed shard set at `shards_prefix` (empty if none).
+    """{key: version} of every object (and record) already in the committed shard set at `shards_prefix`
+    (empty if none).
 
     A sample held by more than one shard (left by versions that appended changed files instead of
     replacing them) gets versions that match nothing, so the next incremental run rebuilds it once and
@@ -221,6 +255,10 @@ def ingested_sources(shards_prefix: str, storage_options: dict | None = None) ->
     for key in seen:
         if len(holders[sample_id_of(key)]) > 1:
             seen[key] = "held-twice"
+    for entry in index["shards"]:  # records: versions in the files beside their shards
+        if entry.get("record_sources"):
+            held = read_record_sources(shards_prefix, entry, storage_options)
+            seen.update(zip(held["key"].to_pylist(), held["version"].to_pylist(), strict=True))
     return seen
 
 

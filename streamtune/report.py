@@ -11,6 +11,8 @@ from typing import Any
 
 from streamtune import shards, storage
 from streamtune.quarantine import SENTENCES, read_quarantine
+from streamtune.records import is_record_key
+from streamtune.records.shard import record_holders
 
 
 def shard_set_state(prefix: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -46,10 +48,18 @@ def current_quarantine(work_url: str, storage_options: dict | None = None) -> li
     records: dict[tuple, dict] = {}
     fs, root = storage.get_fs(storage.join(raw, "quarantine"), storage_options)
     files = sorted(fs.glob(posixpath.join(root, "quarantine-*.parquet"))) if fs.exists(root) else []
-    for path in files:
-        url = storage.join(raw, "quarantine", posixpath.basename(path))
-        committed = _number(posixpath.basename(path).removesuffix(".parquet"))
-        for r in read_quarantine(url, storage_options).to_pylist():
+    found = [
+        (_number(posixpath.basename(p).removesuffix(".parquet")),
+         read_quarantine(storage.join(raw, "quarantine", posixpath.basename(p)), storage_options).to_pylist())
+        for p in files
+    ]  # fmt: skip
+    record_keys = {r["key"] for _, rows in found for r in rows if r["key"] and is_record_key(r["key"])}
+    if record_keys and storage.exists(storage.join(raw, "index.json"), storage_options):  # records' versions
+        # live beside their shards, not in index.json
+        entries = shards.read_index(raw, storage_options)["shards"]
+        ingested = {**ingested, **record_holders(raw, entries, record_keys, storage_options)}
+    for committed, rows in found:
+        for r in rows:
             if ingested.get(r["key"], -1) <= committed:
                 records[(r["key"], r["error"])] = r
     features = storage.join(work_url, "features", "quarantine.parquet")

@@ -11,6 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 from streamtune import CloudStreamingDataset, shards, storage
 from streamtune.ingest import (
@@ -24,6 +25,7 @@ from streamtune.ingest import (
     write_raw_shard,
 )
 from streamtune.manifest import build_manifest, sample_id_of, summarize_manifest
+from streamtune.shards.gc import collect_garbage
 
 N = 100_000
 BROKEN = 4_242  # 0-based record index of the broken line; it is line BROKEN + 1
@@ -66,7 +68,9 @@ def test_jsonl_100k_records_once_each_with_a_quarantined_line(chat_lines, bucket
     rows = all_rows(out, s3opts)
     expected = Counter(json.dumps(chat(i)) for i in range(N) if i != BROKEN)
     assert Counter(r["meta"] for r in rows) == expected
-    assert sorted(r["sample_id"] for r in rows) == sorted(f"chat/train.jsonl#{i}" for i in range(N) if i != BROKEN)
+    assert sorted(r["sample_id"] for r in rows) == sorted(
+        f"chat/train.jsonl#{i}" for i in range(N) if i != BROKEN
+    )
     assert all(r["sources"] == [r["sample_id"]] for r in rows)
     [bad] = problems
     assert bad["key"] == f"chat/train.jsonl#{BROKEN}" and bad["error"] == "broken_record"
@@ -125,12 +129,25 @@ def test_every_text_format_one_sample_per_record(bucket, s3opts):
         *(f"a/arr.json#{i}" for i in range(4)),
         "a/one", "b/t.csv#0", "b/t.csv#1", "b/t.tsv#0", "b/t.tsv#1", "b/x",
     }  # fmt: skip
-    assert json.loads(rows["b/t.csv#0"]["meta"]) == {"instruction": "say hi", "input": "", "output": "hi\nthere"}
+    assert json.loads(rows["b/t.csv#0"]["meta"]) == {
+        "instruction": "say hi",
+        "input": "",
+        "output": "hi\nthere",
+    }
     assert rows["a/arr.json#1"]["text"] == "é1" and rows["b/t.tsv#1"]["text"] == "world"
     assert json.loads(rows["b/x"]["meta"]) == {"note": "sidecar, not records"}
     messages = sorted((q["key"], q["message"].split(":")[0]) for q in problems)
     assert messages == [("a/arr.json#4", "element 4"), ("b/t.csv#2", "line 5")]
     assert summarize_manifest(table)["records"] == 5 + 5 + 3 + 2
+    from streamtune.report import current_quarantine
+
+    assert {q["key"] for q in current_quarantine(bucket, s3opts)} == {"a/arr.json#4", "b/t.csv#2"}
+    put("b/t.csv", b'instruction,input,output\nsay hi,,"hi\nthere"\nadd,1 2,3\nshort,row,fixed\n')
+    _, problems, _ = ingest(
+        source, out, s3opts, exclude=ingested_sources(out, s3opts), start=next_shard_index(out, s3opts)
+    )
+    assert [q["key"] for q in problems] == ["a/arr.json#4"]  # the array is read again; the csv row is fixed
+    assert {q["key"] for q in current_quarantine(bucket, s3opts)} == {"a/arr.json#4"}
 
 
 def test_id_column_and_incremental_runs_per_record(bucket, s3opts):
@@ -159,16 +176,38 @@ def test_id_column_and_incremental_runs_per_record(bucket, s3opts):
     assert stale == {"data.jsonl#u7", "data.jsonl#u100"}
     assert sample_id_of("data.jsonl#u7") == "data.jsonl#u7"
     start = next_shard_index(out, s3opts)
-    rewrites = plan_rewrites(first["shards"], stale, start_index=start)
-    results = [rewrite_raw_shard(out, e, p, s3opts) for e, p in zip(
-        [next(e for e in first["shards"] if e["path"] == p["replaces"]) for p in rewrites], rewrites, strict=True)]
+    assert all(not e["sources"] and e["record_sources"]["files"] == ["data.jsonl"] for e in first["shards"])
+    assert len(held) == 300 and held["data.jsonl#u7"] == xxhash.xxh3_64_hexdigest(
+        b'{"id": "u7", "text": "t7"}'
+    )
+    rough = plan_rewrites(first["shards"], stale, start_index=start)  # without the shard set: by file
+    rewrites = plan_rewrites(first["shards"], stale, start_index=start, prefix=out, storage_options=s3opts)
+    assert len(rough) == len(first["shards"]) > len(rewrites) == 2
+    results = [
+        rewrite_raw_shard(out, e, p, s3opts)
+        for e, p in zip(
+            [next(e for e in first["shards"] if e["path"] == p["replaces"]) for p in rewrites],
+            rewrites,
+            strict=True,
+        )
+    ]
     plans = plan_shards(table, max_shard_bytes=2_000, start_index=start + len(rewrites))
-    results += [write_raw_shard(source, table, p, out, source_options=s3opts, out_options=s3opts) for p in plans]
+    results += [
+        write_raw_shard(source, table, p, out, source_options=s3opts, out_options=s3opts) for p in plans
+    ]
     commit_raw_shards(out, results, s3opts)
     rows = all_rows(out, s3opts)
     texts = Counter((r["sample_id"], r["text"]) for r in rows)
     assert len(texts) == len(rows) == 301 and texts[("data.jsonl#u7", "edited")] == 1
     assert ("data.jsonl#u100", "t100") not in texts
+    assert ingested_sources(out, s3opts)["data.jsonl#u7"] != held["data.jsonl#u7"]
+    # the line without an id is fixed: the quarantine report lets it go once a later shard holds it
+    write([{"id": "fixed", "text": "now with an id"}])
+    _, problems, _ = ingest(source, out, s3opts, id_column="id", exclude=ingested_sources(out, s3opts),
+                            start=next_shard_index(out, s3opts))  # fmt: skip
+    assert not problems
+    old = collect_garbage(out, s3opts, older_than_s=0, dry_run=True)
+    assert any(u.endswith(".records.parquet") for u in old) and any(u.endswith(".arrow") for u in old)
 
 
 def test_cli_manifest_and_shard_count_records(tmp_path):
@@ -180,13 +219,17 @@ def test_cli_manifest_and_shard_count_records(tmp_path):
     (tmp_path / "src" / "train.jsonl").write_text("\n".join(lines[:20] + ["{oops"] + lines[20:]) + "\n")
 
     def cli(*args):
-        out = subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     m = cli("manifest", str(tmp_path / "src"), "--out", str(tmp_path / "m.parquet"), "--id-column", "id")
     assert (m["records"], m["samples"], m["objects"], m["quarantined"]) == (50, 50, 1, 1)
-    s = cli("shard", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "shards"), "--max-shard-bytes", "1000")
+    s = cli(
+        "shard", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "shards"), "--max-shard-bytes", "1000"
+    )
     assert s["rows"] == 50 and s["shards"] > 1
     ids = {r["sample_id"] for r in CloudStreamingDataset(str(tmp_path / "shards"))}
     assert ids == {f"train.jsonl#k{i}" for i in range(50)}

@@ -49,8 +49,8 @@ def planned_records(manifest: pa.Table, plan: dict) -> pa.Table:
 
 def record_rows(fs, root: str, table: pa.Table) -> tuple[pa.Table, list[dict], set[str]]:
     """Raw rows (a RAW_SCHEMA table, in `table` order) of the records in `table` (manifest rows), plus
-    quarantine records and the keys of records whose file could not be read (left out of the shard's
-    sources, so the next run retries them). Each record goes into column lists as it is read: only the
+    quarantine records and the keys of records that could not be read or parsed (left out of the shard's
+    record sources, so the next incremental run tries them again). Each record goes into column lists as it is read: only the
     columns are held, not records or row dicts."""
     by_file: dict[str, list[dict]] = defaultdict(list)
     for i, r in enumerate(table.select(READ_COLUMNS).to_pylist()):
@@ -71,8 +71,9 @@ def record_rows(fs, root: str, table: pa.Table) -> tuple[pa.Table, list[dict], s
                 kinds = fields.media_kinds(schema.names, columnar.hf_features(schema))
             for r, record, error in read(fs, path, fmt, compression, rows):
                 done.add(r["key"])
-                if error:
+                if error:  # not held either: the next incremental run reads it again (fixed, or still broken)
                     problems.append(fields.problem(r["key"], r["row"], r["line"], error))
+                    unread.add(r["key"])
                     continue
                 media, wanted, rest = fields.split_media(record, kinds or fields.media_kinds(list(record)))
                 at = cols.add(r["position"], fields.raw_row(r["key"], media, rest, []))
@@ -171,3 +172,82 @@ def _fetch_refs(fs, root: str, file_key: str, refs: dict, cols: Columns, problem
 
 def _ref_problem(key: str, message: str) -> dict:
     return quarantine.record(key, key, "shard", Reason.MEDIA_REF, message)
+
+
+# --- record versions: a Parquet file next to each shard, not index.json ------------------------------
+# index.json is read by every loader; a version per record (millions) would make it huge. A shard entry
+# holding records carries "record_sources": {"path", "rows", "files"} instead, and the (key, version)
+# pairs live in `shard-NNNNN.records.parquet` beside the shard.
+
+SOURCES_SCHEMA = pa.schema([("key", pa.string()), ("version", pa.string())])
+
+
+def record_sources_name(index: int) -> str:
+    return f"shard-{index:05d}.records.parquet"
+
+
+def write_record_sources(prefix: str, index: int, table: pa.Table, storage_options: dict | None = None) -> dict:
+    """Write (key, version) of `table`'s records (columns key + etag, or key + version) next to shard
+    `index`; returns the entry's "record_sources"."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from streamtune import storage
+
+    version = table["etag"] if "etag" in table.column_names else table["version"]
+    pairs = pa.table([table["key"], version], schema=SOURCES_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(pairs, buf, compression="zstd")
+    name = record_sources_name(index)
+    storage.write_bytes(storage.join(prefix, name), buf.getvalue(), storage_options)
+    return {"path": name, "rows": pairs.num_rows, "files": sorted(_files(table))}
+
+
+def _files(table: pa.Table) -> set[str]:
+    from streamtune.records import split_record_key
+
+    if "file" in table.column_names:
+        return set(pc.unique(table["file"]).to_pylist())
+    return {(split_record_key(k) or (k,))[0] for k in table["key"].to_pylist()}
+
+
+def read_record_sources(prefix: str, entry: dict, storage_options: dict | None = None) -> pa.Table:
+    """(key, version) of the records a shard entry holds (empty when it holds none)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from streamtune import storage
+
+    rs = entry.get("record_sources")
+    if not rs:
+        return SOURCES_SCHEMA.empty_table()
+    return pq.read_table(io.BytesIO(storage.read_bytes(storage.join(prefix, rs["path"]), storage_options)))
+
+
+def stale_records(entry: dict, stale_by_file: dict[str, set[str]], held: pa.Table | None) -> set[str]:
+    """The stale record keys a shard entry may hold: exactly (with `held`, its record sources) or every
+    stale key of the files it holds records of (an over-estimate; dropping a key it lacks changes nothing)."""
+    rs = entry.get("record_sources") or {}
+    found = set().union(*(stale_by_file.get(f, set()) for f in rs.get("files") or []))
+    if found and held is not None:
+        found &= set(held["key"].to_pylist())
+    return found
+
+
+def record_holders(prefix: str, entries: list[dict], keys: set[str], storage_options: dict | None = None) -> dict:
+    """{record key: number of the newest shard holding it} for `keys` (reads only the record sources of
+    shards holding records of the same files)."""
+    from streamtune.records import split_record_key
+
+    files = {found[0] for k in keys if (found := split_record_key(k)) is not None}
+    out: dict[str, int] = {}
+    for entry in entries:
+        rs = entry.get("record_sources")
+        if not rs or not files & set(rs["files"]):
+            continue
+        number = int(entry["path"].split("-")[1].split(".")[0])
+        for key in set(read_record_sources(prefix, entry, storage_options)["key"].to_pylist()) & keys:
+            out[key] = max(out.get(key, -1), number)
+    return out

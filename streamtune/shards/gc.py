@@ -15,7 +15,7 @@ import time
 from streamtune import storage
 from streamtune.shards.index import read_index
 
-SHARD_FILE = re.compile(r"shard-\d+\.arrow$")
+SHARD_FILE = re.compile(r"shard-\d+\.(arrow|records\.parquet)$")  # a shard, or its records' versions
 
 
 def _modified(info: dict) -> float | None:
@@ -41,7 +41,8 @@ def collect_garbage(
     index_url = storage.join(prefix, "index.json")
     if not storage.exists(index_url, storage_options):
         return []
-    listed = {e["path"] for e in read_index(prefix, storage_options)["shards"]}
+    entries = read_index(prefix, storage_options)["shards"]
+    listed = {e["path"] for e in entries} | {e["record_sources"]["path"] for e in entries if e.get("record_sources")}
     fs, root = storage.get_fs(prefix, storage_options)
     root = root.rstrip("/")
     now = time.time()
