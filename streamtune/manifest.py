@@ -234,10 +234,11 @@ def _scan_record_file(fs, obj: dict, fmt: tuple[str, str | None], id_column: str
         n = len(cols["id"])
         if not n:
             continue
-        keys = [record_files.record_key(obj["key"], rid) for rid in cols.pop("id")]
-        data = {"sample_id": keys, "key": keys, "size": cols.pop("size", None) or cols["length"]}
+        # sample_id and key are one array, and so are size and length (text formats): millions of rows
+        keys = pa.array([record_files.record_key(obj["key"], rid) for rid in cols.pop("id")], pa.string())
+        data = {c: pa.array(v, SCHEMA.field(c).type) for c, v in cols.items()}
+        data |= {"sample_id": keys, "key": keys, "size": data.pop("size", None) or data["length"]}
         data |= {"modality": ["record"] * n, "detected_by": [f"record:{name}"] * n, "file": [obj["key"]] * n}
-        data |= cols
         tables.append(pa.Table.from_pydict(data, schema=pa.schema([SCHEMA.field(c) for c in data])))
     return tables, problems
 
@@ -269,6 +270,8 @@ def build_manifest(
         for tables, bad in scans:
             record_tables += tables
             problems += bad
+    if found:
+        record_files.trim_heap()  # the scans' Python garbage goes back to the OS
     objects = [o for o in objects if o["key"] not in found]
 
     sidecar_rows: dict[str, dict] = {}

@@ -79,6 +79,19 @@ def is_record_key(key: str) -> bool:
     return split_record_key(key) is not None
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise): scans free a lot of small objects."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def scan(
     fs, path: str, key: str, etag: str, fmt: str, compression: str | None, id_column: str | None = None
 ) -> Iterator[tuple[pa.Table, list[dict]]]:

@@ -22,14 +22,14 @@ def plan_record_shards(manifest: pa.Table, max_shard_bytes: int, start_index: in
     if not len(positions):
         return []
     sizes = manifest["size"].take(pa.array(positions)).to_numpy(zero_copy_only=False)
+    ends = np.cumsum(sizes)  # a shard takes records while they fit (one at least): one search per shard
     plans: list[dict] = []
-    start, acc = 0, 0
-    for i, size in enumerate(sizes.tolist()):
-        if i > start and acc + size > max_shard_bytes:
-            plans.append(_plan(start_index + len(plans), positions[start:i], acc))
-            start, acc = i, 0
-        acc += size
-    plans.append(_plan(start_index + len(plans), positions[start:], acc))
+    start = 0
+    while start < len(positions):
+        base = int(ends[start - 1]) if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + max_shard_bytes, side="right")))
+        plans.append(_plan(start_index + len(plans), positions[start:stop], int(ends[stop - 1]) - base))
+        start = stop
     return plans
 
 
