@@ -49,7 +49,9 @@ def build_index(root: str, storage_options: dict | None = None, only: str | None
         if schema is None:
             schema = file_schema
         elif not schema.equals(file_schema, check_metadata=False):
-            raise ValueError(f"{o['key']} has another schema than {objects[0]['key']}: stream them separately")
+            raise ValueError(
+                f"{o['key']} has another schema than {objects[0]['key']}: stream them separately"
+            )
         entries.append(entry)
     return {
         "format": "streamtune-in-place",
@@ -93,7 +95,13 @@ def _arrow_entry(fs, obj: dict) -> tuple[dict, pa.Schema]:
         )
     schema = columnar.read_schema(fs, obj["path"], "arrow")
     batches = [
-        {"offset": u["offset"], "length": u["length"], "rows": u["rows"], "nbytes": u["length"], "checksum": None}
+        {
+            "offset": u["offset"],
+            "length": u["length"],
+            "rows": u["rows"],
+            "nbytes": u["length"],
+            "checksum": None,
+        }
         for u in units
     ]
     return _entry(obj, "arrow", batches), schema
@@ -142,8 +150,8 @@ class _RangeFile(io.RawIOBase):
 def decode_parquet(entry: dict, data, base: int, batches: list[dict]) -> list[pa.RecordBatch]:
     """The row groups `batches` of a fetched range (`data` = bytes from file offset `base`)."""
     pf = pq.ParquetFile(_RangeFile(data, base, entry["bytes"]), metadata=entry["metadata"], pre_buffer=False)
-    out = []
-    for b in batches:
-        table = pf.read_row_group(b["row_group"])
-        out += table.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
-    return out
+    tables = [pf.read_row_group(b["row_group"]) for b in batches]
+    table = pa.concat_tables(tables).combine_chunks()  # one batch: rows are found without a search
+    return table.to_batches(max_chunksize=table.num_rows or None) or [
+        pa.RecordBatch.from_pylist([], schema=table.schema)
+    ]

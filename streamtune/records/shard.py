@@ -186,7 +186,9 @@ def record_sources_name(index: int) -> str:
     return f"shard-{index:05d}.records.parquet"
 
 
-def write_record_sources(prefix: str, index: int, table: pa.Table, storage_options: dict | None = None) -> dict:
+def write_record_sources(
+    prefix: str, index: int, table: pa.Table, storage_options: dict | None = None
+) -> dict:
     """Write (key, version) of `table`'s records (columns key + etag, or key + version) next to shard
     `index`; returns the entry's "record_sources"."""
     import io
@@ -236,7 +238,9 @@ def stale_records(entry: dict, stale_by_file: dict[str, set[str]], held: pa.Tabl
     return found
 
 
-def record_holders(prefix: str, entries: list[dict], keys: set[str], storage_options: dict | None = None) -> dict:
+def record_holders(
+    prefix: str, entries: list[dict], keys: set[str], storage_options: dict | None = None
+) -> dict:
     """{record key: number of the newest shard holding it} for `keys` (reads only the record sources of
     shards holding records of the same files)."""
     from streamtune.records import split_record_key

@@ -183,7 +183,9 @@ def scan(
                 cols, problems = _empty(), []
     except BrokenFile as e:
         problems.append(
-            fields.problem(record_key(key, row), row, None, f"{e}; the rest of the file is left out", stage="manifest")
+            fields.problem(
+                record_key(key, row), row, None, f"{e}; the rest of the file is left out", stage="manifest"
+            )
         )
     finally:
         stream.close()
