@@ -21,7 +21,9 @@ from streamtune.train.data import (
 )
 from streamtune.train.formats import ALPACA_TEMPLATE, RecordOptions, encode_messages
 
-SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+)
 CHAT = [
     {"role": "user", "content": "Capital of France?"},
     {"role": "assistant", "content": "Paris."},
@@ -111,14 +113,24 @@ def test_prompt_completion_text_and_alpaca_records(tokenizer):
     assert no_input[0][0] == "Add the numbers."
     assert ALPACA_TEMPLATE.completion == "{meta_output}"
     # plain dicts in mlx-lm's formats work too (no record key needed)
-    assert encode_sample({"messages": CHAT}, tokenizer, seq_len=256)[1][1] == encode_sample(
-        record({"messages": CHAT}), tokenizer, seq_len=256
-    )[1][1]
+    assert (
+        encode_sample({"messages": CHAT}, tokenizer, seq_len=256)[1][1]
+        == encode_sample(record({"messages": CHAT}), tokenizer, seq_len=256)[1][1]
+    )
 
 
 def test_media_samples_and_custom_templates_keep_the_template(tokenizer):
-    media_row = {"sample_id": "clips/a", "text": "a caption", "transcript": "hello", "sources": ["clips/a.wav"]}
+    media_row = {
+        "sample_id": "clips/a",
+        "text": "a caption",
+        "transcript": "hello",
+        "sources": ["clips/a.wav"],
+    }
     assert encode_sample(media_row, tokenizer, seq_len=128)[0][0].startswith("Describe this recording.")
+    asr_record = record({"text": "a caption"}, key="speech/data-00000-of-00001.arrow#3") | {
+        "transcript": "hello"
+    }
+    assert encode_sample(asr_record, tokenizer, seq_len=128)[0][0].startswith("Describe this recording.")
     mine = Template(prompt="Say {meta_prompt}", completion="{meta_completion}!")
     row = record({"prompt": "hi", "completion": "there"})
     assert encode_sample(row, tokenizer, seq_len=128, template=mine)[0] == ("Say hi", "there!")
@@ -129,7 +141,8 @@ def test_media_samples_and_custom_templates_keep_the_template(tokenizer):
 
 def test_spans_survive_the_packer_state(tokenizer):
     samples = [
-        encode_sample(record({"messages": CHAT[: 2 + 2 * (i % 2)]}), tokenizer, seq_len=120)[1] for i in range(12)
+        encode_sample(record({"messages": CHAT[: 2 + 2 * (i % 2)]}), tokenizer, seq_len=120)[1]
+        for i in range(12)
     ]
     assert json.loads(json.dumps(sample_to_json(samples[1])))
     assert sample_from_json(json.loads(json.dumps(sample_to_json(samples[1])))) == samples[1]

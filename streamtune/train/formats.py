@@ -7,7 +7,8 @@ plain dict given straight to the trainer) is recognised by its fields:
   (`assistant_turns: last`: only the final one). The sample carries loss spans instead of a prompt length.
 - `prompt` + `completion`: the prompt as the user turn, loss on the completion (mlx-lm's completions format).
 - `instruction` + `output` (+ optional `input`): Alpaca, through the shipped `ALPACA_TEMPLATE`.
-- `text`: plain text, loss on every token (mlx-lm's text format).
+- `text`: plain text, loss on every token (mlx-lm's text format), for records without audio or images
+  (a captioned recording keeps the template, like a media file with a sidecar caption).
 
 Other rows, and every row when the training template is not the default one, go through the template.
 """
@@ -73,6 +74,12 @@ def detect(fields: dict) -> str | None:
     return None
 
 
+def _has_media(row: dict) -> bool:
+    return any(row.get(k) is not None for k in ("audio", "image", "clip_embedding")) or bool(
+        row.get("transcript")
+    )
+
+
 def encode_messages(
     tokenizer, messages: list[dict], max_len: int, *, tools: list | None = None, turns: str = "all"
 ) -> tuple[list[int], list[list[int]]]:
@@ -89,7 +96,9 @@ def encode_messages(
         full = tokenizer.apply_chat_template(messages, tokenize=False, **kw)
         cuts = []
         for i in learned:
-            head = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False, **kw)
+            head = tokenizer.apply_chat_template(
+                messages[:i], add_generation_prompt=True, tokenize=False, **kw
+            )
             done = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **kw)
             if not (done.startswith(head) and full.startswith(done)):
                 raise ValueError("the chat template does not render earlier turns as a prefix of later ones")
@@ -129,11 +138,15 @@ def encode_record(
     if fields is None or options.format == "template":
         return NotImplemented
     fmt = options.format if options.format != "auto" else detect(fields)
+    if options.format == "auto" and fmt == "text" and _has_media(row):
+        return NotImplemented  # an audio/image record with a caption: the template, like media files
     if fmt is None or (options.format == "auto" and template != DEFAULT_TEMPLATE):
         return NotImplemented
     max_len = seq_len + 1
     if fmt == "alpaca":
-        return encode_sample({"meta": json.dumps(fields)}, tokenizer, seq_len=seq_len, template=ALPACA_TEMPLATE)
+        return encode_sample(
+            {"meta": json.dumps(fields)}, tokenizer, seq_len=seq_len, template=ALPACA_TEMPLATE
+        )
     if fmt == "text":
         text = str(fields.get("text") or "").strip()
         if not text:
