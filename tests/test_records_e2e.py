@@ -27,6 +27,7 @@ def ingest(source: str, out: str, so: dict, max_shard_bytes: int = 1 << 20) -> l
     return problems + [q for r in results for q in r["quarantine"]]
 
 
+@pytest.mark.slow  # SmolLM2-135M: 56 s on the shared 2-core CPU
 def test_chat_records_train_an_adapter_mlx_lm_loads_and_answers_with(bucket, s3opts, tmp_path):
     import mlx_lm
 
@@ -72,6 +73,7 @@ def _wav(sentence: str) -> bytes:
     return _encode_audio(*speak(sentence), "wav")
 
 
+@pytest.mark.slow  # Whisper tiny.en: about 25 s
 def test_hf_save_to_disk_folder_with_audio_decodes_through_whisper(bucket, s3opts, tmp_path):
     datasets = pytest.importorskip("datasets")
     from streamtune.demo.data import upload_dir
