@@ -116,8 +116,9 @@ def llama_cpp_logits(model: str, ids: list[int], lora: str | None = None, n_new:
     from llama_cpp import Llama
 
     llm = Llama(
-        model_path=model, lora_path=lora, n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=2
-    )
+        model_path=model, lora_path=lora, n_ctx=256, n_batch=256, logits_all=True, verbose=False, n_threads=2,
+        type_k=0, type_v=0,  # float32 KV cache: llama.cpp's default f16 cache alone moves logits ~1e-3
+    )  # fmt: skip
     try:
         llm.eval(ids)
         logits = np.array(llm.scores[: len(ids)])

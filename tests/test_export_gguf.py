@@ -135,7 +135,7 @@ def test_llama_cpp_runs_the_adapter_on_the_base_like_mlx(tmp_path):
 
 
 @llamacpp
-@pytest.mark.parametrize("dtype, bound", [("f32", 1e-4), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
+@pytest.mark.parametrize("dtype, bound", [("f32", 1e-5), ("f16", 3e-3), ("bf16", 2e-2), ("q8_0", 5e-2)])
 def test_llama_cpp_runs_the_fused_gguf_like_mlx(dtype, bound, tmp_path):
     pytest.importorskip("llama_cpp")
     base, adapter = tiny_model(), trained("lora")
@@ -163,8 +163,12 @@ def test_llama_cpp_runs_qwen2_fused_and_adapter(tmp_path):
 @llamacpp
 @pytest.mark.slow
 def test_llama_cpp_on_smollm2_adapter_and_fused(tmp_path):
-    """Real SmolLM2-135M: a LoRA trained on the dequantized Q4_1 weights runs in llama.cpp on the Q4_1 GGUF
-    itself (which also quantizes activations for Q4_1 dot products: logits differ by a few %, tokens not)."""
+    """Real SmolLM2-135M, LoRA on 4 blocks (9 query / 3 key-value heads permuted). Exact on float32 GGUFs; on
+    the Q4_1 file itself and on q8_0 llama.cpp also quantizes activations for its dot products, so logits move
+    by a few % and near-ties (MLX's top-2 gaps go down to 0.06 here) may flip: checked along MLX's greedy path."""
+    from streamtune.export.fused import folder_to_gguf
+    from streamtune.train.models import export_base
+
     pytest.importorskip("llama_cpp")
     base = "offline:smollm2"
     adapter = trained("lora", base)
@@ -174,12 +178,25 @@ def test_llama_cpp_on_smollm2_adapter_and_fused(tmp_path):
         tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False),
         add_special_tokens=False,
     )
-    want, plain = mlx_logits(base, adapter, ids), mlx_logits(base, None, ids)
     want_tokens = mlx_greedy(base, adapter, ids, 10)
+    path = ids + want_tokens
+    want, plain = mlx_logits(base, adapter, path), mlx_logits(base, None, path)
+    n = len(ids)
+
+    def agree(got):  # next-token argmax along MLX's greedy continuation
+        return float((got.argmax(-1) == want.argmax(-1))[n - 1 : -1].mean())
+
     export_adapter(adapter, base, "gguf-adapter", str(tmp_path / "a.gguf"))
-    got, tokens = llama_cpp_logits(offline_smollm2_gguf(), ids, str(tmp_path / "a.gguf"), n_new=10)
-    assert tokens == want_tokens and rel(got, want) < 0.1 < rel(want, plain)
-    for dtype, bound in (("f16", 5e-3), ("q8_0", 0.1)):
+    hf = export_base(base, str(tmp_path / "hf"))
+    folder_to_gguf(
+        hf, str(tmp_path / "b32.gguf"), dtype="f32", tokenizer_from=offline_smollm2_gguf(), name="b"
+    )
+    got, tokens = llama_cpp_logits(str(tmp_path / "b32.gguf"), ids, str(tmp_path / "a.gguf"), n_new=10)
+    assert tokens == want_tokens and rel(got, want[:n]) < 1e-5, rel(got, want[:n])
+    got, _ = llama_cpp_logits(offline_smollm2_gguf(), path, str(tmp_path / "a.gguf"))
+    assert agree(got) >= 0.9 and rel(got, want) < 0.1 < rel(want, plain)
+    for dtype, bound in (("f32", 1e-5), ("f16", 3e-3), ("q8_0", 0.1)):
         export_adapter(adapter, base, "fused-gguf", str(tmp_path / f"{dtype}.gguf"), dtype=dtype)
-        got, tokens = llama_cpp_logits(str(tmp_path / f"{dtype}.gguf"), ids, n_new=10)
-        assert tokens == want_tokens and rel(got, want) < bound, (dtype, rel(got, want))
+        got, _ = llama_cpp_logits(str(tmp_path / f"{dtype}.gguf"), path)
+        assert rel(got, want) < bound, (dtype, rel(got, want))
+        assert agree(got) == 1.0 if dtype != "q8_0" else agree(got) >= 0.9
