@@ -29,6 +29,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from streamtune.export import export_adapter  # noqa: E402
+from streamtune.export.fused import folder_to_gguf  # noqa: E402
 from streamtune.train.generate import load_with_adapter  # noqa: E402
 from streamtune.train.models import export_base, load_base, resolve  # noqa: E402
 from streamtune.train.trainer import TrainArgs, train  # noqa: E402
@@ -163,10 +164,16 @@ def main() -> None:
                 path = os.path.join(work, "adapter.gguf")
                 seconds["gguf-adapter"] = timed_export(adapter, args.model, "gguf-adapter", path)
                 if have_llama:
-                    r["gguf-adapter+base"] = compare(want, llama_cpp_run(resolve(args.model), ids, n, path))
-                    r["llama.cpp base alone vs MLX base"] = compare(
+                    f32 = os.path.join(work, "base-f32.gguf")
+                    folder_to_gguf(hf, f32, dtype="f32", tokenizer_from=resolve(args.model), name="base")
+                    r["gguf-adapter + f32 base GGUF"] = compare(want, llama_cpp_run(f32, ids, n, path))
+                    r["gguf-adapter + original GGUF"] = compare(
+                        want, llama_cpp_run(resolve(args.model), ids, n, path)
+                    )
+                    r["original GGUF alone vs MLX base"] = compare(
                         plain, llama_cpp_run(resolve(args.model), ids, n)
                     )
+                    os.remove(f32)
             for dtype in ("f32", "f16", "bf16", "q8_0"):
                 path = os.path.join(work, f"{kind}-{dtype}.gguf")
                 seconds[f"fused-gguf {dtype}"] = timed_export(
