@@ -346,9 +346,9 @@ def manifest_hash(table: pa.Table) -> str:
     Rows are hashed in key order, 64k at a time (a manifest of record files may list millions)."""
     h = hashlib.sha256()
     cols = table.select(["key", "etag", "size", "sidecar"])
-    cols = cols.take(pc.sort_indices(cols, [("key", "ascending")]))
+    order = pc.sort_indices(cols, [("key", "ascending")])
     for start in range(0, cols.num_rows, 65536):
-        for row in cols.slice(start, 65536).to_pylist():
+        for row in cols.take(order.slice(start, 65536)).to_pylist():
             h.update(json.dumps(row, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -359,18 +359,20 @@ def summarize_manifest(table: pa.Table) -> dict:
     modality = table["modality"]
     counts = pc.value_counts(modality).to_pylist() if table.num_rows else []
     by_modality = {c["values"]: c["counts"] for c in counts}
-    is_record = pc.equal(modality, "record")
-    record_files_seen = pc.count_distinct(table.filter(is_record)["file"]).as_py() if table.num_rows else 0
-    usable = table.filter(pc.is_in(modality, value_set=pa.array(SAMPLE_MODALITIES)))
-    superseded = table.filter(pc.equal(modality, "superseded"))
+    records = by_modality.get("record", 0)
+    record_files_seen = pc.count_distinct(table["file"]).as_py() if records else 0  # null for objects
+    # only object rows are selected (copied): a manifest may hold millions of records, each its own sample
+    objects = pc.and_(pc.is_in(modality, value_set=pa.array(SAMPLE_MODALITIES)), pc.not_equal(modality, "record"))
+    usable = table.select(["sample_id"]).filter(objects)
+    superseded = table.select(["sample_id"]).filter(pc.equal(modality, "superseded"))
     return {
-        "objects": table.num_rows - by_modality.get("record", 0) + record_files_seen,
-        "samples": pc.count_distinct(usable["sample_id"]).as_py() if usable.num_rows else 0,
+        "objects": table.num_rows - records + record_files_seen,
+        "samples": (pc.count_distinct(usable["sample_id"]).as_py() if usable.num_rows else 0) + records,
         "bytes": pc.sum(table["size"]).as_py() or 0,
         "by_modality": dict(sorted(by_modality.items())),
         "with_sidecar": table.num_rows - table["sidecar"].null_count,
         "superseded_samples": pc.count_distinct(superseded["sample_id"]).as_py() if superseded.num_rows else 0,
-        "records": by_modality.get("record", 0),
+        "records": records,
         "record_files": record_files_seen,
     }
 
