@@ -229,7 +229,18 @@ def _scan_record_file(fs, obj: dict, fmt: tuple[str, str | None], id_column: str
     """(manifest table of the file's records, quarantine records)."""
     tables, problems = [], []
     name = fmt[0] + (f"+{fmt[1]}" if fmt[1] else "")
-    for cols, bad in record_files.scan(fs, obj["path"], obj["key"], obj["etag"], *fmt, id_column=id_column):
+    scan = record_files.scan(fs, obj["path"], obj["key"], obj["etag"], *fmt, id_column=id_column)
+    while True:
+        try:
+            cols, bad = next(scan)
+        except StopIteration:
+            break
+        except (OSError, ValueError, EOFError, pa.ArrowException) as e:  # chunks listed before it stay
+            listed = sum(t.num_rows for t in tables)
+            problems.append(
+                quarantine.record(None, obj["key"], "manifest", Reason.CORRUPT, f"after {listed} records: {e}")
+            )
+            break
         problems += bad
         n = len(cols["id"])
         if not n:

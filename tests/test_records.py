@@ -233,3 +233,17 @@ def test_cli_manifest_and_shard_count_records(tmp_path):
     assert s["rows"] == 50 and s["shards"] > 1
     ids = {r["sample_id"] for r in CloudStreamingDataset(str(tmp_path / "shards"))}
     assert ids == {f"train.jsonl#k{i}" for i in range(50)}
+
+
+def test_damaged_record_files_are_quarantined_and_the_rest_goes_on(bucket, s3opts):
+    source = f"{bucket}/raw"
+    lines = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(20_000)).encode()
+    storage.write_bytes(f"{source}/cut.jsonl.gz", gzip.compress(lines)[:-5000], s3opts)
+    storage.write_bytes(f"{source}/bad.parquet", b"PAR1 this is not a parquet file PAR1", s3opts)
+    storage.write_bytes(f"{source}/good.jsonl", b'{"text": "fine"}\n', s3opts)
+    table, problems = build_manifest(source, s3opts)
+    by_key = {p["key"]: p for p in problems}
+    assert set(by_key) == {"cut.jsonl.gz", "bad.parquet"} and by_key["bad.parquet"]["error"] == "corrupt"
+    assert by_key["cut.jsonl.gz"]["message"].startswith("after ")
+    keys = table["key"].to_pylist()
+    assert "good.jsonl#0" in keys and sum(k.startswith("cut.jsonl.gz#") for k in keys) < 20_000
