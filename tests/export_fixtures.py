@@ -60,14 +60,24 @@ def trained(kind: str, model: str | None = None) -> str:
 
 
 def prompt_ids(model: str) -> list[int]:
+    return list(_prompt_ids(model))
+
+
+@cache
+def _prompt_ids(model: str) -> tuple[int, ...]:
     from streamtune.train.models import load_base
 
     _, tokenizer, _ = load_base(model, dtype="float32")
-    return tokenizer.encode(PROMPT, add_special_tokens=False)
+    return tuple(tokenizer.encode(PROMPT, add_special_tokens=False))
 
 
 def mlx_logits(model: str, adapter: str | None, ids: list[int]) -> np.ndarray:
-    """Logits of `model` + `adapter` as streamtune trains and serves it (float32)."""
+    """Logits of `model` + `adapter` as streamtune trains and serves it (float32; computed once per input)."""
+    return _mlx_logits(model, adapter, tuple(ids)).copy()
+
+
+@cache
+def _mlx_logits(model: str, adapter: str | None, ids: tuple[int, ...]) -> np.ndarray:
     from streamtune.train.generate import load_with_adapter
 
     net, _, _ = load_with_adapter(model, adapter, dtype="float32")

@@ -107,3 +107,19 @@ def test_multimodal_adapter_exports_its_text_part(tmp_path):
     peft = export_adapter(str(mm), None, "peft", str(tmp_path / "peft"))
     assert any("MLX-only" in n for n in peft["notes"])
     assert np.isfinite(got).all()
+
+
+def test_export_from_an_s3_adapter_folder(bucket, s3opts, tmp_path):
+    """An adapter on S3 (a pipeline's adapters/ root with latest.json) exports like a local folder."""
+    from streamtune import storage
+    from streamtune.train.adapters import publish, upload
+
+    version = f"{bucket}/adapters/v-0001"
+    upload(trained("lora"), version, s3opts)
+    publish(f"{bucket}/adapters", version, {"step": 6}, s3opts)
+    summary = export_adapter(f"{bucket}/adapters", None, "peft", str(tmp_path / "p"), storage_options=s3opts)
+    assert summary["base"] == tiny_model() and storage.exists(f"{version}/adapters.safetensors", s3opts)
+    local = export_adapter(trained("lora"), None, "peft", str(tmp_path / "q"))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "p" / name).read_bytes() == (tmp_path / "q" / name).read_bytes()
+    assert local["modules"] == summary["modules"] == 14

@@ -105,9 +105,12 @@ def _write(to, adapter, base, config, tmp, out, dtype, base_name, ollama_mode, n
     if to == "gguf-adapter":
         path = _file_in(tmp, out, "adapter.gguf")
         info = gguf_adapter.write_gguf_adapter(adapter, config, path, name=os.path.basename(adapter.path))
-        source = fused.gguf_source(base)
+        source, final = (
+            fused.gguf_source(base),
+            out if out.endswith(".gguf") else os.path.join(out, "adapter.gguf"),
+        )
         notes.append(
-            f"use with llama.cpp: -m {source} --lora {out}"
+            f"use with llama.cpp: -m {source} --lora {final}"
             if source
             else "pair it with a GGUF of the same base (export --to ollama --ollama-mode adapter writes both)"
         )
@@ -125,7 +128,7 @@ def _write(to, adapter, base, config, tmp, out, dtype, base_name, ollama_mode, n
     if ollama_mode == "adapter":
         reason = gguf_adapter.refuse_reason(adapter, config)
         if reason:
-            raise ValueError(f"--ollama-mode adapter: {reason.replace('fused-gguf (or ollama)', 'ollama')}")
+            raise ValueError(f"ollama adapter mode: {reason.split(';')[0]}; use --ollama-mode fused")
         info = fused.base_gguf(base, os.path.join(tmp, "base.gguf"), dtype=dtype or "f16")
         info |= gguf_adapter.write_gguf_adapter(adapter, config, os.path.join(tmp, "adapter.gguf"))
         files = ("base.gguf", "adapter.gguf")
