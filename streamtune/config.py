@@ -117,6 +117,7 @@ class DecodeConfig(Settings):
     max_audio_seconds: float = Field(3600.0, gt=0, description="Longer recordings are quarantined.")
     top_k: int = Field(3, ge=1, description="Tags kept per image.")
     cache_dir: str | None = Field(None, description="Converted model cache; default ~/.cache/streamtune.")
+    transcribe: bool = Field(True, description="Transcribe audio with Whisper (off: encoder tokens only).")
     media_tokens: list[Literal["image", "audio"]] = Field(
         default_factory=list,
         description="Encoder outputs kept for multimodal training: image (CLIP patch tokens), audio (Whisper encoder frames).",
@@ -125,7 +126,10 @@ class DecodeConfig(Settings):
         -2, description="CLIP vision block whose patch tokens are kept (-1 last, -2 penultimate)."
     )
     image_pool: int = Field(
-        1, ge=1, description="Average-pool the patch grid by this factor per side (2: a quarter of tokens)."
+        1, ge=1, description="Merge the patch grid by this factor per side (2: a quarter of the tokens)."
+    )
+    image_merge: Literal["mean", "stack"] = Field(
+        "mean", description="mean: average merged patches; stack: concatenate them (width x pool^2)."
     )
     audio_layer: int = Field(
         -1, description="Whisper encoder block whose frames are kept (-1: the final output)."
@@ -160,6 +164,9 @@ class DecodeConfig(Settings):
                 settings.pop(name)
             settings.pop("audio_pool")
             settings.pop("audio_context")
+            settings.pop("image_merge")
+        if self.transcribe:  # the default: keys of earlier feature sets stay valid
+            settings.pop("transcribe")
         settings["whisper_files"] = local_fingerprint(self.whisper_model)
         settings["clip_files"] = local_fingerprint(self.clip_pretrained)
         settings["code"] = CODE_VERSION

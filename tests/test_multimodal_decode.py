@@ -93,3 +93,37 @@ def test_audio_tokens_per_clip_or_padded_window_and_mean_pooling():
     assert mean.encode(clips[0]).shape == (13, 384)
     with pytest.raises(ValueError, match="out of range"):
         AudioTokens("offline:tiny.en", layer=4, whisper=clip.model)
+
+
+def test_stacked_image_tokens_keep_each_block_of_patches(clip):
+    from streamtune.decode.tokens import ImageTokens
+
+    config, ckpt = clip
+    embedder = ClipEmbedder(config, pretrained=ckpt)
+    pixels = [embedder.prepare(gradient())]
+    plain = ImageTokens(embedder, -2, 1).encode(pixels)[1][0].astype(np.float32)  # 4 x 4 grid, 16 x 64
+    stacked = ImageTokens(embedder, -2, 2, "stack").encode(pixels)[1][0].astype(np.float32)
+    assert plain.shape == (16, 64) and stacked.shape == (4, 256)
+    grid = plain.reshape(4, 4, 64)
+    block = np.concatenate([grid[0, 2], grid[0, 3], grid[1, 2], grid[1, 3]])  # token 1: rows 0-1, cols 2-3
+    np.testing.assert_allclose(stacked[1], block, atol=1e-3)
+    padded = ImageTokens(embedder, -2, 3, "stack").encode(pixels)[1][0]
+    assert padded.shape == (4, 576)  # 4 x 4 padded to 6 x 6
+    cfg = DecodeConfig(clip_model=config, image_pool=3, image_merge="stack", media_tokens=["image"])
+    assert (
+        media_spec(cfg, ["image"])["image"] | {"tokens": 4, "dim": 576} == media_spec(cfg, ["image"])["image"]
+    )
+
+
+def test_audio_tokens_without_transcription(tmp_path, clip):
+    config, ckpt = clip
+    raw, out = f"file://{tmp_path}/raw", f"file://{tmp_path}/features"
+    table = raw_rows().slice(2, 1)  # the audio-only sample
+    commit_index(raw, [write_shard(table, storage.join(raw, shard_name(0)))], RAW_SCHEMA)
+    cfg = DecodeConfig(clip_model=config, clip_pretrained=ckpt, media_tokens=["audio"], transcribe=False)
+    assert cfg.key() != cfg.model_copy(update={"transcribe": True}).key()
+    index = decode_shards(raw, out, cfg)
+    (row,) = list(CloudStreamingDataset(out))
+    assert row["transcript"] is None and row["audio_seconds"] > 0.5 and index["stats"]["windows"] == 0
+    assert row["audio_tokens"].shape == (int(np.ceil(row["audio_seconds"] * 10)), 1920)
+    assert "image_tokens" not in row

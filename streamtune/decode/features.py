@@ -142,7 +142,8 @@ class Decoder:
             if self._image_tokens is None:
                 from streamtune.decode.tokens import ImageTokens
 
-                self._image_tokens = ImageTokens(self.clip, self.cfg.image_layer, self.cfg.image_pool)
+                cfg = self.cfg
+                self._image_tokens = ImageTokens(self.clip, cfg.image_layer, cfg.image_pool, cfg.image_merge)
             return self._image_tokens
 
     @property
@@ -241,7 +242,12 @@ class Decoder:
         with_audio = [r for r in pending if r["audio"] is not None]
         with_image = [r for r in pending if r["pixels"] is not None]
         with self._lock:
-            if with_audio:
+            if with_audio and not self.cfg.transcribe:
+                for r in with_audio:  # no transcript: the duration only
+                    seconds = r["audio"].size / 16000
+                    r["asr"] = {"text": None, "segments": [], "language": None, "seconds": seconds}
+                stats["audio_seconds"] += sum(r["asr"]["seconds"] for r in with_audio)
+            elif with_audio:
                 windows, seconds = self.transcriber.stats["windows"], self.transcriber.stats["model_seconds"]
                 outs = self.transcriber.transcribe([r["audio"] for r in with_audio])
                 for r, out in zip(with_audio, outs, strict=True):
@@ -249,12 +255,12 @@ class Decoder:
                 stats["windows"] += self.transcriber.stats["windows"] - windows
                 stats["model_seconds"] += self.transcriber.stats["model_seconds"] - seconds
                 stats["audio_seconds"] += sum(o["seconds"] for o in outs)
-                if "audio" in self.spec:
-                    t0 = time.perf_counter()
-                    tokens = self.audio_tokens.encode_many([r["audio"] for r in with_audio])
-                    for r, t in zip(with_audio, tokens, strict=True):
-                        r["audio_tokens"] = t
-                    stats["model_seconds"] += time.perf_counter() - t0
+            if with_audio and "audio" in self.spec:
+                t0 = time.perf_counter()
+                tokens = self.audio_tokens.encode_many([r["audio"] for r in with_audio])
+                for r, t in zip(with_audio, tokens, strict=True):
+                    r["audio_tokens"] = t
+                stats["model_seconds"] += time.perf_counter() - t0
             if with_image:
                 t0 = time.perf_counter()
                 pixels = [r["pixels"] for r in with_image]

@@ -1,8 +1,9 @@
 """Frozen encoders as token sources for multimodal training.
 
 - Images: patch tokens of an open_clip ViT from one block (`image_layer`, default -2: the penultimate,
-  as LLaVA takes them), optionally average-pooled over the patch grid (`image_pool` per side). The class
-  token is left out. The same pass gives the usual L2-normalised CLIP embedding.
+  as LLaVA takes them), optionally merged `image_pool` x `image_pool` patches at a time: averaged
+  (`image_merge: mean`, width stays) or concatenated (`stack`, width x pool^2, like Qwen2-VL's 2 x 2
+  merger: fewer tokens that still see their neighbourhood's layout). The class token is left out. The same pass gives the usual L2-normalised CLIP embedding.
 - Audio: Whisper encoder frames (50 per second) from one block (`audio_layer`, -1: the final output after
   `ln_post`, what Whisper's decoder attends to), cut to the clip's length and stacked (SLAM-ASR) or
   averaged `audio_factor` at a time: 5 gives 10 tokens per second. Clips longer than 30 s are encoded in
@@ -51,14 +52,16 @@ def image_spec(cfg) -> dict:
         raise ValueError(f"image tokens need a ViT image tower; {cfg.clip_model} has none")
     _block_index(cfg.image_layer, int(vision["layers"]))
     side = math.ceil(_grid(vision) / cfg.image_pool)
+    width = int(vision["width"]) * (cfg.image_pool**2 if cfg.image_merge == "stack" else 1)
     return {
         "encoder": "open_clip",
         "model": cfg.clip_model,
         "pretrained": cfg.clip_pretrained,
         "layer": cfg.image_layer,
         "pool": cfg.image_pool,
+        "merge": cfg.image_merge,
         "tokens": side * side,
-        "dim": int(vision["width"]),
+        "dim": width,
     }
 
 
@@ -110,7 +113,7 @@ def config_from_spec(spec: dict, **extra):
     if "image" in spec:
         s = spec["image"]
         fields |= {"clip_model": s["model"], "clip_pretrained": s.get("pretrained")}
-        fields |= {"image_layer": s["layer"], "image_pool": s["pool"]}
+        fields |= {"image_layer": s["layer"], "image_pool": s["pool"], "image_merge": s.get("merge", "mean")}
     if "audio" in spec:
         s = spec["audio"]
         fields |= {"whisper_model": s["model"], "audio_layer": s["layer"]}
@@ -122,11 +125,14 @@ def config_from_spec(spec: dict, **extra):
 class ImageTokens:
     """CLIP patch tokens (and the image embedding) of prepared image tensors, in one pass."""
 
-    def __init__(self, clip, layer: int = -2, pool: int = 1):
+    def __init__(self, clip, layer: int = -2, pool: int = 1, merge: str = "mean"):
         self.clip = clip
         self.visual = clip.model.visual
         self.block = _block_index(layer, len(self.visual.transformer.resblocks))
         self.pool = int(pool)
+        if merge not in ("mean", "stack"):
+            raise ValueError(f"image_merge must be mean or stack, got {merge!r}")
+        self.merge = merge
 
     def encode(self, tensors: list) -> tuple[np.ndarray, list[np.ndarray]]:
         """(embeddings (N, D) float32 L2-normalised, [(tokens, width) float16 per image])."""
@@ -139,15 +145,27 @@ class ImageTokens:
                 feats = out["image_features"].float()
                 feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
                 grid = out["image_intermediates"][0].float()  # (N, width, gh, gw)
-                if self.pool > 1:
-                    side = (math.ceil(grid.shape[-2] / self.pool), math.ceil(grid.shape[-1] / self.pool))
-                    grid = torch.nn.functional.adaptive_avg_pool2d(grid, side)
-                flat = grid.flatten(2).transpose(1, 2)  # (N, tokens, width), row-major over the grid
+                flat = self._merge(grid)  # (N, tokens, width), row-major over the grid
             embeddings.append(feats.cpu().numpy().astype(np.float32))
             tokens += list(flat.cpu().numpy().astype(np.float16))
             self.clip.stats["images"] += len(batch)
             self.clip.stats["batches"] += 1
         return np.concatenate(embeddings), tokens
+
+    def _merge(self, grid):
+        """(N, width, gh, gw) patch grid -> (N, tokens, token width)."""
+        import torch
+
+        p = self.pool
+        if p > 1 and self.merge == "mean":
+            side = (math.ceil(grid.shape[-2] / p), math.ceil(grid.shape[-1] / p))
+            grid = torch.nn.functional.adaptive_avg_pool2d(grid, side)
+        elif p > 1:  # stack: zero-pad to a multiple of p, then each p x p block becomes one token
+            grid = torch.nn.functional.pad(grid, (0, -grid.shape[-1] % p, 0, -grid.shape[-2] % p))
+            n, w, h, v = grid.shape
+            blocks = grid.reshape(n, w, h // p, p, v // p, p).permute(0, 2, 4, 3, 5, 1)
+            return blocks.reshape(n, (h // p) * (v // p), p * p * w)
+        return grid.flatten(2).transpose(1, 2)
 
 
 class AudioTokens:
@@ -247,7 +265,7 @@ def build_encoders(cfg, kinds) -> dict:
         from streamtune.decode.clip import ClipEmbedder
 
         clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
-        out["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool)
+        out["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool, cfg.image_merge)
     if "audio" in kinds:
         out["audio"] = AudioTokens(
             cfg.whisper_model,
