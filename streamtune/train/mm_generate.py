@@ -39,6 +39,7 @@ class MultimodalModel:
         self.net, self.tokenizer, self.meta = net, tokenizer, meta
         self.spec = meta["media"]
         self._encoders = None
+        self._cache: dict = {}  # (kind, digest of the bytes) -> tokens: evaluation asks for a medium twice
 
     def encoders(self) -> dict:
         if self._encoders is None:
@@ -49,16 +50,26 @@ class MultimodalModel:
 
     def encode(self, kind: str, value) -> np.ndarray:
         """(tokens, dim) float16 for one medium: a file path, encoded bytes, a PIL image or 16 kHz PCM."""
+        if kind not in self.spec:
+            raise ValueError(f"this adapter has no {kind} projector (it knows {sorted(self.spec)})")
+        if isinstance(value, str | os.PathLike):
+            with open(value, "rb") as f:
+                value = f.read()
+        if isinstance(value, bytes | bytearray | memoryview):
+            import hashlib
+
+            key = (kind, hashlib.sha1(value).hexdigest())
+            if key not in self._cache:
+                self._cache[key] = self._encode(kind, bytes(value))
+            return self._cache[key]
+        return self._encode(kind, value)
+
+    def _encode(self, kind: str, value) -> np.ndarray:
         from PIL import Image
 
         from streamtune.decode.media import decode_audio, decode_image
 
-        if kind not in self.spec:
-            raise ValueError(f"this adapter has no {kind} projector (it knows {sorted(self.spec)})")
         enc = self.encoders()
-        if isinstance(value, str | os.PathLike):
-            with open(value, "rb") as f:
-                value = f.read()
         if kind == "image":
             tokens = enc["image"]
             image = (
@@ -88,9 +99,12 @@ class MultimodalModel:
         max_tokens: int = 64,
         system: str | None = None,
     ) -> str:
-        """Greedy completion of `prompt` with the given media as soft tokens."""
+        """Greedy completion of `prompt` with the given media as soft tokens (and the training template's
+        system message unless `system` is given)."""
         from mlx_lm.generate import generate as mlx_generate
 
+        if system is None:
+            system = (self.meta.get("template") or {}).get("system")
         media = {}
         for kind, value in (("image", image), ("audio", audio)):
             if value is None:
