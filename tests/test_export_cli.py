@@ -19,6 +19,20 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=300)
 
 
+def cli_in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
+    """`streamtune ARGS` through the same entry point (app.cli.main), without a new interpreter."""
+    from app.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["streamtune", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def test_export_command_prints_a_json_summary(tmp_path):
     out = tmp_path / "peft"
     result = cli("export", trained("lora"), "--to", "peft", "--out", str(out))  # base from adapter_config
@@ -55,7 +69,7 @@ def _wide_base() -> str:
         ("out-exists", "already exists (pass --force"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_nothing(case, reason, tmp_path):
+def test_bad_input_is_one_line_and_leaves_nothing(case, reason, tmp_path, monkeypatch, capsys):
     adapter, base, to = trained("lora"), tiny_model(), "fused-gguf"
     out = tmp_path / "out" / "model.gguf"
     if case == "wrong-base":
@@ -70,7 +84,9 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, reason, tmp_path):
         out.parent.mkdir()
         out.write_text("keep me")
     before = sorted(os.listdir(out.parent)) if out.parent.exists() else []
-    result = cli("export", adapter, "--base", base, "--to", to, "--out", str(out))
+    result = cli_in_process(
+        monkeypatch, capsys, "export", adapter, "--base", base, "--to", to, "--out", str(out)
+    )
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and reason in lines[0] and "Traceback" not in result.stderr, result.stderr
@@ -90,12 +106,14 @@ def test_fused_mlx_of_a_qlora_adapter_is_dequantized_and_exact(tmp_path):
     assert rel(got, want) < 1e-5
 
 
-def test_multimodal_adapter_exports_its_text_part(tmp_path):
+def test_multimodal_adapter_exports_its_text_part(tmp_path, monkeypatch, capsys):
     mm = tmp_path / "mm"
     shutil.copytree(trained("lora"), mm)
     mx.save_safetensors(str(mm / "projector.safetensors"), {"image.0.weight": mx.zeros((64, 32))})
     (mm / "multimodal.json").write_text(json.dumps({"projector": "mlp", "media": {}}))
-    result = cli("export", str(mm), "--to", "fused-mlx", "--out", str(tmp_path / "fused"))
+    result = cli_in_process(
+        monkeypatch, capsys, "export", str(mm), "--to", "fused-mlx", "--out", str(tmp_path / "fused")
+    )
     assert result.returncode == 0, result.stderr
     assert "projector.safetensors (the multimodal projector) stays MLX-only" in result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
