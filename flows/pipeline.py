@@ -52,13 +52,13 @@ def manifest_flow(params: PipelineParams) -> dict:
     """List the source, skipping objects already in the shard set when incremental; write the manifest."""
     so, wo = params.source_options or None, params.work_options or None
     listing = list_source_task(params.source_url, params.url("shards"), params.incremental, so, wo)
-    exclude = listing["exclude"]
     result = _refresh(build_manifest_task, "manifest", params)(
         params.source_url,
         params.url("manifests"),
         fingerprint=listing["fingerprint"],
-        exclude_digest=digest(sorted(exclude.items())),
-        exclude=exclude,
+        exclude_digest=listing["exclude_digest"],
+        shards_prefix=params.url("shards") if params.incremental else None,
+        id_column=params.shard.id_column,
         source_options=so,
         work_options=wo,
     )
@@ -87,6 +87,7 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
             list(committed.values()),
             digest(sorted((path, e["checksum"]) for path, e in committed.items())),
             start + len(plans),
+            out_prefix=prefix_key(out),
             work_options=wo,
         )
     if not plans and not rewrites:

@@ -33,6 +33,7 @@ def shard_outputs(parameters: dict, result: dict) -> list:
         "fingerprint",
         "exclude_digest",
         "manifest_prefix",
+        "id_column",
         outputs=lambda p, r: [(r["url"], r.get("bytes"))],
     ),
     **task_options("manifest"),
@@ -42,18 +43,22 @@ def build_manifest_task(
     manifest_prefix: str,
     fingerprint: str,
     exclude_digest: str,
-    exclude: dict[str, str] | None = None,
+    shards_prefix: str | None = None,
+    id_column: str | None = None,
     source_options: dict | None = None,
     work_options: dict | None = None,
 ) -> dict:
-    """List and classify the source (skipping `exclude`d objects); write the manifest; return its summary."""
+    """List and classify the source (skipping what the shard set at `shards_prefix` already holds, for
+    incremental runs); write the manifest; return its summary. The held versions are read here rather than
+    passed in: a record file can hold millions of them."""
     from streamtune import storage
-    from streamtune.ingest import unusable_objects
+    from streamtune.ingest import ingested_sources, unusable_objects
     from streamtune.manifest import build_manifest, manifest_hash, summarize_manifest, write_manifest
 
     log = get_run_logger()
     t0 = time.perf_counter()
-    table, problems = build_manifest(source_url, source_options, exclude=exclude)
+    exclude = ingested_sources(shards_prefix, work_options) if shards_prefix else {}
+    table, problems = build_manifest(source_url, source_options, exclude=exclude, id_column=id_column)
     digest = manifest_hash(table)
     url = storage.join(manifest_prefix, f"manifest-{digest[:16]}.parquet")
     size = write_manifest(table, url, work_options)
@@ -145,6 +150,7 @@ def plan_rewrites_task(
     entries: list[dict],
     index_digest: str,
     start_index: int,
+    out_prefix: str | None = None,
     work_options: dict | None = None,
 ) -> list[dict]:
     """Committed shards holding samples the manifest supersedes (changed or removed at the source)."""
@@ -152,7 +158,11 @@ def plan_rewrites_task(
     from streamtune.manifest import read_manifest
 
     stale = superseded_samples(read_manifest(manifest_url, work_options))
-    return plan_rewrites(entries, stale, start_index=start_index) if stale else []
+    if not stale:
+        return []
+    return plan_rewrites(
+        entries, stale, start_index=start_index, prefix=out_prefix, storage_options=work_options
+    )
 
 
 @task(
@@ -440,11 +450,15 @@ def list_source_task(
     source_options: dict | None = None,
     work_options: dict | None = None,
 ) -> dict:
-    """The source's fingerprint and, for incremental runs, the objects the shard set already holds."""
-    from streamtune.ingest import ingested_sources
+    """The source's fingerprint and, for incremental runs, a digest of the committed shard set (what the
+    manifest will skip), both part of the manifest's cache key."""
+    from streamtune import storage
+    from streamtune.shards import read_index
 
-    exclude = ingested_sources(shards_prefix, work_options) if incremental else {}
-    return {"fingerprint": source_fingerprint(source_url, source_options), "exclude": exclude}
+    held = None
+    if incremental and storage.exists(join(shards_prefix, "index.json"), work_options):
+        held = [(e["path"], e["checksum"]) for e in read_index(shards_prefix, work_options)["shards"]]
+    return {"fingerprint": source_fingerprint(source_url, source_options), "exclude_digest": digest(held)}
 
 
 @task(name="read-shard-set", task_run_name="read-{name}", cache_policy=NO_CACHE, **task_options("commit"))
