@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The export checks that need llama.cpp itself (pytest marker `llamacpp`): GGUF adapter on its base, fused GGUF
-# in f32/f16/bf16/q8_0, qwen2, Llama-3 rope scaling, Ollama folders, real SmolLM2, and llama.cpp's own
+# The export checks that need llama.cpp itself (pytest marker `llamacpp`): GGUF adapter on its base, fused
+# GGUF in f32/f16/bf16/q8_0, qwen2, Llama-3 rope scaling, Ollama folders, real SmolLM2, and llama.cpp's own
 # convert_lora_to_gguf.py on the PEFT export. Builds llama-cpp-python from source into .venv once (20 min
 # measured on 2 busy CPU cores: too long for CI) and unpacks its llama.cpp tree for the converter.
 # Run after scripts/setup.sh; extra arguments go to pytest.

@@ -36,7 +36,10 @@ TRAINED = {
     # every linear of both blocks
     "lora": dict(fine_tune_type="lora", num_layers=-1),
     # top block only, three projections: PEFT gets layers_to_transform + target_modules
-    "dora": dict(fine_tune_type="dora", num_layers=1, lora_keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]),
+    "dora": dict(
+        fine_tune_type="dora", num_layers=1,
+        lora_keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"],
+    ),
     "qlora": dict(fine_tune_type="lora", num_layers=-1, qlora=True, quantize_bits=4),
 }  # fmt: skip
 

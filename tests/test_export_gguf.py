@@ -165,7 +165,8 @@ def test_llama_cpp_runs_qwen2_fused_and_adapter(tmp_path):
 def test_llama_cpp_on_smollm2_adapter_and_fused(tmp_path):
     """Real SmolLM2-135M, LoRA on 4 blocks (9 query / 3 key-value heads permuted). Exact on float32 GGUFs; on
     the Q4_1 file itself and on q8_0 llama.cpp also quantizes activations for its dot products, so logits move
-    by a few % and near-ties (MLX's top-2 gaps go down to 0.06 here) may flip: checked along MLX's greedy path."""
+    by a few % and near-ties (MLX's top-2 gaps go down to 0.06 here) may flip: checked along MLX's greedy
+    path."""
     from streamtune.export.fused import folder_to_gguf
     from streamtune.train.models import export_base
 
@@ -226,8 +227,9 @@ def test_llama_cpp_runs_llama3_rope_scaling(tmp_path):
 
 @llamacpp
 def test_llama_cpps_own_converter_turns_our_peft_export_into_our_gguf_adapter(tmp_path):
-    """llama.cpp's convert_lora_to_gguf.py (which rejects mlx-lm names) takes the PEFT export and writes the same
-    tensors and alpha as `gguf-adapter`. Needs a llama.cpp source tree: LLAMA_CPP_SRC (check_llamacpp.sh)."""
+    """llama.cpp's convert_lora_to_gguf.py (which rejects mlx-lm names) takes the PEFT export and writes the
+    same tensors and alpha as `gguf-adapter`. Needs a llama.cpp source tree in LLAMA_CPP_SRC
+    (scripts/check_llamacpp.sh sets it)."""
     import subprocess
     import sys
 

@@ -91,7 +91,7 @@ def _has_tokenizer(folder: str) -> bool:
 
 
 def _write(to, adapter, base, config, tmp, out, dtype, base_name, ollama_mode, notes) -> dict:
-    from streamtune.export import fused, gguf_adapter, ollama, peft
+    from streamtune.export import fused, gguf_adapter, gguf_tokenizer, ollama, peft
 
     quantized = bool(config.get("quantization")) or bool(adapter.config.get("qlora"))
     if to == "peft":
@@ -137,7 +137,7 @@ def _write(to, adapter, base, config, tmp, out, dtype, base_name, ollama_mode, n
             notes.append(fused.QUANTIZED_NOTE)
         info = fused.fuse_gguf(base, adapter.path, os.path.join(tmp, "model.gguf"), dtype=dtype or "f16")
         files = ("model.gguf", None)
-    kv = fused.gguf_model.tokenizer_kv_from_gguf(os.path.join(tmp, files[0]))
+    kv = gguf_tokenizer.tokenizer_kv_from_gguf(os.path.join(tmp, files[0]))
     text, more = ollama.modelfile(kv, *files)
     with open(os.path.join(tmp, "Modelfile"), "w") as f:
         f.write(text)

@@ -10,7 +10,7 @@ import tempfile
 
 import mlx.core as mx
 
-from streamtune.export import gguf_model
+from streamtune.export import gguf_model, gguf_tokenizer
 from streamtune.train.models import HF_ARCHITECTURES, export_base, resolve
 
 QUANTIZED_NOTE = "the base was quantized; the fused model holds dequantized float weights (base + adapter)"
@@ -38,9 +38,9 @@ def folder_to_gguf(folder: str, path: str, *, dtype: str, tokenizer_from: str | 
         config = json.load(f)
     gguf_model.gguf_arch(config)
     if tokenizer_from:
-        kv = gguf_model.tokenizer_kv_from_gguf(tokenizer_from)
+        kv = gguf_tokenizer.tokenizer_kv_from_gguf(tokenizer_from)
     else:
-        kv = gguf_model.tokenizer_kv_from_folder(folder)
+        kv = gguf_tokenizer.tokenizer_kv_from_folder(folder)
     weights = {}
     for file in sorted(os.listdir(folder)):
         if file.endswith(".safetensors"):

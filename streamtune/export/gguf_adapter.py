@@ -19,11 +19,11 @@ def refuse_reason(adapter: MlxAdapter, config: dict) -> str | None:
     if adapter.kind == "full":
         return "a full fine-tune has no adapter form; export --to fused-gguf instead"
     if adapter.kind == "dora":
-        return "DoRA magnitudes have no llama.cpp LoRA form; export --to fused-gguf (or ollama) instead"
+        return "DoRA magnitudes have no llama.cpp LoRA form; export --to fused-gguf or ollama instead"
     if adapter.config.get("qlora") and not _gguf_quantized(config):
         return (
-            "this QLoRA adapter was trained against MLX's own 4-bit quantization of the base, which llama.cpp "
-            "cannot load; export --to fused-gguf instead (the fused weights are exact)"
+            "this QLoRA adapter was trained against MLX's own 4-bit quantization of the base, which "
+            "llama.cpp cannot load; export --to fused-gguf instead (the fused weights are exact)"
         )
     return None
 
