@@ -3,10 +3,10 @@ adapter version as PEFT next to the work data, and a rerun with nothing new trai
 
 import json
 
+from test_train_resume import _write_features
+
 import flows  # noqa: F401
 from streamtune.train.synthetic import write_random_model
-
-from test_train_resume import _write_features
 
 
 def test_pipeline_trains_then_exports_and_a_noop_rerun_keeps_the_adapter(tmp_path):
