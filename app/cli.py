@@ -351,6 +351,8 @@ def _progress():
 def _print_summary(summary: dict) -> None:
     from rich.console import Console
 
+    from streamtune.report import figure
+
     console = Console()
     t = summary.get("train") or {}
     d = summary.get("decoded") or {}
@@ -362,10 +364,11 @@ def _print_summary(summary: dict) -> None:
         f"images embedded    {d.get('image')}",
         f"quarantined        {summary.get('quarantined')}",
         f"training steps     {t.get('steps')}",
-        f"loss               {t.get('loss_first')} -> {t.get('loss_last')}",
-        f"tokens/s           {t.get('tokens_per_s')}",
+        f"loss               {figure(t.get('loss_first'), 4)} -> {figure(t.get('loss_last'), 4)}",
+        f"tokens/s           {figure(t.get('tokens_per_s'))}",
         f"adapter            {summary.get('adapter_path')}",
-        f"flow run           {summary.get('flow_run_id')}",
+        f"flow run           {summary.get('flow_run_name')} ({summary.get('flow_run_id')})",
+        f"this run           {(summary.get('run') or {}).get('headline')}",
     ]
     if summary.get("generation"):
         g = summary["generation"]
