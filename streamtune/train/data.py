@@ -110,18 +110,22 @@ def render(sample: dict, template: TemplateLike = DEFAULT_TEMPLATE) -> tuple[str
     return prompt, completion
 
 
+def chat_texts(tokenizer, prompt: str, completion: str, system: str | None = None) -> tuple[str, str]:
+    """(the prompt as the chat template renders it up to the assistant's turn, the whole conversation)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
+    if not full.startswith(head):
+        raise ValueError("chat template does not render the prompt as a prefix of the conversation")
+    return head, full
+
+
 def encode(tokenizer, prompt: str, completion: str, max_len: int, system: str | None = None):
     """Token ids of prompt+completion (through the chat template when the tokenizer has one) and the
     number of prompt tokens. Truncated to `max_len` tokens."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": completion}], tokenize=False
-        )
-        if not full.startswith(head):
-            raise ValueError("chat template does not render the prompt as a prefix of the conversation")
+        head, full = chat_texts(tokenizer, prompt, completion, system)
         prompt_ids = tokenizer.encode(head, add_special_tokens=False)
         ids = prompt_ids + tokenizer.encode(full[len(head) :], add_special_tokens=False)
     else:

@@ -22,6 +22,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from streamtune.train.data import chat_texts
+
 KINDS = ("image", "audio")
 PLACEHOLDER = {"image": "<image>", "audio": "<audio>"}
 _SPLIT = re.compile("(" + "|".join(re.escape(p) for p in PLACEHOLDER.values()) + ")")
@@ -182,14 +184,7 @@ def encode_with_media(
     left and is skipped by the caller)."""
     check_placeholders(prompt, completion, media, sample_id)
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": completion}], tokenize=False
-        )
-        if not full.startswith(head):
-            raise ValueError("chat template does not render the prompt as a prefix of the conversation")
+        head, full = chat_texts(tokenizer, prompt, completion, system)
         prompt_ids, placed = _pieces(tokenizer, head, media, first=False)
         ids = prompt_ids + tokenizer.encode(full[len(head) :], add_special_tokens=False)
     else:
