@@ -60,11 +60,14 @@ def demo(
     ),
     samples: int = typer.Option(24, help="Samples in the generated source set."),
     iters: int | None = typer.Option(None, help="Training steps (default: the demo's)."),
+    multimodal: bool = typer.Option(
+        True, "--multimodal/--no-multimodal", help="Also train the model to see pictures and hear speech."
+    ),
 ) -> None:
     """Run the whole pipeline on the embedded default: generated media on a loopback S3 server."""
     from app.demo import run_demo
 
-    summary = run_demo(str(workdir), samples=samples, iters=iters)
+    summary = run_demo(str(workdir), samples=samples, iters=iters, multimodal=multimodal)
     _print_summary(summary)
 
 
@@ -203,7 +206,9 @@ def train(
 ) -> None:
     """LoRA/QLoRA fine-tune a base model on a feature shard set, streamed. Every setting is a flag
     (--iters 200 --lr 2e-4 --batch-size 8 --qlora ...; docs/configuration.md). Checkpoints go next to the
-    adapter every --save-every steps; --resume continues from the latest one."""
+    adapter every --save-every steps; --resume continues from the latest one. Multimodal: --stage align
+    (then --stage instruct --init-adapter STAGE1_DIR) on features decoded with media_tokens; with
+    --media-source online, FEATURES is a raw shard set and the encoders are the `decode:` section of -c."""
     from streamtune import CloudStreamingDataset
     from streamtune.train.trainer import train as run_train
 
@@ -211,7 +216,7 @@ def train(
     args = _settings(TrainArgs, config, ctx.args, section="train")
     args = args.model_copy(update={"storage_options": so})
     ds = CloudStreamingDataset(features, storage_options=so, shuffle=True, seed=args.seed)
-    result = run_train(args, ds)
+    result = run_train(args, ds, media=_online_encoders(config, args))
     if result.get("resumed_from_step") is not None:
         typer.echo(f"resumed from step {result['resumed_from_step']} ({args.checkpoint_dir})", err=True)
     keep = (
@@ -227,6 +232,18 @@ def train(
     typer.echo(
         json.dumps({**{k: result.get(k) for k in keep}, "adapter_path": result["adapter_path"]}, default=str)
     )
+
+
+def _online_encoders(config: Path | None, args: TrainArgs) -> DecodeConfig | None:
+    """The encoders online multimodal training runs: the `decode:` section of a pipeline file, if any."""
+    if args.stage == "text" or args.media_source != "online":
+        return None
+    from streamtune.config import build, load_yaml
+
+    data = load_yaml(config) if config else {}
+    cfg = build(DecodeConfig, data.get("decode") if isinstance(data.get("decode"), dict) else {})
+    kinds = list(args.modalities or cfg.media_tokens or ["image", "audio"])
+    return cfg.model_copy(update={"media_tokens": kinds})
 
 
 @app.command()
@@ -377,6 +394,17 @@ def _print_summary(summary: dict) -> None:
             f"before             {g['before']!r}",
             f"after              {g['after']!r}",
         ]
+    for kind, m in ((k, (summary.get("multimodal") or {}).get(k)) for k in ("image", "audio")):
+        if m:
+            cf = m["counterfactual"]
+            lines += [
+                f"{kind:<6} asked     {m['question']!r} (expected e.g. {m['expected']!r})",
+                f"       before     {m['before']!r}",
+                f"       after      {m['after']!r}",
+                f"       held-out   colour {m['colour_accuracy']:.0%}, shape {m['shape_accuracy']:.0%} of "
+                f"{m['samples']}; loss own/other media {cf['matched']:.3f}/{cf['shuffled']:.3f} "
+                f"(ratio {cf['ratio']:.2f})",
+            ]
     console.print("\n".join(lines))
 
 

@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -350,7 +351,7 @@ def _one_line(e: ValidationError, cls: type) -> str:
 def flag_type(annotation: Any) -> tuple[Any, bool]:
     """(inner type, optional) of a field annotation: `int | None` -> (int, True)."""
     args = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) in (None, Literal) or not args:
+    if get_origin(annotation) not in (Union, UnionType) or not args:  # list[str] is a list, not a str
         return annotation, False
     return (args[0] if len(args) == 1 else annotation), len(args) < len(get_args(annotation))
 

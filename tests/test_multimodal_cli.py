@@ -132,3 +132,52 @@ def test_a_text_adapter_is_not_a_multimodal_one(adapter, tmp_path):
         "--image", str(adapter["folder"] / "pic.png"), "--prompt", "hi",
     )  # fmt: skip
     assert result.returncode != 0 and "no multimodal.json" in result.stderr
+
+
+def test_decode_then_two_stages_and_online_through_the_cli(adapter, tmp_path):
+    import pyarrow as pa
+
+    from streamtune import storage
+    from streamtune.shards import RAW_SCHEMA, commit_index, shard_name, write_shard
+
+    rows = [
+        {"sample_id": f"s{i}", "image": picture((200, 40 * i, 30)), "audio": speech(f"number {i}"),
+         "text": b"a shape", "sources": [f"s{i}.png", f"s{i}.wav"]}
+        for i in range(3)
+    ]  # fmt: skip
+    raw, features = f"file://{tmp_path}/raw", f"file://{tmp_path}/features"
+    commit_index(raw, [write_shard(pa.Table.from_pylist(rows, RAW_SCHEMA), storage.join(raw, shard_name(0)))], RAW_SCHEMA)  # fmt: skip
+    clip = json.loads((adapter["adapter"] / "multimodal.json").read_text())["media"]["image"]
+    decode = ["--clip-model", clip["model"], "--clip-pretrained", clip["pretrained"]]
+    result = _cli(
+        "decode", raw, "--out", features, *decode, "--media-tokens", "[image, audio]", "--no-transcribe"
+    )
+    assert result.returncode == 0, result.stderr
+    common = [
+        "--model",
+        adapter["model"],
+        "--iters",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "128",
+        "--save-every",
+        "0",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = _cli("train", features, *common, "--stage", "align", "--adapter-path", str(one))
+    assert result.returncode == 0, result.stderr
+    result = _cli("train", features, *common, "--stage", "instruct", "--init-adapter", str(one), "--adapter-path", str(two))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((two / "multimodal.json").read_text())["stage"] == "instruct"
+    # online: the raw shards, encoders from the decode section of a pipeline file
+    (tmp_path / "p.yaml").write_text(json.dumps({"decode": {"clip_model": clip["model"], "clip_pretrained": clip["pretrained"]}, "train": {}}))  # fmt: skip
+    three = tmp_path / "three"
+    result = _cli("train", raw, "-c", str(tmp_path / "p.yaml"), *common, "--stage", "align", "--media-source", "online", "--adapter-path", str(three))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((three / "multimodal.json").read_text())
+    assert meta["media"]["image"]["pretrained"] == clip["pretrained"] and set(meta["media"]) == {
+        "image",
+        "audio",
+    }
