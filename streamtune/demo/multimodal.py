@@ -185,9 +185,10 @@ def run(
     images: int = 96,
     audio: int = 96,
     test: int = 16,
-    align_iters: int = 12,
-    instruct_iters: int = 12,
-    batch_size: int = 4,
+    align_iters: int = 24,
+    instruct_iters: int = 24,
+    batch_size: int = 2,
+    lora_lr: float = 1e-4,
     model: str = "offline:smollm2",
     decode_overrides: dict | None = None,
     train_overrides: dict | None = None,
@@ -228,7 +229,7 @@ def run(
 
     template = Template(prompt="{image}\n{audio}\n{meta_question}", completion="{meta_answer}", system=SYSTEM)
     common = dict(model=model, template=template, batch_size=batch_size, seq_len=256, save_every=0, seed=0)
-    common |= dict(num_layers=8, rank=8, warmup=2, storage_options=storage_options, **(train_overrides or {}))
+    common |= dict(num_layers=8, rank=8, warmup=1, storage_options=storage_options, **(train_overrides or {}))
     stage1, stage2 = os.path.join(workdir, "multimodal-stage1"), os.path.join(workdir, "multimodal-stage2")
     stream = dict(storage_options=storage_options, shuffle=True, seed=0)
     t0 = time.perf_counter()
@@ -242,7 +243,7 @@ def run(
     log(f"multimodal: stage 2, projectors + LoRA, {instruct_iters} steps")
     instruct = train(
         TrainArgs(
-            stage="instruct", adapter_path=stage2, init_adapter=stage1, iters=instruct_iters, lr=1e-3,
+            stage="instruct", adapter_path=stage2, init_adapter=stage1, iters=instruct_iters, lr=lora_lr,
             projector_lr=1e-3, **common,
         ),
         CloudStreamingDataset(features, **stream),

@@ -223,6 +223,9 @@ def pack_rows(rows: list[list[tuple]], seq_len: int) -> Batch:
     return Batch(inputs, targets, loss_mask, positions, segments, samples, tokens, media)
 
 
+SKIPPED = object()  # what `pull` returns for a sample set aside (quarantined): it keeps its turn in the deal
+
+
 class Packer:
     """Packs a stream of encoded samples into fixed-shape batches. Its state (samples dealt to lanes but
     not yet packed) is JSON-serialisable, so training resumes exactly."""
@@ -256,6 +259,9 @@ class Packer:
                     sample = pull()
                     if sample is None:
                         break
+                    if sample is SKIPPED:  # its lane stays the same with any number of processes
+                        self.dealt += 1
+                        continue
                     self.deal(sample)
                 if not lane:
                     break
@@ -322,7 +328,7 @@ def packed_batches(
 def padded_batch(pull: Callable[[], tuple[list[int], int] | None], rows: int, seq_len: int) -> Batch | None:
     """The next `rows` samples of `pull` one per row, padded (for architectures without a packed
     forward); rows past the end of the stream stay empty, None when there is no sample left."""
-    samples = [s for s in (pull() for _ in range(rows)) if s is not None]
+    samples = [s for s in (pull() for _ in range(rows)) if s is not None and s is not SKIPPED]
     if not samples:
         return None
     return pack_rows([[s] for s in samples] + [[] for _ in range(rows - len(samples))], seq_len)

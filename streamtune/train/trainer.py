@@ -31,6 +31,7 @@ from streamtune.accel import default_dtype
 from streamtune.config import TrainArgs
 from streamtune.train import adapters, checkpoint
 from streamtune.train.data import (
+    SKIPPED,
     Batch,
     ListSource,
     Packer,
@@ -201,6 +202,8 @@ class SampleStream:
             # samples are cut to the attention window, if any, so that attending over 2 windows is exact
             longest = min(self.args.seq_len, self.args.attention_window or self.args.seq_len)
             found = self._encode(row, longest)
+            if found is SKIPPED:  # quarantined: skipped the same way whatever the number of processes
+                return SKIPPED
             if found is None:
                 self.skipped += 1
                 continue
@@ -227,7 +230,7 @@ class SampleStream:
         except Quarantined as q:
             if all(r["sample_id"] != q.record["sample_id"] for r in self.quarantined):
                 self.quarantined.append(q.record)
-            return None
+            return SKIPPED
 
     def state_dict(self) -> dict:
         if not hasattr(self.dataset, "state_dict"):
