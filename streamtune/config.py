@@ -94,6 +94,16 @@ class ShardConfig(Settings):
     )
 
 
+_KEY_NEUTRAL_DEFAULTS = (
+    "audio_window_seconds",
+    "max_decode_ratio",
+    "keyframe_every",
+    "scene_threshold",
+    "segment_seconds",
+    "thumbnail_width",
+)
+
+
 class DecodeConfig(Settings):
     """Decoding raw samples into features: Whisper transcripts, CLIP embeddings and zero-shot tags."""
 
@@ -115,7 +125,29 @@ class DecodeConfig(Settings):
     max_pixels: int = Field(
         64_000_000, ge=1, description="Larger images are quarantined (decompression bombs)."
     )
-    max_audio_seconds: float = Field(3600.0, gt=0, description="Longer recordings are quarantined.")
+    max_audio_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Online audio encoder in training: longer clips are quarantined (decode streams any length).",
+    )
+    audio_window_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Longer audio is decoded and transcribed in windows of this length (bounded memory).",
+    )
+    max_decode_ratio: float = Field(
+        1000.0,
+        gt=0,
+        description="Streamed audio/video decoding to more bytes per input byte than this is a bomb.",
+    )
+    keyframe_every: float = Field(5.0, gt=0, description="Video: seconds between sampled frames.")
+    scene_threshold: float = Field(
+        0.2, gt=0, le=1, description="Video: mean grayscale difference (0..1) that marks a scene change."
+    )
+    segment_seconds: float = Field(
+        30.0, gt=0, description="Video: segment length; cuts move to transcript segment boundaries."
+    )
+    thumbnail_width: int = Field(160, ge=16, description="Video: width of the JPEG thumbnail of a frame.")
     top_k: int = Field(3, ge=1, description="Tags kept per image.")
     cache_dir: str | None = Field(None, description="Converted model cache; default ~/.cache/streamtune.")
     transcribe: bool = Field(True, description="Transcribe audio with Whisper (off: encoder tokens only).")
@@ -168,6 +200,9 @@ class DecodeConfig(Settings):
             settings.pop("image_merge")
         if self.transcribe:  # the default: keys of earlier feature sets stay valid
             settings.pop("transcribe")
+        for name in _KEY_NEUTRAL_DEFAULTS:  # video/stream settings at defaults keep earlier keys
+            if settings.get(name) == type(self).model_fields[name].default:
+                settings.pop(name)
         settings["whisper_files"] = local_fingerprint(self.whisper_model)
         settings["clip_files"] = local_fingerprint(self.clip_pretrained)
         settings["code"] = CODE_VERSION

@@ -32,6 +32,7 @@ class Reason(StrEnum):
     CORRUPT_SHARD = "corrupt_shard"
     BROKEN_RECORD = "broken_record"
     MEDIA_REF = "media_ref"
+    VIDEO_TRUNCATED = "video_truncated"
 
     @property
     def sentence(self) -> str:
@@ -44,8 +45,8 @@ SENTENCES = {
     Reason.CORRUPT: "The data is damaged and does not decode.",
     Reason.UNSUPPORTED: "The bytes are not in a format the pipeline can read.",
     Reason.WRONG_CONTENT: "The bytes are another kind of media than the file name says (a JPEG named .wav).",
-    Reason.BOMB: "The image has more pixels than the configured limit (decompression bomb guard).",
-    Reason.TOO_LONG: "The audio is longer than the configured limit.",
+    Reason.BOMB: "The media decodes to more than the configured limit (image pixels, or decoded bytes per input byte).",
+    Reason.TOO_LONG: "The audio is longer than the configured limit for whole-clip encoding.",
     Reason.ENCODING: "The text is not valid UTF-8.",
     Reason.BROKEN_SIDECAR: "The metadata (a sidecar line or .json file) is not a valid JSON object.",
     Reason.SIDECAR_ROW: "A sidecar row has no usable file_name (none, outside its folder, or no such file).",
@@ -55,6 +56,7 @@ SENTENCES = {
     Reason.CORRUPT_SHARD: "The raw shard is missing or fails its checksum; the next run retries it.",
     Reason.BROKEN_RECORD: "A record of a record file (JSONL line, CSV row, array element) does not parse, is not an object, or has no usable id.",
     Reason.MEDIA_REF: "A record's media path leaves the source or names no readable object.",
+    Reason.VIDEO_TRUNCATED: "The video breaks off (cut off or damaged); the segments before the damage are kept and the message names the second where decoding stopped.",
 }
 
 SCHEMA = pa.schema(

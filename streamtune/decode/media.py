@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from collections.abc import Iterator
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -26,14 +28,16 @@ TRUNCATED_FRACTION = 0.9
 
 class MediaError(ValueError):
     """Undecodable media. `kind` is the quarantine `Reason` (empty, truncated, unsupported, bomb,
-    wrong_content, too_long or corrupt), `reason` the detail."""
+    wrong_content, too_long or corrupt), `reason` the detail, `at` the second where decoding stopped
+    (streamed media only)."""
 
-    def __init__(self, kind: Reason, message: str):
+    def __init__(self, kind: Reason, message: str, at: float | None = None):
         if not isinstance(kind, Reason):
             raise TypeError(f"MediaError kind must be a Reason, not {kind!r}")
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.reason = message
+        self.at = at
 
 
 # ------------------------------------------------------------------------------------------------ audio
@@ -126,6 +130,125 @@ def _decode_av(data: bytes, sample_rate: int, max_seconds: float | None) -> np.n
     if not np.isfinite(audio).all():
         raise MediaError(Reason.CORRUPT, "audio contains NaN or infinite samples")
     return audio
+
+
+def open_container(src: bytes | BinaryIO):
+    """A PyAV input container over bytes or a seekable binary file-like (rewound first)."""
+    import av
+
+    if isinstance(src, bytes | bytearray | memoryview):
+        if not len(src):
+            raise MediaError(Reason.EMPTY, "zero-byte media")
+        fileobj: BinaryIO = io.BytesIO(bytes(src))
+    else:
+        fileobj = src
+        fileobj.seek(0)
+    try:
+        return av.open(fileobj, mode="r", metadata_errors="ignore")
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise MediaError(Reason.UNSUPPORTED, f"not a readable media container ({e})") from None
+
+
+def source_size(src: bytes | BinaryIO) -> int:
+    """Byte size of bytes or of a seekable file-like (its position is kept)."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        return len(src)
+    size = getattr(src, "size", None)
+    if isinstance(size, int):
+        return size
+    here = src.tell()
+    try:
+        return src.seek(0, io.SEEK_END)
+    finally:
+        src.seek(here)
+
+
+def iter_audio_windows(
+    src: bytes | BinaryIO,
+    window_s: float,
+    sample_rate: int = 16000,
+    *,
+    max_ratio: float | None = None,
+    min_bomb_bytes: int = 256 << 20,
+    stats: dict | None = None,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """Stream the first audio track of any container (a video's too) as (t0, mono float32) windows of
+    `window_s` seconds (the last one shorter); t0 counts resampled samples, like `decode_audio`, whose
+    output equals the windows concatenated. At most one window plus one decoded frame is held.
+
+    Decompression-bomb guard: more than `max_ratio` decoded bytes per input byte (once past
+    `min_bomb_bytes`) raises BOMB. A stream that breaks, or ends well before its declared duration, raises
+    TRUNCATED after the windows before the damage, with `at` = seconds decoded. `stats` (optional) gets
+    `peak_pcm_bytes`, `seconds`, `input_bytes`.
+    """
+    import av
+
+    window = max(1, int(round(window_s * sample_rate)))
+    in_bytes = max(1, source_size(src))
+    stats = stats if stats is not None else {}
+    stats.setdefault("peak_pcm_bytes", 0)
+    stats["input_bytes"] = in_bytes
+    container = open_container(src)
+    with container:
+        if not container.streams.audio:
+            raise MediaError(Reason.WRONG_CONTENT, f"no audio stream in {container.format.name} container")
+        stream = container.streams.audio[0]
+        declared = _declared_seconds(container, stream)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        chunks: list[np.ndarray] = []
+        held = emitted = 0
+
+        def take(outs) -> Iterator[tuple[float, np.ndarray]]:
+            nonlocal held, emitted
+            for out in outs:
+                chunks.append(out.to_ndarray().reshape(-1).astype(np.float32, copy=False))
+                held += chunks[-1].size
+                stats["peak_pcm_bytes"] = max(stats["peak_pcm_bytes"], held * 4)
+                out_bytes = (emitted + held) * 4
+                if max_ratio is not None and out_bytes > min_bomb_bytes and out_bytes > max_ratio * in_bytes:
+                    raise MediaError(
+                        Reason.BOMB,
+                        f"{out_bytes} decoded bytes from {in_bytes} input bytes exceed {max_ratio:g}x",
+                        at=emitted / sample_rate,
+                    )
+                while held >= window:
+                    pcm = np.concatenate(chunks)
+                    head, rest = pcm[:window], pcm[window:]
+                    chunks[:] = [rest] if rest.size else []
+                    held = rest.size
+                    if not np.isfinite(head).all():
+                        raise MediaError(Reason.CORRUPT, "audio contains NaN or infinite samples")
+                    yield emitted / sample_rate, head
+                    emitted += head.size
+
+        try:
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    frame.pts = None  # the resampler counts samples; broken timestamps must not matter
+                    yield from take(resampler.resample(frame))
+            yield from take(resampler.resample(None))
+        except av.FFmpegError as e:
+            got = (emitted + held) / sample_rate
+            if held:
+                yield emitted / sample_rate, np.concatenate(chunks)
+                emitted += held
+            if not emitted:
+                raise MediaError(Reason.CORRUPT, f"audio stream does not decode ({e})", at=0.0) from None
+            raise MediaError(
+                Reason.TRUNCATED, f"audio stream breaks after {got:.2f} s ({e})", at=got
+            ) from None
+        if held:
+            tail = np.concatenate(chunks)
+            if not np.isfinite(tail).all():
+                raise MediaError(Reason.CORRUPT, "audio contains NaN or infinite samples")
+            yield emitted / sample_rate, tail
+            emitted += held
+    got = emitted / sample_rate
+    stats["seconds"] = got
+    if emitted == 0:
+        raise MediaError(Reason.TRUNCATED if declared else Reason.EMPTY, "no audio samples decoded", at=0.0)
+    if declared and declared > 0.5 and got < TRUNCATED_FRACTION * declared:
+        raise MediaError(Reason.TRUNCATED, f"decoded {got:.2f} s of a declared {declared:.2f} s", at=got)
 
 
 def _declared_seconds(container, stream) -> float | None:
