@@ -158,7 +158,7 @@ def shard(
     if source is None:
         source, recorded = manifest_source(table)
         source_options = {**(recorded or {}), **(so or {})} or None
-    plans = plan_shards(table, max_shard_bytes=cfg.max_shard_bytes)
+    plans = plan_shards(table, max_shard_bytes=cfg.max_shard_bytes, inline_max_bytes=cfg.inline_max_bytes)
     with _progress() as progress:
         task = progress.add_task("shard", total=len(plans))
         results = []

@@ -75,8 +75,9 @@ def shard_flow(params: PipelineParams, manifest: dict) -> dict:
     state = read_shard_set_task(out, "shards", wo) if params.incremental else None
     start = state["next_index"] if state else 0
     plans = plan_shards_task(
-        manifest["url"], manifest["hash"], params.shard.max_shard_bytes, start, work_options=wo
-    )
+        manifest["url"], manifest["hash"], params.shard.max_shard_bytes, start, work_options=wo,
+        inline_max_bytes=params.shard.inline_max_bytes,
+    )  # fmt: skip
     rewrites: list[dict] = []
     committed: dict[str, dict] = {}
     if state and manifest["summary"].get("superseded_samples"):

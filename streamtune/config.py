@@ -88,6 +88,11 @@ class ShardConfig(Settings):
     """How raw samples are packed into Arrow shards."""
 
     max_shard_bytes: int = Field(64 << 20, gt=0, description="Target size of one raw shard in bytes.")
+    inline_max_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="Media objects larger than this stay at the source: shards hold their URL, version and size, and decode reads them by range.",
+    )
     id_column: str | None = Field(
         None,
         description="Field of record files (JSONL/CSV/Parquet/...) whose value names each record; null: file + row number. Read by the manifest stage.",

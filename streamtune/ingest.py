@@ -30,7 +30,9 @@ from streamtune.records.shard import (
     write_record_sources,
 )
 
-MEDIA = ("audio", "image")
+MEDIA = ("audio", "image", "video")
+INLINE_MAX_BYTES = 64 << 20
+REF_BYTES = 256  # what a reference costs in a shard, for planning
 
 
 def _samples(manifest: pa.Table) -> dict[str, list[dict]]:
@@ -44,16 +46,32 @@ def _samples(manifest: pa.Table) -> dict[str, list[dict]]:
     return dict(sorted(by_sample.items()))
 
 
-def plan_shards(manifest: pa.Table, *, max_shard_bytes: int = 64 << 20, start_index: int = 0) -> list[dict]:
+def is_ref(row: dict, inline_max_bytes: int) -> bool:
+    """Whether a manifest row's object stays at its source, referenced by the shard instead of copied."""
+    return row["modality"] in MEDIA and row["size"] > inline_max_bytes
+
+
+def plan_shards(
+    manifest: pa.Table,
+    *,
+    max_shard_bytes: int = 64 << 20,
+    start_index: int = 0,
+    inline_max_bytes: int = INLINE_MAX_BYTES,
+) -> list[dict]:
     """Group samples (in key order) into shards of at most `max_shard_bytes` (a larger sample gets its own).
+    Media objects over `inline_max_bytes` become references and count as a few bytes.
     Records of record files follow in shards of their own, cut by records (`plan["records"]`)."""
     plans: list[dict] = []
-    current: dict = {"index": start_index, "sample_ids": [], "bytes": 0}
+
+    def new(index: int) -> dict:
+        return {"index": index, "sample_ids": [], "bytes": 0, "inline_max_bytes": inline_max_bytes}
+
+    current = new(start_index)
     for sample_id, rows in _samples(manifest).items():
-        size = sum(r["size"] for r in rows)
+        size = sum(REF_BYTES if is_ref(r, inline_max_bytes) else r["size"] for r in rows)
         if current["sample_ids"] and current["bytes"] + size > max_shard_bytes:
             plans.append(current)
-            current = {"index": current["index"] + 1, "sample_ids": [], "bytes": 0}
+            current = new(current["index"] + 1)
         current["sample_ids"].append(sample_id)
         current["bytes"] += size
     if current["sample_ids"]:
@@ -65,37 +83,48 @@ def plan_shards(manifest: pa.Table, *, max_shard_bytes: int = 64 << 20, start_in
 def unusable_objects(manifest: pa.Table) -> list[dict]:
     """Quarantine records for objects no stage can use (unknown type)."""
     return [
-        quarantine.record(r["sample_id"], r["key"], "shard", Reason.UNSUPPORTED, "not audio, image or text")
+        quarantine.record(
+            r["sample_id"], r["key"], "shard", Reason.UNSUPPORTED, "not audio, image, video or text"
+        )
         for r in manifest.to_pylist()
         if r["modality"] == "unknown"
     ]
 
 
-def _build_row(sample_id: str, rows: list[dict], blobs: dict[str, bytes], problems: list[dict]) -> dict:
+def _build_row(
+    sample_id: str, rows: list[dict], blobs: dict[str, bytes], problems: list[dict], refs: dict[str, dict]
+) -> dict:
     out: dict = {
         "sample_id": sample_id,
         "audio": None,
         "image": None,
+        "video": None,
         "text": None,
         "meta": None,
         "sources": [],
+        "refs": None,
     }
     meta: dict = {}
     for r in sorted(rows, key=lambda r: r["key"]):
         key, modality = r["key"], r["modality"]
-        data = blobs[key]
         if r["sidecar"]:
             meta.update(json.loads(r["sidecar"]))
         if modality in MEDIA:
-            if out[modality] is not None:
+            if out[modality] is not None or any(f["modality"] == modality for f in out["refs"] or []):
                 problems.append(
                     quarantine.record(
                         sample_id, key, "shard", Reason.DUPLICATE, f"sample already has {modality}"
                     )
                 )
                 continue
-            out[modality] = data
-        elif modality == "text":
+            if key in refs:
+                out["refs"] = [*(out["refs"] or []), refs[key]]
+            else:
+                out[modality] = blobs[key]
+            out["sources"].append(key)
+            continue
+        data = blobs[key]
+        if modality == "text":
             try:
                 out["text"] = data.decode("utf-8").strip()
             except UnicodeDecodeError as e:
@@ -141,7 +170,21 @@ def write_raw_shard(
     by_sample = _samples(manifest)
     fs, root = storage.get_fs(source_url, source_options)
     root = root.rstrip("/")
-    keys = [r["key"] for rows in by_sample.values() for r in rows]
+    # large media stay at the source: the row holds (url, version, size) and decode reads them by range
+    inline_max = plan.get("inline_max_bytes", INLINE_MAX_BYTES)
+    refs = {
+        r["key"]: {
+            "modality": r["modality"],
+            "key": r["key"],
+            "url": storage.join(source_url.rstrip("/"), r["key"]),
+            "version": r["etag"],
+            "size": r["size"],
+        }
+        for rows in by_sample.values()
+        for r in rows
+        if is_ref(r, inline_max)
+    }
+    keys = [r["key"] for rows in by_sample.values() for r in rows if r["key"] not in refs]
     paths = [f"{root}/{k}" for k in keys]
     fetched = fs.cat(paths, on_error="return") if paths else {}
     problems: list[dict] = []
@@ -163,7 +206,7 @@ def write_raw_shard(
     for sample_id in plan["sample_ids"]:
         sample_rows = [r for r in by_sample[sample_id] if r["key"] not in unread]
         if sample_rows:
-            rows.append(_build_row(sample_id, sample_rows, blobs, problems))
+            rows.append(_build_row(sample_id, sample_rows, blobs, problems, refs))
     table = pa.Table.from_pylist(rows, schema=shards.RAW_SCHEMA)
     if plan.get("records"):  # rows of record files, read by range (streamtune.records)
         chosen = planned_records(full_manifest, plan)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from streamtune import quarantine, storage
 from streamtune import records as record_files
 from streamtune.quarantine import Reason
-from streamtune.sniff import SNIFF_BYTES, detect_modality
+from streamtune.sniff import MORE_BYTES, SNIFF_BYTES, detect_modality, more_bytes_at
 
 SCHEMA = pa.schema(
     [
@@ -41,10 +41,11 @@ SCHEMA = pa.schema(
         *record_files.MANIFEST_FIELDS,  # where a record lives in its record file (null for other objects)
     ]
 )
-SAMPLE_MODALITIES = ("audio", "image", "text", "json", "record")
+SAMPLE_MODALITIES = ("audio", "image", "video", "text", "json", "record")
 
 
-def _etag(info: dict) -> str:
+def etag_of(info: dict) -> str:
+    """The version of an object as the manifest records it: its ETag, else a digest of size and mtime."""
     for field in ("ETag", "etag", "md5"):
         if info.get(field):
             return str(info[field]).strip('"')
@@ -138,7 +139,7 @@ def list_objects(source_url: str, storage_options: dict | None = None) -> list[d
         key = path[len(root) :].lstrip("/") if path.startswith(root) else posixpath.basename(path)
         if not key or posixpath.basename(key).startswith("."):
             continue
-        objects.append({"key": key, "path": path, "size": int(info.get("size") or 0), "etag": _etag(info)})
+        objects.append({"key": key, "path": path, "size": int(info.get("size") or 0), "etag": etag_of(info)})
     return sorted(objects, key=lambda o: o["key"])
 
 
@@ -153,6 +154,22 @@ def _read_heads(fs, objects: list[dict], max_workers: int = 16) -> list[bytes]:
 
     with ThreadPoolExecutor(max_workers) as pool:
         return list(pool.map(head, objects))
+
+
+def _read_more(fs, objects: list[dict], heads: list[bytes], max_workers: int = 16) -> list[tuple[bytes, int]]:
+    """For MP4s whose index (moov) follows the media data: (bytes where it starts, their offset)."""
+
+    def more(obj: dict, head: bytes) -> tuple[bytes, int]:
+        at = more_bytes_at(head, obj["size"])
+        if at is None:
+            return b"", 0
+        try:
+            return fs.cat_file(obj["path"], start=at, end=min(at + MORE_BYTES, obj["size"])), at
+        except (OSError, ValueError):
+            return b"", 0
+
+    with ThreadPoolExecutor(max_workers) as pool:
+        return list(pool.map(more, objects, heads))
 
 
 def _parse_sidecar(key: str, data: bytes) -> tuple[dict[str, dict], list[dict]]:
@@ -303,9 +320,10 @@ def build_manifest(
         record_tables = [_unheld(t, exclude) for t in record_tables]
     todo, superseded = _diff(objects, current, exclude or {})
     heads = _read_heads(fs, todo)
+    mores = _read_more(fs, todo, heads)
     records = []
-    for obj, head in zip(todo, heads, strict=True):
-        modality, how = detect_modality(obj["key"], head)
+    for obj, head, (more, more_at) in zip(todo, heads, mores, strict=True):
+        modality, how = detect_modality(obj["key"], head, more, more_at)
         if obj["key"] in info_keys:
             modality, how = "dataset_info", "extension"
         records.append(

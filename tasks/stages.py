@@ -77,7 +77,7 @@ def build_manifest_task(
 @task(
     name="plan-shards",
     task_run_name="plan-shards",
-    cache_policy=keyed("shard", "manifest_hash", "max_shard_bytes", "start_index"),
+    cache_policy=keyed("shard", "manifest_hash", "max_shard_bytes", "start_index", "inline_max_bytes"),
     **task_options("commit"),
 )
 def plan_shards_task(
@@ -86,12 +86,16 @@ def plan_shards_task(
     max_shard_bytes: int,
     start_index: int,
     work_options: dict | None = None,
+    inline_max_bytes: int = 64 << 20,
 ) -> list[dict]:
     from streamtune.ingest import plan_shards
     from streamtune.manifest import read_manifest
 
     return plan_shards(
-        read_manifest(manifest_url, work_options), max_shard_bytes=max_shard_bytes, start_index=start_index
+        read_manifest(manifest_url, work_options),
+        max_shard_bytes=max_shard_bytes,
+        start_index=start_index,
+        inline_max_bytes=inline_max_bytes,
     )
 
 

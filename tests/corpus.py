@@ -258,6 +258,8 @@ def raw_table(items: list[Item], ids: list[str] | None = None) -> pa.Table:
             it.data if it.column == "meta" else (json.dumps({"name": it.name}) if it.ok else None)
         )
         cols["sources"].append([sid + it.ext] if it.ext else [])
+    for name in ("video", "refs"):
+        cols[name] = [None] * len(ids)
     arrays = []
     for f in RAW_SCHEMA:
         if f.name == "text":  # build as binary, then view as string: a writer that skipped validation

@@ -40,6 +40,8 @@ def raw_rows(n, seed=0):
             "text": "caption " * int(rng.integers(0, 40)),
             "meta": json.dumps({"i": i}),
             "sources": [f"clips/{i:05d}.wav", f"clips/{i:05d}.jpg"],
+            "video": None,
+            "refs": None,
         }
         for i in range(n)
     ]
@@ -87,7 +89,7 @@ def test_writer_rolls_shards_and_round_trips_over_s3(bucket, s3opts):
         assert e["bytes"] <= 300_000 * 1.2
         assert len(e["batches"]) >= 2
         assert e["compression"] == "zstd"  # text columns; media stored as is
-        assert e["uncompressed_columns"] == ["audio", "image"]
+        assert e["uncompressed_columns"] == ["audio", "image", "video"]
 
 
 @pytest.mark.parametrize("compression", ["zstd", "lz4", None, "auto"])
@@ -125,7 +127,7 @@ def test_per_column_compression_keeps_media_raw():
     table = pa.Table.from_pylist(rows, schema=RAW_SCHEMA)
     plain, _ = encode_shard(table, compression=None)
     data, entry = encode_shard(table, batch_bytes=100_000, compression="auto")
-    assert entry["compression"] == "zstd" and entry["uncompressed_columns"] == ["audio", "image"]
+    assert entry["compression"] == "zstd" and entry["uncompressed_columns"] == ["audio", "image", "video"]
     media = sum(len(r["audio"] or b"") + len(r["image"]) for r in rows)
     text = sum(len(r["text"]) for r in rows)
     assert len(data) < len(plain) - 0.8 * text  # text shrank
@@ -137,7 +139,7 @@ def test_per_column_compression_keeps_media_raw():
 
     _, entry = encode_shard(table, compression={"text": "zstd", "meta": "zstd", "sources": "lz4"})
     assert entry["compression"] == "zstd"
-    assert entry["uncompressed_columns"] == ["sample_id", "audio", "image"]
+    assert entry["uncompressed_columns"] == ["sample_id", "audio", "image", "video"]
     _, entry = encode_shard(table.select(["sample_id", "text", "meta"]), compression={"text": "lz4"})
     assert entry["compression"] == "lz4" and entry["uncompressed_columns"] == ["sample_id", "meta"]
     with pytest.raises(ValueError, match="unknown columns"):

@@ -138,7 +138,8 @@ class Columns:
         arrays |= {name: pa.array(values, pa.binary()) for name, values in self.media.items()}
         ids = arrays["sample_id"]
         arrays["sources"] = pa.ListArray.from_arrays(pa.array(np.arange(len(ids) + 1, dtype=np.int32)), ids)
-        table = pa.table([arrays[f.name] for f in self.schema], schema=self.schema)
+        columns = [arrays[f.name] if f.name in arrays else pa.nulls(len(ids), f.type) for f in self.schema]
+        table = pa.table(columns, schema=self.schema)  # records hold no video and no references
         order = np.asarray(self.order)
         if len(order) > 1 and (np.diff(order) < 0).any():
             table = table.take(pa.array(np.argsort(order, kind="stable")))

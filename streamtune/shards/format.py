@@ -11,6 +11,17 @@ FORMAT = "streamtune-shards"
 VERSION = 1
 INDEX_NAME = "index.json"
 
+# A media object left at its source (larger than `shard.inline_max_bytes`): read by range at decode time.
+REF_TYPE = pa.struct(
+    [
+        pa.field("modality", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("version", pa.string()),
+        pa.field("size", pa.int64()),
+    ]
+)
+
 RAW_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string()),
@@ -19,6 +30,8 @@ RAW_SCHEMA = pa.schema(
         pa.field("text", pa.string()),
         pa.field("meta", pa.string()),
         pa.field("sources", pa.list_(pa.string())),
+        pa.field("video", pa.binary()),
+        pa.field("refs", pa.list_(REF_TYPE)),
     ]
 )
 

@@ -81,6 +81,12 @@ def compression_plan(
         return None, []
     codec = max(codecs, key=codecs.__getitem__)
     raw = [name for name, c in wishes.items() if c is None]
+    # an all-null non-binary column (no references in this shard) has nothing to keep raw
+    raw = [
+        n
+        for n in raw
+        if _is_varlen(table.schema.field(n).type) or table.column(n).null_count < table.num_rows
+    ]
     raw_ok = all(_is_varlen(table.schema.field(name).type) for name in raw) and ipc.supported(table.schema)
     if raw and raw_ok:
         return codec, raw

@@ -1,0 +1,174 @@
+"""Footage storage: video sniffing, large objects as references, ranged reads pinned to a version."""
+
+import io
+import json
+
+import av
+import pytest
+
+from streamtune import shards, storage
+from streamtune.ingest import REF_BYTES, commit_raw_shards, plan_shards, write_raw_shard
+from streamtune.manifest import build_manifest
+from streamtune.sniff import detect_modality, sniff
+from streamtune.stream.remote_file import ObjectChanged, open_ref
+from streamtune.testing.footage import encode_clip, write_long_video
+
+INLINE = 100_000
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return {
+        "mp4": encode_clip("mp4", "libx264", "aac"),
+        "webm": encode_clip("webm", "libvpx-vp9", "libopus"),
+        "mkv": encode_clip("matroska", "libx264", "aac"),
+        "webm_audio": encode_clip("webm", None, "libopus"),
+        "m4a": encode_clip("ipod", None, "aac"),
+        "mp4_audio": encode_clip("mp4", None, "aac", seconds=20),  # brand isom, index after the media
+        "mp4_silent": encode_clip("mp4", "libx264", None),
+    }
+
+
+@pytest.fixture(scope="module")
+def long_video():
+    buf = io.BytesIO()
+    write_long_video(buf, seconds=60, width=320, height=240, fps=25, video_bit_rate=1_000_000)
+    return buf.getvalue()
+
+
+def test_sniff_tells_video_from_audio_by_content(clips):
+    for name in ("mp4", "webm", "mkv", "mp4_silent"):
+        assert sniff(clips[name]) == "video", name
+    for name in ("webm_audio", "m4a", "mp4_audio"):
+        assert sniff(clips[name]) == "audio", name
+    assert detect_modality("a/x.wav", clips["mp4"][:8192]) == ("video", "content")  # wrong extension
+    assert detect_modality("a/x.mp3", clips["webm"][:8192]) == ("video", "content")
+    assert detect_modality("a/x.webm", clips["webm_audio"][:8192]) == ("audio", "content")
+
+
+def test_manifest_detects_footage_and_attaches_sidecars(clips, bucket, s3opts):
+    source = f"{bucket}/raw"
+    files = {
+        "talks/t1.mp4": clips["mp4"],
+        "talks/t2.webm": clips["webm"],
+        "talks/t3.mkv": clips["mkv"],
+        "talks/t4.wav": clips["mp4"],  # a video under an audio name
+        "voices/v1.webm": clips["webm_audio"],
+        "voices/v2.m4a": clips["m4a"],
+        "voices/v3.bin": clips["mp4_audio"],  # index beyond the head: the manifest reads where it starts
+        "talks/metadata.jsonl": json.dumps({"file_name": "t1.mp4", "speaker": "ada"}).encode() + b"\n",
+    }
+    for key, data in files.items():
+        storage.write_bytes(f"{source}/{key}", data, s3opts)
+    table, problems = build_manifest(source, s3opts)
+    assert not problems
+    rows = {r["key"]: r for r in table.to_pylist()}
+    kinds = {k: rows[k]["modality"] for k in files if k in rows}
+    assert kinds == {
+        "talks/t1.mp4": "video",
+        "talks/t2.webm": "video",
+        "talks/t3.mkv": "video",
+        "talks/t4.wav": "video",
+        "voices/v1.webm": "audio",
+        "voices/v2.m4a": "audio",
+        "voices/v3.bin": "audio",
+        "talks/metadata.jsonl": "sidecar",
+    }
+    assert rows["talks/t4.wav"]["detected_by"] == "content"
+    assert json.loads(rows["talks/t1.mp4"]["sidecar"]) == {"speaker": "ada"}
+
+
+def _shard(source, out, so, inline_max_bytes=INLINE):
+    table, problems = build_manifest(source, so)
+    plans = plan_shards(table, max_shard_bytes=1 << 20, inline_max_bytes=inline_max_bytes)
+    results = [write_raw_shard(source, table, p, out, source_options=so, out_options=so) for p in plans]
+    index = commit_raw_shards(out, results, so, problems=problems)
+    rows = [r for e in index["shards"] for r in shards.read_shard_table(out, e, so).to_pylist()]
+    return table, plans, index, {r["sample_id"]: r for r in rows}
+
+
+def test_large_video_is_referenced_and_read_by_range(clips, long_video, bucket, s3opts):
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    storage.write_bytes(f"{source}/talks/long.mp4", long_video, s3opts)
+    storage.write_bytes(f"{source}/talks/short.mp4", clips["mp4"], s3opts)
+    storage.write_bytes(f"{source}/talks/long.txt", b"a long talk", s3opts)
+    table, plans, index, rows = _shard(source, out, s3opts)
+    etag = {r["key"]: r["etag"] for r in table.to_pylist()}
+
+    assert len(plans) == 1 and plans[0]["bytes"] == REF_BYTES + len(clips["mp4"]) + len(b"a long talk")
+    assert index["bytes"] < len(long_video) / 10  # the object was not copied
+    long, short = rows["talks/long"], rows["talks/short"]
+    assert long["video"] is None and long["text"] == "a long talk"
+    assert long["refs"] == [
+        {
+            "modality": "video",
+            "key": "talks/long.mp4",
+            "url": f"{source}/talks/long.mp4",
+            "version": etag["talks/long.mp4"],
+            "size": len(long_video),
+        }
+    ]
+    assert short["video"] == clips["mp4"] and short["refs"] is None
+    assert sorted(long["sources"]) == ["talks/long.mp4", "talks/long.txt"]
+
+    # the first two seconds and one keyframe half-way: a few ranges, far from the whole object
+    f = open_ref(long["refs"][0], s3opts, block_bytes=256 << 10)
+    with av.open(f) as container:
+        stream = container.streams.video[0]
+        times = []
+        for frame in container.decode(stream):
+            times.append(frame.time)
+            if frame.time >= 2.0:
+                break
+        container.seek(int(30 / stream.time_base), stream=stream)
+        middle = next(container.decode(stream))
+    assert times[0] == 0.0 and 29.0 <= middle.time <= 31.0
+    assert middle.to_ndarray(format="rgb24").shape == (240, 320, 3)
+    assert 0 < f.bytes_fetched < len(long_video) / 4
+    assert f.requests >= 2 and f.bytes_fetched / f.requests <= 256 << 10  # no GET reads the whole object
+    f.verify()
+    f.close()
+
+
+def test_a_replaced_object_is_caught_not_mixed(long_video, clips, bucket, s3opts):
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    url = f"{source}/talks/long.mp4"
+    storage.write_bytes(url, long_video, s3opts)
+    _, _, _, rows = _shard(source, out, s3opts)
+    ref = rows["talks/long"]["refs"][0]
+
+    f = open_ref(ref, s3opts, block_bytes=256 << 10)
+    assert f.read(12)[4:8] == b"ftyp"
+    storage.write_bytes(url, long_video[:-1000] + b"\0" * 1000, s3opts)  # same size, other bytes
+    with pytest.raises(ObjectChanged, match="talks/long.mp4"):
+        f.verify()
+    f.close()
+    with pytest.raises(ObjectChanged, match=f"{url}"):
+        open_ref(ref, s3opts)
+    storage.write_bytes(url, clips["mp4"], s3opts)  # another size
+    with pytest.raises(ObjectChanged, match="bytes"):
+        open_ref({**ref, "version": None}, s3opts)
+
+
+def test_remote_file_is_a_seekable_binary_file(long_video, bucket, s3opts):
+    url = f"{bucket}/v.mp4"
+    storage.write_bytes(url, long_video, s3opts)
+    from streamtune.stream.remote_file import object_version
+
+    version, size = object_version(url, s3opts)
+    f = open_ref(
+        {"url": url, "version": version, "size": size}, s3opts, block_bytes=64 << 10, read_ahead=False
+    )
+    assert f.seekable() and f.readable() and f.size == len(long_video)
+    assert f.seek(-100, io.SEEK_END) == len(long_video) - 100
+    assert f.read() == long_video[-100:] and f.read(10) == b""
+    f.seek(100_000)
+    buf = bytearray(200_000)
+    assert f.readinto(buf) == 200_000 and bytes(buf) == long_video[100_000:300_000]
+    assert f.tell() == 300_000
+    f.seek(100_000)  # still cached: no new GET
+    before = f.requests
+    assert f.read(1000) == long_video[100_000:101_000] and f.requests == before
+    f.close()
+    with pytest.raises(ValueError):
+        f.read(1)
