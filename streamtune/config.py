@@ -215,6 +215,37 @@ class DecodeConfig(Settings):
         return hashlib.sha256(blob).hexdigest()[:20]
 
 
+class IndexConfig(Settings):
+    """Search index over a feature set: transcript embeddings, a BM25 lexical index, CLIP frame vectors."""
+
+    text_model: str = Field(
+        "offline:all-minilm-l6-v2",
+        description="Transcript embedding model: offline:all-minilm-l6-v2, a sentence-transformers folder or hub id.",
+    )
+    text_batch: int = Field(64, ge=1, description="Transcripts embedded together.")
+    vector_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="Stored width of transcript and frame vectors (search computes in float32)."
+    )
+    thumbnails: bool = Field(True, description="Keep each video segment's middle thumbnail in the index.")
+    clip_model: str | None = Field(
+        None, description="open_clip text tower for text-to-frame search; null: the decode section's."
+    )
+    clip_pretrained: str | None = Field(
+        None,
+        description="Its checkpoint or tag; null: the decode section's. Random weights turn the visual signal off.",
+    )
+    lexical_weight: float = Field(1.0, ge=0, description="Weight of BM25 (SQLite FTS5) in rank fusion.")
+    semantic_weight: float = Field(1.0, ge=0, description="Weight of transcript-embedding cosine in rank fusion.")
+    clip_weight: float = Field(1.0, ge=0, description="Weight of CLIP text-to-frame similarity in rank fusion.")
+    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: score = sum of weight / (k + rank).")
+    candidates: int = Field(100, ge=1, description="Top results of each signal that enter the fusion.")
+    max_query_chars: int = Field(2000, ge=1, description="Longer queries are refused with an error.")
+    sample_queries: list[str] = Field(
+        default_factory=list,
+        description="Queries whose top hits the pipeline's index artifact shows; empty: a few transcript words.",
+    )
+
+
 class TrainArgs(Settings):
     """LoRA / QLoRA / DoRA / full fine-tuning of an mlx-lm model on streamed feature rows."""
 

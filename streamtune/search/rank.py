@@ -1,0 +1,378 @@
+"""Querying an index: BM25 (FTS5) + transcript-embedding cosine + CLIP text-to-frame, fused by reciprocal rank.
+
+Each signal ranks the rows that pass the filters and contributes `weight / (rrf_k + rank)` for its top
+`candidates`. More signals can be registered (`Index.add_signal`): a function from the query to one score
+per row. A query never writes: the FTS5 database is opened immutable and the rest is read into memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import unicodedata
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from streamtune import storage
+from streamtune.config import IndexConfig
+from streamtune.search import lexical
+from streamtune.search.index import SearchError, _fixed_to_numpy, _read_part, read_manifest
+
+Signal = Callable[[str], "np.ndarray | None"]
+BUILTIN_FIELDS = ("sample_id", "source", "modality", "language", "tag")
+SNIPPET_CHARS = 240
+LOAD_COLUMNS = ["sample_id", "segment_index", "modality", "source", "t0", "t1", "transcript", "language",
+                "meta", "tags"]  # fmt: skip
+
+
+@dataclass
+class Hit:
+    """One found moment. `marks` are (start, end) character spans of matched words in `snippet`."""
+
+    sample_id: str
+    segment_index: int
+    source: str
+    t0: float
+    t1: float | None
+    snippet: str
+    marks: list[tuple[int, int]]
+    score: float
+    signals: dict[str, dict[str, float]]
+    matched: list[str]
+    modality: str
+    tags: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    row: int = -1
+    thumbnail: dict | None = None  # {"part": path, "row": n}: bytes through Index.thumbnail(hit)
+
+    def marked(self, before: str = "[", after: str = "]") -> str:
+        """The snippet with matched words wrapped."""
+        out, pos = [], 0
+        for a, b in self.marks:
+            out += [self.snippet[pos:a], before, self.snippet[a:b], after]
+            pos = b
+        return "".join(out) + self.snippet[pos:]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["marks"] = [list(m) for m in self.marks]
+        d["snippet_marked"] = self.marked()
+        return d
+
+
+def normalise_query(query: str, max_chars: int) -> str:
+    """NFKC text without control/format characters and with single spaces; errors for empty or huge text."""
+    if not isinstance(query, str):
+        raise SearchError("query must be text")
+    if len(query) > max_chars * 4:
+        raise SearchError(f"query is {len(query)} characters; the limit is {max_chars}")
+    text = unicodedata.normalize("NFKC", query)
+    text = "".join(" " if unicodedata.category(c)[0] in "CZ" else c for c in text)
+    text = " ".join(text.split())
+    if not text:
+        raise SearchError("empty query: give some words to search for")
+    if len(text) > max_chars:
+        raise SearchError(f"query is {len(text)} characters; the limit is {max_chars}")
+    return text
+
+
+def _stem(word: str) -> str:
+    for suffix in ("ing", "es", "ed", "s"):
+        if len(word) > len(suffix) + 2 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def snippet(
+    text: str, query_words: list[str], width: int = SNIPPET_CHARS
+) -> tuple[str, list[tuple[int, int]]]:
+    """A window of `text` around its first matched word, and the spans of matched words in it."""
+    text = " ".join((text or "").split())
+    stems = {_stem(w) for w in query_words}
+    spans = [(m.start(), m.end()) for m in lexical.WORD.finditer(text) if _stem(m.group().lower()) in stems]
+    start = 0
+    if len(text) > width:
+        first = spans[0][0] if spans else 0
+        start = max(0, min(first - width // 4, len(text) - width))
+        while start > 0 and not text[start - 1].isspace():
+            start -= 1
+    cut = text[start : start + width]
+    prefix = "… " if start else ""
+    suffix = " …" if start + width < len(text) else ""
+    shift = len(prefix) - start
+    marks = [(a + shift, b + shift) for a, b in spans if a >= start and b <= start + width]
+    return prefix + cut + suffix, marks
+
+
+class Index:
+    """An opened index: vectors and metadata in memory, the FTS5 file in a local folder."""
+
+    def __init__(self, url: str, manifest: dict, cfg: IndexConfig, storage_options: dict | None = None):
+        self.url, self.manifest, self.cfg = url, manifest, cfg
+        self.storage_options = storage_options
+        tables = [
+            _read_part(storage.join(url, p["path"]), storage_options, LOAD_COLUMNS + ["text_embedding"])
+            for p in manifest["parts"]
+        ]
+        self.part_starts = np.cumsum([0] + [int(p["rows"]) for p in manifest["parts"]])
+        table = pa.concat_tables(tables) if tables else None
+        self.n = int(self.part_starts[-1])
+        dim = int(manifest["text_dim"])
+        self.text_vectors = (
+            _fixed_to_numpy(table.column("text_embedding"), dim) if table else np.zeros((0, dim), np.float32)
+        )
+        self.has_text = np.array(
+            [t is not None for t in table.column("transcript").to_pylist()] if table else [], bool
+        )
+        self.columns = {c: (table.column(c).to_pylist() if table else []) for c in LOAD_COLUMNS}
+        self._meta: list[dict] | None = None
+        self._frames: tuple[np.ndarray, np.ndarray] | None = None
+        self._thumbs: dict[str, list] = {}
+        self._query_cache: dict[str, np.ndarray] = {}
+        self.signals: dict[str, tuple[Signal, float]] = {}
+        self._tmp = None
+        self.lexical = self._open_lexical() if manifest.get("lexical") else None
+        clip_ref = cfg.clip_pretrained or manifest.get("clip_pretrained")
+        clip_model = cfg.clip_model or manifest.get("clip_model")
+        if manifest.get("clip_dim") and clip_ref and clip_model and cfg.clip_weight > 0:
+            self.add_signal("clip", self._clip_signal(clip_model, clip_ref), cfg.clip_weight)
+
+    def _open_lexical(self) -> lexical.Lexical:
+        url = storage.join(self.url, self.manifest["lexical"]["path"])
+        if storage.protocol_of(url) == "file":
+            return lexical.Lexical(url.split("://", 1)[-1])
+        self._tmp = tempfile.mkdtemp(prefix="streamtune-search-")
+        local = os.path.join(self._tmp, "lexical.sqlite")
+        with open(local, "wb") as f:
+            f.write(storage.read_bytes(url, self.storage_options))
+        return lexical.Lexical(local)
+
+    def close(self) -> None:
+        if self.lexical:
+            self.lexical.close()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.n
+
+    # -- signals -------------------------------------------------------------------------------------
+    def add_signal(self, name: str, fn: Signal, weight: float = 1.0) -> None:
+        """Fuse `fn(query) -> (N,) scores` (higher is better; None: no opinion) into the ranking."""
+        self.signals[name] = (fn, float(weight))
+
+    def frames(self) -> tuple[np.ndarray, np.ndarray]:
+        """(F, D) float32 frame embeddings of every row (a row without frames uses its clip_embedding) and
+        the row of each frame."""
+        if self._frames is None:
+            dim = int(self.manifest["clip_dim"])
+            vecs, owners, base = [], [], 0
+            for p in self.manifest["parts"]:
+                t = _read_part(storage.join(self.url, p["path"]), self.storage_options,
+                               ["clip_embedding", "frame_embeddings"])  # fmt: skip
+                clip = _fixed_to_numpy(t.column("clip_embedding"), dim)
+                has_clip = np.asarray(t.column("clip_embedding").is_valid())
+                frames = t.column("frame_embeddings").combine_chunks()
+                lengths = frames.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+                flat = frames.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+                vecs.append(flat.reshape(-1, dim))
+                owners.append(np.repeat(np.arange(len(lengths)) + base, lengths))
+                only_clip = has_clip & (lengths == 0)
+                vecs.append(clip[only_clip])
+                owners.append(np.flatnonzero(only_clip) + base)
+                base += t.num_rows
+            self._frames = (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32),
+                            np.concatenate(owners).astype(np.int64) if owners else np.zeros(0, np.int64))  # fmt: skip
+        return self._frames
+
+    def _clip_signal(self, model: str, pretrained: str) -> Signal:
+        state: dict[str, Any] = {}
+
+        def score(query: str) -> np.ndarray | None:
+            if "clip" not in state:
+                from streamtune.decode.clip import ClipEmbedder
+
+                state["clip"] = ClipEmbedder(model, pretrained)
+            q = state["clip"].embed_text([query])[0]
+            vecs, owners = self.frames()
+            out = np.full(self.n, -np.inf, np.float32)
+            if len(vecs):
+                np.maximum.at(out, owners, vecs @ q)
+            return out
+
+        return score
+
+    # -- filters -------------------------------------------------------------------------------------
+    def meta(self) -> list[dict]:
+        if self._meta is None:
+            out = []
+            for m in self.columns["meta"]:
+                try:
+                    d = json.loads(m) if m else {}
+                except json.JSONDecodeError:
+                    d = {}
+                out.append(d if isinstance(d, dict) else {})
+            self._meta = out
+        return self._meta
+
+    def filter_mask(self, where: dict[str, str] | list[str] | None) -> np.ndarray | None:
+        """Rows whose field equals the value for every FIELD=VALUE (sidecar fields, or sample_id, source,
+        modality, language, tag)."""
+        if not where:
+            return None
+        if not isinstance(where, dict):
+            where = dict(parse_where(w) for w in where)
+        mask = np.ones(self.n, bool)
+        for name, want in where.items():
+            if name == "tag":
+                got = [want in (tags or []) for tags in self.columns["tags"]]
+            elif name in BUILTIN_FIELDS:
+                got = [str(v) == want for v in self.columns[name]]
+            else:
+                metas = self.meta()
+                if self.n and not any(name in m for m in metas):
+                    known = sorted({k for m in metas for k in m} | set(BUILTIN_FIELDS))
+                    raise SearchError(f"unknown filter field {name!r}; known: {', '.join(known)}")
+                got = [name in m and _text(m[name]) == want for m in metas]
+            mask &= np.array(got, bool)
+        return mask
+
+    # -- search --------------------------------------------------------------------------------------
+    def search(
+        self,
+        query: str,
+        top: int = 20,
+        where: dict[str, str] | list[str] | None = None,
+        weights: dict[str, float] | None = None,
+    ) -> list[Hit]:
+        """The best `top` moments for `query`. `weights` overrides signal weights by name (lexical, semantic,
+        clip, or added signals); a weight of 0 leaves that signal out (ablations)."""
+        cfg = self.cfg
+        text = normalise_query(query, cfg.max_query_chars)
+        if top < 1:
+            raise SearchError("top must be at least 1")
+        mask = self.filter_mask(where)
+        w = {"lexical": cfg.lexical_weight, "semantic": cfg.semantic_weight}
+        w |= {name: weight for name, (_, weight) in self.signals.items()}
+        w |= weights or {}
+        k = max(cfg.candidates, top)
+        ranked: dict[str, list[tuple[int, float]]] = {}
+        if w.get("lexical", 0) > 0 and self.lexical is not None:
+            limit = k if mask is None else k * 20
+            hits = [(r, s) for r, s in self.lexical.search(text, limit) if mask is None or mask[r]]
+            ranked["lexical"] = hits[:k]
+        if w.get("semantic", 0) > 0 and self.n:
+            q = self.query_vectors([text])[0]
+            scores = self.text_vectors @ q
+            scores[~self.has_text] = -np.inf
+            ranked["semantic"] = _top(scores, k, mask)
+        for name, (fn, _) in self.signals.items():
+            if w.get(name, 0) > 0 and self.n:
+                scores = fn(text)
+                if scores is not None:
+                    ranked[name] = _top(np.asarray(scores, np.float32), k, mask)
+        fused: dict[int, float] = {}
+        detail: dict[int, dict[str, dict[str, float]]] = {}
+        for name, rows in ranked.items():
+            for rank, (r, s) in enumerate(rows, 1):
+                fused[r] = fused.get(r, 0.0) + w[name] / (cfg.rrf_k + rank)
+                detail.setdefault(r, {})[name] = {"rank": rank, "score": round(float(s), 4)}
+        best = sorted(fused, key=lambda r: (-fused[r], r))[:top]
+        qwords = lexical.words(text)
+        return [self._hit(r, fused[r], detail[r], qwords) for r in best]
+
+    def _hit(self, r: int, score: float, signals: dict, qwords: list[str]) -> Hit:
+        c = self.columns
+        snip, marks = snippet(c["transcript"][r] or "", qwords)
+        part = int(np.searchsorted(self.part_starts, r, side="right") - 1)
+        matched = [n for n, s in signals.items() if n != "semantic" or s["score"] >= SEMANTIC_MATCH]
+        if "lexical" in signals and not marks:
+            matched.remove("lexical")
+        return Hit(
+            sample_id=c["sample_id"][r],
+            segment_index=int(c["segment_index"][r]),
+            source=c["source"][r],
+            t0=float(c["t0"][r]),
+            t1=c["t1"][r],
+            snippet=snip,
+            marks=marks,
+            score=round(score, 6),
+            signals=signals,
+            matched=matched,
+            modality=c["modality"][r],
+            tags=list(c["tags"][r] or []),
+            meta=self.meta()[r],
+            row=r,
+            thumbnail={"part": self.manifest["parts"][part]["path"], "row": r - int(self.part_starts[part])}
+            if c["modality"][r] == "video"
+            else None,
+        )
+
+    def query_vectors(self, queries: list[str]) -> np.ndarray:
+        """Transcript-model embeddings of (normalised) queries, embedded in one batch and remembered."""
+        from streamtune.search.embed import text_embedder
+
+        todo = list(dict.fromkeys(q for q in queries if q not in self._query_cache))
+        if todo:
+            vecs = text_embedder(self.manifest["text_model"], self.cfg.text_batch).embed(todo)
+            if len(self._query_cache) + len(todo) > 4096:
+                self._query_cache.clear()
+            self._query_cache.update(zip(todo, vecs, strict=True))
+        return np.stack([self._query_cache[q] for q in queries])
+
+    def prepare(self, queries: list[str]) -> None:
+        """Embed many queries at once (faster than one by one) before searching them."""
+        self.query_vectors([normalise_query(q, self.cfg.max_query_chars) for q in queries])
+
+    def thumbnail(self, hit: Hit | int) -> bytes | None:
+        """The JPEG thumbnail of a hit (or row), None when the index holds none."""
+        r = hit.row if isinstance(hit, Hit) else int(hit)
+        part = int(np.searchsorted(self.part_starts, r, side="right") - 1)
+        path = self.manifest["parts"][part]["path"]
+        if path not in self._thumbs:
+            t = _read_part(storage.join(self.url, path), self.storage_options, ["thumbnail"])
+            self._thumbs[path] = t.column("thumbnail").to_pylist()
+        return self._thumbs[path][r - int(self.part_starts[part])]
+
+
+SEMANTIC_MATCH = 0.3  # cosine above which MiniLM pairs are on the same topic (unrelated text: ~0.0-0.2)
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _top(scores: np.ndarray, k: int, mask: np.ndarray | None) -> list[tuple[int, float]]:
+    if mask is not None:
+        scores = np.where(mask, scores, -np.inf)
+    k = min(k, len(scores))
+    idx = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    idx = idx[np.lexsort((idx, -scores[idx]))]
+    return [(int(i), float(scores[i])) for i in idx if np.isfinite(scores[i])]
+
+
+def parse_where(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise SearchError(f"filter {item!r} is not FIELD=VALUE")
+    return name.strip(), value.strip()
+
+
+def open_index(url: str, cfg: IndexConfig | None = None, storage_options: dict | None = None) -> Index:
+    """Open the committed index at `url` (any fsspec URL)."""
+    manifest = read_manifest(url.rstrip("/"), storage_options)
+    if manifest is None:
+        raise SearchError(f"no search index at {url} (missing {storage.join(url, 'index.json')})")
+    return Index(url.rstrip("/"), manifest, cfg or IndexConfig(), storage_options)
