@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from app.settings_flags import flags_help, parse_flags
-from streamtune.config import DEFAULT_MODEL, DecodeConfig, ShardConfig, TrainArgs
+from streamtune.config import DEFAULT_MODEL, DecodeConfig, IndexConfig, ShardConfig, TrainArgs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, rich_markup_mode=None)
 SETTINGS = {"ignore_unknown_options": True, "allow_extra_args": True}
@@ -195,6 +195,83 @@ def decode(
         json.dumps({"shards": len(index["shards"]), "rows": index.get("rows"), "bytes": index.get("bytes"),
                     **{k: round(stats[k], 2) for k in keys if k in stats}, "out": out})
     )  # fmt: skip
+
+
+@app.command("index", context_settings=SETTINGS, epilog=_help(IndexConfig))
+def index_cmd(
+    ctx: typer.Context,
+    features_url: str = typer.Argument(..., metavar="FEATURES", help="Feature shard set prefix."),
+    out: str | None = typer.Option(None, "--out", help="Index URL (default: index/ beside FEATURES)."),
+    config: Path | None = ConfigOpt,
+    endpoint_url: str | None = EndpointOpt,
+) -> None:
+    """Build or update the search index of a feature set (only changed shards and transcripts are redone).
+    Settings: --text-model, --vector-dtype, --clip-model, --clip-pretrained ... (`index` section)."""
+    from streamtune.search import build_index, default_index_url
+
+    cfg = _settings(IndexConfig, config, ctx.args, section="index")
+    out = out or default_index_url(features_url)
+    if sys.stderr.isatty():
+        with _progress() as bar:
+            task = bar.add_task("index shards", total=None)
+            m = build_index(features_url, out, cfg, _storage_options(endpoint_url),
+                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    else:
+        m = build_index(features_url, out, cfg, _storage_options(endpoint_url))
+    s = m["stats"]
+    keys = ("embedded", "reused", "shards", "shards_reused", "removed", "seconds")
+    typer.echo(json.dumps({"rows": m["rows"], "parts": len(m["parts"]), "bytes": m["bytes"],
+                           "modalities": m.get("modalities", {}), **{k: s[k] for k in keys}, "out": out}))  # fmt: skip
+
+
+@app.command("search", context_settings=SETTINGS, epilog=_help(IndexConfig))
+def search_cmd(
+    ctx: typer.Context,
+    query: str = typer.Argument(..., metavar="QUERY", help="What was said or seen."),
+    index: str = typer.Option(..., "--index", help="Search index URL (from `streamtune index`)."),
+    top: int = typer.Option(20, "--top", min=1, help="Moments to show."),
+    where: list[str] = typer.Option([], "--where", help="FIELD=VALUE filter on sidecar fields (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the hits as one JSON line."),
+    config: Path | None = ConfigOpt,
+    endpoint_url: str | None = EndpointOpt,
+) -> None:
+    """Find moments: BM25 + transcript embeddings (+ CLIP text-to-frame with a trained CLIP), fused by rank."""
+    import time
+
+    from streamtune.search import open_index
+
+    cfg = _settings(IndexConfig, config, ctx.args, section="index")
+    t0 = time.perf_counter()
+    with open_index(index, cfg, _storage_options(endpoint_url)) as idx:
+        t1 = time.perf_counter()
+        hits = idx.search(query, top=top, where=where)
+        seconds = {"open_s": round(t1 - t0, 3), "query_s": round(time.perf_counter() - t1, 3)}
+        signals = ["lexical", "semantic", *idx.signals]
+    if as_json:
+        typer.echo(json.dumps({"query": query, "hits": [h.to_dict() for h in hits], "count": len(hits),
+                               "signals": signals, **seconds}))  # fmt: skip
+        return
+    _print_hits(hits)
+    typer.echo(json.dumps({"query": query, "count": len(hits), "signals": signals, **seconds}))
+
+
+def _print_hits(hits: list) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from streamtune.search.rank import timecode
+
+    table = Table(show_lines=False)
+    for name in ("#", "score", "source", "time", "matched", "said"):
+        table.add_column(name, overflow="fold")
+    for n, h in enumerate(hits, 1):
+        said = Text(h.snippet)
+        for a, b in h.marks:
+            said.stylize("bold reverse", a, b)
+        when = f"{timecode(h.t0)}-{timecode(h.t1)}" if h.modality in ("video", "audio") else ""
+        table.add_row(str(n), f"{h.score:.4f}", h.source, when, ",".join(h.matched), said)
+    Console().print(table)
 
 
 @app.command(context_settings=SETTINGS, epilog=_help(TrainArgs))

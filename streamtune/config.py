@@ -235,9 +235,15 @@ class IndexConfig(Settings):
         description="Its checkpoint or tag; null: the decode section's. Random weights turn the visual signal off.",
     )
     lexical_weight: float = Field(1.0, ge=0, description="Weight of BM25 (SQLite FTS5) in rank fusion.")
-    semantic_weight: float = Field(1.0, ge=0, description="Weight of transcript-embedding cosine in rank fusion.")
-    clip_weight: float = Field(1.0, ge=0, description="Weight of CLIP text-to-frame similarity in rank fusion.")
-    rrf_k: int = Field(60, ge=1, description="Reciprocal rank fusion constant: score = sum of weight / (k + rank).")
+    semantic_weight: float = Field(
+        1.0, ge=0, description="Weight of transcript-embedding cosine in rank fusion."
+    )
+    clip_weight: float = Field(
+        1.0, ge=0, description="Weight of CLIP text-to-frame similarity in rank fusion."
+    )
+    rrf_k: int = Field(
+        60, ge=1, description="Reciprocal rank fusion constant: score = sum of weight / (k + rank)."
+    )
     candidates: int = Field(100, ge=1, description="Top results of each signal that enter the fusion.")
     max_query_chars: int = Field(2000, ge=1, description="Longer queries are refused with an error.")
     sample_queries: list[str] = Field(

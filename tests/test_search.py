@@ -230,3 +230,48 @@ def test_incremental_rebuild_embeds_only_changes_and_drops_removed(s3server):
         assert (hits[0].sample_id, hits[0].segment_index) == ("interviews/clip000", 1)
         assert not any(h.sample_id == "interviews/clip009" for h in index.search("the", top=100))
         assert any(h.sample_id == "interviews/clip010" for h in index.search("the", top=100))
+
+
+def cli_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`streamtune ARGS` through app.cli.main in this process (the text model stays loaded)."""
+    import sys
+
+    from app.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["streamtune", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_index_and_search(built, s3server, monkeypatch, capsys):
+    features, _, opts, truth, _ = built
+    for name, value in s3server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COLUMNS", "240")  # the table's width when not on a terminal
+    endpoint = ["--endpoint-url", opts["endpoint_url"]]
+    out = features.rsplit("/", 1)[0] + "/cli-index"
+    code, stdout, err = cli_in_process(monkeypatch, capsys, "index", features, "--out", out, *endpoint)
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["rows"] == len(truth) and summary["embedded"] + summary["reused"] == len(truth)
+    t = truth[0]
+    args = ["search", f"{t['place']} {t['subject']}", "--index", out, "--top", "3", *endpoint]
+    code, stdout, err = cli_in_process(monkeypatch, capsys, *args, "--json", "--where", "project=city")
+    assert code == 0, err
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1
+    found = json.loads(lines[0])
+    assert found["count"] == 3 and found["hits"][0]["sample_id"] == t["sample_id"]
+    assert found["hits"][0]["snippet_marked"].count("[") >= 2
+    code, stdout, err = cli_in_process(monkeypatch, capsys, *args, "--semantic-weight", "0")
+    assert code == 0, err
+    assert t["sample_id"] in stdout and json.loads(stdout.strip().splitlines()[-1])["count"] == 3
+    code, stdout, err = cli_in_process(monkeypatch, capsys, "search", "  ", "--index", out, *endpoint)
+    assert code == 2 and err.startswith("error:") and "empty query" in err and "Traceback" not in err
+    code, _, err = cli_in_process(monkeypatch, capsys, "search", "x", "--index", out + "-none", *endpoint)
+    assert code == 2 and "no search index" in err

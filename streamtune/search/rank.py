@@ -350,6 +350,16 @@ class Index:
 SEMANTIC_MATCH = 0.3  # cosine above which MiniLM pairs are on the same topic (unrelated text: ~0.0-0.2)
 
 
+def timecode(seconds: float | None) -> str:
+    """`H:MM:SS.s` for a time in seconds ('' for None)."""
+    if seconds is None:
+        return ""
+    tenths = int(round(float(seconds) * 10))
+    h, rest = divmod(tenths, 36000)
+    m, rest = divmod(rest, 600)
+    return f"{h}:{m:02d}:{rest // 10:02d}.{rest % 10}"
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
