@@ -33,6 +33,7 @@ class Reason(StrEnum):
     BROKEN_RECORD = "broken_record"
     MEDIA_REF = "media_ref"
     VIDEO_TRUNCATED = "video_truncated"
+    SOURCE_CHANGED = "source_changed"
 
     @property
     def sentence(self) -> str:
@@ -57,6 +58,7 @@ SENTENCES = {
     Reason.BROKEN_RECORD: "A record of a record file (JSONL line, CSV row, array element) does not parse, is not an object, or has no usable id.",
     Reason.MEDIA_REF: "A record's media path leaves the source or names no readable object.",
     Reason.VIDEO_TRUNCATED: "The video breaks off (cut off or damaged); the segments before the damage are kept and the message names the second where decoding stopped.",
+    Reason.SOURCE_CHANGED: "A referenced object changed or vanished at the source after the manifest listed it; nothing of it is kept (the next incremental run picks up the new version).",
 }
 
 SCHEMA = pa.schema(

@@ -172,3 +172,47 @@ def test_remote_file_is_a_seekable_binary_file(long_video, bucket, s3opts):
     f.close()
     with pytest.raises(ValueError):
         f.read(1)
+
+
+@pytest.fixture(scope="module")
+def decode_cfg(tmp_path_factory):
+    from corpus import tiny_clip_config
+
+    from streamtune.decode import DecodeConfig
+    from streamtune.decode.clip import save_random_checkpoint
+
+    folder = tmp_path_factory.mktemp("models")
+    config = tiny_clip_config(folder)
+    return DecodeConfig(
+        clip_model=config,
+        clip_pretrained=save_random_checkpoint(config, str(folder / "a.safetensors"), seed=0),
+        labels=["square", "circle"],
+        cache_dir=str(folder / "cache"),
+        transcribe=False,
+        keyframe_every=20.0,
+        scene_threshold=1.0,
+    )
+
+
+@pytest.fixture(scope="module")
+def silent_video():
+    buf = io.BytesIO()
+    write_long_video(buf, seconds=60, width=320, height=240, fps=25, video_bit_rate=1_000_000, audio=False)
+    return buf.getvalue()
+
+
+def test_decode_reads_raw_shards_written_before_references(decode_cfg, bucket, s3opts):
+    import pyarrow as pa
+
+    from streamtune.decode import decode_shards
+
+    raw, out = f"{bucket}/raw-old", f"{bucket}/features"
+    old_schema = pa.schema([f for f in shards.RAW_SCHEMA if f.name not in ("video", "refs")])
+    rows = [{"sample_id": f"s{i}", "text": f"caption {i}", "sources": [f"s{i}.txt"]} for i in range(40)]
+    table = pa.Table.from_pylist(rows, schema=old_schema)
+    entry = shards.write_shard(table, f"{raw}/shard-00000.arrow", s3opts, batch_bytes=200)
+    shards.commit_index(raw, [entry], old_schema, s3opts)
+    assert len(entry["batches"]) > 3
+    index = decode_shards(raw, out, decode_cfg, s3opts)
+    got = [r for e in index["shards"] for r in shards.read_shard_table(out, e, s3opts).to_pylist()]
+    assert [r["text"] for r in got] == [f"caption {i}" for i in range(40)]

@@ -102,6 +102,7 @@ class Decoder:
 
     # Model work is flushed once this much decoded audio or this many images are pending (bounded memory).
     pending_audio_seconds = 600.0
+    read_range_bytes = 8 << 20  # raw shards stream in ranges of about this size (decode_shard)
 
     def __init__(self, cfg: DecodeConfig):
         self.cfg = cfg
@@ -398,7 +399,7 @@ def decode_shard(
     Returns {"entry", "quarantine", "stats", "skipped", "schema"}; JSON-serialisable, so it can be a
     persisted task result. Skips all model work when the marker says this shard was decoded with this key.
     """
-    from streamtune.shards import ShardError, read_shard_table, write_shard
+    from streamtune.shards import ShardError, write_shard
     from streamtune.shards.format import schema_to_json
 
     name = _safe_name(entry)
@@ -418,7 +419,7 @@ def decode_shard(
 
     decoder = decoder or Decoder(cfg)
     try:
-        raw = read_shard_table(raw_prefix, entry, storage_options)
+        features, quarantine, stats = _decode_stream(decoder, raw_prefix, entry, storage_options)
     except ShardError as e:
         # A missing or corrupt raw shard: an empty feature shard keeps the set consistent, the record says
         # why, and no marker is written, so the next run tries again.
@@ -434,7 +435,6 @@ def decode_shard(
         result = {"entry": out_entry, "quarantine": quarantine, "key": None, "config_key": cfg.key()}
         result["media_tokens"] = decoder.spec
         return result | {"schema": schema_to_json(features.schema), "stats": stats, "skipped": False}
-    features, quarantine, stats = decoder.decode_table_stats(raw)
     for q in quarantine:
         q["shard"] = name
     out_entry = write_shard(features, storage.join(out_prefix, name), storage_options)
@@ -450,6 +450,26 @@ def decode_shard(
     }
     storage.write_json(marker_url, result, storage_options)  # written after the shard: the shard's commit
     return {**result, "stats": stats, "skipped": False}
+
+
+def _decode_stream(
+    decoder: Decoder, raw_prefix: str, entry: dict, storage_options
+) -> tuple[pa.Table, list[dict], dict]:
+    """Decode a raw shard range by range as it streams in (`iter_shard_tables`: ranged GETs, one range
+    ahead), so memory follows the range size, not the shard's. Raises ShardError for a missing or corrupt
+    shard (its whole-file checksum is known once the last range is read: nothing is kept before that)."""
+    from streamtune.stream.shard_reader import iter_shard_tables
+
+    parts, quarantine, stats = [], [], _new_stats()
+    for raw in iter_shard_tables(raw_prefix, entry, storage_options, range_bytes=decoder.read_range_bytes):
+        features, problems, counts = decoder.decode_table_stats(raw)
+        del raw
+        parts.append(features)
+        quarantine += problems
+        for k, v in counts.items():
+            stats[k] = stats.get(k, 0) + v
+    features = pa.concat_tables(parts) if parts else decoder.schema().empty_table()
+    return features, quarantine, stats
 
 
 def _derive(entry: dict, out_prefix: str, cfg: DecodeConfig, storage_options) -> dict | None:

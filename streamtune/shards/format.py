@@ -48,11 +48,20 @@ def shard_name(i: int) -> str:
 
 
 _HASHES = {"xxh3": xxhash.xxh3_64_hexdigest, "xxh64": xxhash.xxh64_hexdigest}
+_HASHERS = {"xxh3": xxhash.xxh3_64, "xxh64": xxhash.xxh64}
 CHECKSUM_ALGORITHM = "xxh3"  # 3x faster than xxh64 to verify; xxh64 sets written earlier still read
 
 
 def checksum(data, algorithm: str = CHECKSUM_ALGORITHM) -> str:
     return f"{algorithm}:" + _HASHES[algorithm](data)
+
+
+def hasher(expected: str):
+    """An incremental hash (`update`, `hexdigest`) of the algorithm named by checksum `expected`."""
+    algorithm = expected.partition(":")[0]
+    if algorithm not in _HASHERS:
+        raise ShardError(f"unknown checksum algorithm in {expected!r} (known: {', '.join(_HASHERS)})")
+    return _HASHERS[algorithm]()
 
 
 def checksum_matches(data, expected: str) -> bool:

@@ -136,6 +136,10 @@ class RangeFetcher:
         finally:
             self._drop(name)  # the next open sees a rewritten index
 
+    def size(self, name: str) -> int:
+        """The object's size in bytes (one HEAD), with the same retries."""
+        return self._with_retries(name, lambda: self._size(name), name=name)
+
     def read_range(
         self,
         name: str,

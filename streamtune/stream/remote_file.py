@@ -32,6 +32,20 @@ _AVSEEK_SIZE = 0x10000  # FFmpeg asks a custom IO for the stream size with this 
 _AVSEEK_FORCE = 0x20000
 
 
+_totals_lock = threading.Lock()
+_totals = {"files": 0, "bytes": 0, "requests": 0, "largest_request": 0}
+
+
+def totals(reset: bool = False) -> dict[str, int]:
+    """Counters over every RemoteFile closed in this process: files, bytes, requests, largest_request
+    (bytes of the largest single GET). For benchmarks and tests of stages that open references."""
+    with _totals_lock:
+        out = dict(_totals)
+        if reset:
+            _totals.update(files=0, bytes=0, requests=0, largest_request=0)
+    return out
+
+
 class ObjectChanged(ValueError):
     """The object at a reference's URL is not the version the manifest recorded (replaced or removed)."""
 
@@ -48,7 +62,8 @@ def object_version(url: str, storage_options: dict[str, Any] | None = None) -> t
 
 class RemoteFile(io.RawIOBase):
     """Read-only binary file over one object (see the module docstring). Counters: `bytes_fetched`,
-    `requests` (GETs, retries included), `version_checks` (HEADs after the first)."""
+    `requests` (GETs, retries included), `largest_request` (bytes), `version_checks` (HEADs after the
+    first); `totals()` sums them over closed files."""
 
     def __init__(
         self,
@@ -57,14 +72,16 @@ class RemoteFile(io.RawIOBase):
         size: int | None,
         storage_options: dict[str, Any] | None = None,
         *,
-        block_bytes: int = BLOCK_BYTES,
-        cache_blocks: int = CACHE_BLOCKS,
+        block_bytes: int | None = None,
+        cache_blocks: int | None = None,
         read_ahead: bool = True,
         check_every: int = 16,
         policy: RetryPolicy | None = None,
         timeout_s: float = 60.0,
     ):
         super().__init__()
+        block_bytes = BLOCK_BYTES if block_bytes is None else block_bytes  # module defaults, read per file
+        cache_blocks = CACHE_BLOCKS if cache_blocks is None else cache_blocks
         if block_bytes <= 0 or cache_blocks <= 0:
             raise ValueError("block_bytes and cache_blocks must be positive")
         self.url = url
@@ -88,6 +105,7 @@ class RemoteFile(io.RawIOBase):
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="streamtune-remote") if read_ahead else None
         self._last_block = -2
         self._fetches = 0
+        self.largest_request = 0
         self._pos = 0
         self.version_checks = 0
 
@@ -133,6 +151,7 @@ class RemoteFile(io.RawIOBase):
             raise OSError(f"{self.url}: bytes {start}+{length}: {e}") from e
         with self._lock:
             self._fetches += 1
+            self.largest_request = max(self.largest_request, length)
             due = self._check_every and self._fetches % self._check_every == 0
         if due:
             self.verify()
@@ -225,6 +244,11 @@ class RemoteFile(io.RawIOBase):
             with self._lock:
                 self._blocks.clear()
                 self._pending.clear()
+            with _totals_lock:
+                _totals["files"] += 1
+                _totals["bytes"] += self.bytes_fetched
+                _totals["requests"] += self.requests
+                _totals["largest_request"] = max(_totals["largest_request"], self.largest_request)
         super().close()
 
     def __repr__(self) -> str:
