@@ -24,11 +24,13 @@ import pyarrow as pa
 from streamtune import quarantine as quarantine_table
 from streamtune import storage
 from streamtune.config import DecodeConfig
-from streamtune.decode.media import MediaError, decode_audio, decode_image
+from streamtune.decode.media import MediaError, decode_audio, decode_image, iter_audio_windows
 from streamtune.quarantine import Reason
 from streamtune.sniff import AUDIO_EXT, IMAGE_EXT, JSON_EXT, TEXT_EXT
+from streamtune.stream.remote_file import ObjectChanged, open_ref
 
-CODE_VERSION = "decode-2"
+CODE_VERSION = "decode-3"  # 3: video segment columns, long audio streamed instead of quarantined
+VIDEO_EXT = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi")
 MARKER_DIR = "_decode"
 QUARANTINE_NAME = "quarantine.parquet"
 SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -66,6 +68,13 @@ def features_schema(clip_dim: int, token_dims: dict[str, int] | None = None) -> 
             pa.field("clip_embedding", pa.list_(pa.float32(), clip_dim)),
             pa.field("tags", pa.list_(pa.string())),
             pa.field("tag_scores", pa.list_(pa.float32())),
+            # video segments (null for other rows): one row per segment, linked by sample_id + t0/t1
+            pa.field("segment_index", pa.int32()),
+            pa.field("t0", pa.float64()),
+            pa.field("t1", pa.float64()),
+            pa.field("frame_times", pa.list_(pa.float32())),
+            pa.field("frame_embeddings", pa.list_(pa.list_(pa.float32(), clip_dim))),
+            pa.field("thumbnails", pa.list_(pa.binary())),
             *tokens,
         ]
     )
@@ -89,7 +98,8 @@ def token_column(arrays: list[np.ndarray | None], width: int) -> pa.Array:
 def _new_stats() -> dict[str, float]:
     keys = ("samples", "features", "quarantined", "audio_files", "audio_seconds", "windows", "images",
             "texts", "model_seconds", "decode_seconds", "shards", "skipped_shards",
-            "derived_shards")  # fmt: skip
+            "derived_shards", "videos", "segments", "video_seconds", "frames_sampled",
+            "streamed_audio")  # fmt: skip
     return {k: 0 for k in keys}
 
 
@@ -114,6 +124,7 @@ class Decoder:
         self.spec = _media_spec(cfg)
         self.token_dims = {k: s["dim"] for k, s in self.spec.items()}
         self._image_tokens = self._audio_tokens = None
+        self.peak_pcm_bytes = 0  # largest PCM buffer a streamed recording held
 
     @property
     def transcriber(self):
@@ -163,12 +174,15 @@ class Decoder:
     def schema(self) -> pa.Schema:
         return features_schema(self.clip_dim, self.token_dims)
 
-    def decode_table(self, raw: pa.Table) -> tuple[pa.Table, list[dict]]:
-        """Decode every row; rows with any undecodable part become quarantine records instead."""
-        table, quarantine, _ = self.decode_table_stats(raw)
+    def decode_table(self, raw: pa.Table, storage_options: dict | None = None) -> tuple[pa.Table, list[dict]]:
+        """Decode every row; rows with any undecodable part become quarantine records instead.
+        A video becomes one row per segment; `storage_options` open media referenced by URL (`refs`)."""
+        table, quarantine, _ = self.decode_table_stats(raw, storage_options)
         return table, quarantine
 
-    def decode_table_stats(self, raw: pa.Table) -> tuple[pa.Table, list[dict], dict]:
+    def decode_table_stats(
+        self, raw: pa.Table, storage_options: dict | None = None
+    ) -> tuple[pa.Table, list[dict], dict]:
         """`decode_table` plus the counters of this call alone."""
         t0 = time.perf_counter()
         stats = _new_stats()
@@ -178,18 +192,21 @@ class Decoder:
         pending_seconds, pending_images = 0.0, 0
         for row in _iter_rows(raw):
             stats["samples"] += 1
-            decoded, errors = self._decode_row(row, stats)
+            decoded, errors = self._decode_row(row, stats, storage_options)
             if errors:
                 quarantine.extend(errors)
                 stats["quarantined"] += 1
+                _close(decoded)
                 continue
             pending.append(decoded)
             pending_seconds += decoded["audio"].size / 16000 if decoded["audio"] is not None else 0.0
             pending_images += decoded["pixels"] is not None
-            if pending_seconds >= self.pending_audio_seconds or pending_images >= 4 * self.cfg.image_batch:
-                rows.extend(self._run_models(pending, stats))
+            streamed = decoded.get("video_src") is not None or decoded.get("audio_src") is not None
+            full = pending_seconds >= self.pending_audio_seconds or pending_images >= 4 * self.cfg.image_batch
+            if full or streamed:
+                rows.extend(self._run_models(pending, stats, quarantine))
                 pending, pending_seconds, pending_images = [], 0.0, 0
-        rows.extend(self._run_models(pending, stats))
+        rows.extend(self._run_models(pending, stats, quarantine))
         stats["features"] = len(rows)
         stats["decode_seconds"] = time.perf_counter() - t0
         with self._lock:
@@ -197,9 +214,13 @@ class Decoder:
                 self.stats[k] += v
         return self._to_table(rows), quarantine, stats
 
-    def _decode_row(self, row: dict, stats: dict) -> tuple[dict, list[dict]]:
+    def _decode_row(
+        self, row: dict, stats: dict, storage_options: dict | None = None
+    ) -> tuple[dict, list[dict]]:
         sid, sources = row["sample_id"], row["sources"]
         errors: list[dict] = []
+        decoded = {"sample_id": sid, "sources": sources, "text": None, "meta": row["meta"]}
+        decoded |= {"audio": None, "pixels": None, "audio_src": None, "video_src": None}
 
         def fail(modality: str, reason: Reason, message: str) -> None:
             key = _source_key(sources, modality, sid)
@@ -221,25 +242,62 @@ class Decoder:
                     raise ValueError(f"expected a JSON object, got {type(parsed).__name__}")
             except (ValueError, UnicodeDecodeError) as e:
                 fail("meta", Reason.BROKEN_SIDECAR, f"metadata row is unusable: {e}")
+        media = {"audio": row["audio"], "image": row["image"], "video": row["video"]}
+        for ref in row["refs"]:
+            modality = ref.get("modality")
+            if modality not in media or media[modality] is not None:
+                fail(str(modality), Reason.MEDIA_REF, f"unusable reference {ref.get('key')!r}")
+                continue
+            try:
+                media[modality] = open_ref(ref, storage_options)
+            except ObjectChanged as e:
+                fail(modality, Reason.SOURCE_CHANGED, str(e))
+            except (OSError, ValueError) as e:
+                fail(modality, Reason.UNREADABLE, f"{ref.get('url')}: {e}")
         audio = pixels = None
-        if row["audio"] is not None:
+        if media["video"] is not None:
+            decoded["video_src"] = media["video"]  # decoded with the models (`_run_models`)
+        elif media["audio"] is not None:
             stats["audio_files"] += 1
+            audio, decoded["audio_src"] = self._audio(media["audio"], fail)
+        if media["image"] is not None and media["video"] is None:
             try:
-                audio = decode_audio(row["audio"], 16000, max_seconds=self.cfg.max_audio_seconds)
-            except MediaError as e:
-                fail("audio", e.kind, e.reason)
-        if row["image"] is not None:
-            try:
-                image = decode_image(row["image"], self.cfg.max_pixels, min_side=self.clip.image_size)
+                data = media["image"] if isinstance(media["image"], bytes) else media["image"].read()
+                image = decode_image(data, self.cfg.max_pixels, min_side=self.clip.image_size)
                 pixels = self.clip.prepare(image)
             except MediaError as e:
                 fail("image", e.kind, e.reason)
-        if not errors and audio is None and pixels is None and not text and not meta:
-            fail("row", Reason.EMPTY, "sample has no audio, image, text or metadata")
-        decoded = {"sample_id": sid, "sources": sources, "text": text, "meta": meta}
-        return decoded | {"audio": audio, "pixels": pixels}, errors
+        has_stream = decoded["audio_src"] is not None or decoded["video_src"] is not None
+        if not errors and audio is None and pixels is None and not has_stream and not text and not meta:
+            fail("row", Reason.EMPTY, "sample has no audio, image, video, text or metadata")
+        return decoded | {"text": text, "audio": audio, "pixels": pixels}, errors
 
-    def _run_models(self, pending: list[dict], stats: dict) -> list[dict]:
+    def _audio(self, src, fail) -> tuple[np.ndarray | None, Any]:
+        """Short audio decoded whole (as always); a recording longer than `audio_window_seconds`, or one
+        read by reference, is left as a source to stream window by window in `_run_models`."""
+        if not isinstance(src, bytes):
+            return None, src
+        try:
+            return decode_audio(src, 16000, max_seconds=self.cfg.audio_window_seconds), None
+        except MediaError as e:
+            if e.kind == Reason.TOO_LONG:
+                return None, src
+            fail("audio", e.kind, e.reason)
+        return None, None
+
+    def _run_models(
+        self, pending: list[dict], stats: dict, quarantine: list[dict] | None = None
+    ) -> list[dict]:
+        quarantine = quarantine if quarantine is not None else []
+        out: list[dict] = []
+        for r in pending:
+            if r.get("audio_src") is not None:
+                self._stream_audio(r, stats, quarantine)
+            if r.get("video_src") is not None:
+                out.extend(self._video(r, stats, quarantine))
+            elif not r.get("failed"):
+                out.append(r)
+        pending = out
         with_audio = [r for r in pending if r["audio"] is not None]
         with_image = [r for r in pending if r["pixels"] is not None]
         with self._lock:
@@ -280,6 +338,101 @@ class Decoder:
             r["audio"] = r["pixels"] = None  # release decoded media early
         return pending
 
+    def _stream_audio(self, r: dict, stats: dict, quarantine: list[dict]) -> None:
+        """A long (or referenced) recording: decoded and transcribed window by window."""
+        from streamtune.decode.longform import transcribe_stream
+
+        cfg = self.cfg
+        src, r["audio_src"] = r["audio_src"], None
+        try:
+            with self._lock:
+                wstats: dict = {}
+                windows, seconds = self._model_counters()
+                win = iter_audio_windows(
+                    src, cfg.audio_window_seconds, max_ratio=cfg.max_decode_ratio, stats=wstats
+                )
+                transcriber = self.transcriber if cfg.transcribe else None
+                r["asr"] = transcribe_stream(transcriber, win, cfg.audio_window_seconds, wstats)
+                self._count_models(stats, windows, seconds)
+            _unchanged(src)
+            stats["audio_seconds"] += r["asr"]["seconds"]
+            stats["streamed_audio"] += 1
+            self.peak_pcm_bytes = max(self.peak_pcm_bytes, wstats.get("peak_pcm_bytes", 0))
+        except (MediaError, ObjectChanged) as e:
+            e = _source_error(src, e)
+            key = _source_key(r["sources"], "audio", r["sample_id"])
+            quarantine.append(
+                quarantine_table.record(r["sample_id"], key, "decode", e.kind, e.reason, modality="audio")
+            )
+            stats["quarantined"] += 1
+            r["failed"] = True
+        finally:
+            _close({"audio_src": src})
+
+    def _video(self, r: dict, stats: dict, quarantine: list[dict]) -> list[dict]:
+        """One feature row per segment of the sample's video; a video that breaks off keeps the segments
+        before the damage and adds a quarantine record naming where decoding stopped."""
+        from streamtune.decode.video import decode_video
+
+        src, r["video_src"] = r["video_src"], None
+        key = _source_key(r["sources"], "video", r["sample_id"])
+        stats["videos"] += 1
+        try:
+            with self._lock:
+                windows, seconds = self._model_counters()
+                clip_seconds = self.clip.stats["model_seconds"]
+                transcriber = self.transcriber if self.cfg.transcribe else None
+                result = decode_video(src, self.cfg, transcriber, self.clip)
+                self._count_models(stats, windows, seconds)
+                stats["model_seconds"] += self.clip.stats["model_seconds"] - clip_seconds
+            _unchanged(src)
+        except (MediaError, ObjectChanged) as e:
+            e = _source_error(src, e)
+            quarantine.append(
+                quarantine_table.record(r["sample_id"], key, "decode", e.kind, e.reason, modality="video")
+            )
+            stats["quarantined"] += 1
+            return []
+        finally:
+            _close({"video_src": src})
+        if result.error is not None:
+            err = result.error
+            message = f"decoding stopped at {err.at:.2f} s: {err.reason}"
+            quarantine.append(
+                quarantine_table.record(r["sample_id"], key, "decode", err.kind, message, modality="video")
+            )
+            stats["quarantined"] += 1
+        stats["segments"] += len(result.segments)
+        stats["video_seconds"] += result.duration
+        stats["audio_seconds"] += result.stats.get("audio_seconds", 0.0)
+        stats["frames_sampled"] += result.stats.get("frames_sampled", 0)
+        rows = []
+        for seg in result.segments:
+            asr = None
+            if result.has_audio:
+                asr = {"text": seg.transcript, "segments": seg.segments, "language": seg.language}
+                asr["seconds"] = seg.t1 - seg.t0
+            tags = seg.tags if seg.tags is not None else None
+            rows.append(
+                {
+                    "sample_id": r["sample_id"], "sources": r["sources"], "text": r["text"], "meta": r["meta"],
+                    "audio": None, "pixels": None, "asr": asr, "embedding": seg.embedding, "tags": tags,
+                    "segment_index": seg.index, "t0": seg.t0, "t1": seg.t1, "frame_times": seg.frame_times,
+                    "frame_embeddings": seg.frame_embeddings, "thumbnails": seg.thumbnails,
+                }
+            )  # fmt: skip
+        return rows
+
+    def _model_counters(self) -> tuple[int, float]:
+        if self._transcriber is None:
+            return 0, 0.0
+        return self._transcriber.stats["windows"], self._transcriber.stats["model_seconds"]
+
+    def _count_models(self, stats: dict, windows: int, seconds: float) -> None:
+        now_windows, now_seconds = self._model_counters()
+        stats["windows"] += now_windows - windows
+        stats["model_seconds"] += now_seconds - seconds
+
     def _to_table(self, rows: list[dict]) -> pa.Table:
         schema = self.schema()
         dim = self.clip_dim
@@ -305,6 +458,7 @@ class Decoder:
             "tags": [[t for t, _ in r["tags"]] if r.get("tags") is not None else None for r in rows],
             "tag_scores": [[s for _, s in r["tags"]] if r.get("tags") is not None else None for r in rows],
         }
+        columns |= _video_columns(rows, dim)
         for kind, width in self.token_dims.items():
             columns[f"{kind}_tokens"] = token_column([r.get(f"{kind}_tokens") for r in rows], width)
         arrays = [
@@ -312,6 +466,63 @@ class Decoder:
             for f in schema
         ]
         return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _video_columns(rows: list[dict], dim: int) -> dict:
+    """segment_index, t0, t1, frame_times, frame_embeddings, thumbnails; null for non-video rows."""
+    is_video = [r.get("segment_index") is not None for r in rows]
+    lengths = [len(r["frame_times"]) if v else 0 for r, v in zip(rows, is_video, strict=True)]
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = [
+        np.asarray(r["frame_embeddings"], np.float32).reshape(-1, dim)
+        if v and r.get("frame_embeddings") is not None
+        else np.zeros((n, dim), np.float32)  # no CLIP output for these frames: zeros keep the lengths
+        for r, v, n in zip(rows, is_video, lengths, strict=True)
+    ]
+    values = np.concatenate(flat) if flat else np.zeros((0, dim), np.float32)
+    frames = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), dim)
+    mask = pa.array([not v for v in is_video])
+    return {
+        "segment_index": [r.get("segment_index") for r in rows],
+        "t0": [r.get("t0") for r in rows],
+        "t1": [r.get("t1") for r in rows],
+        "frame_times": [r["frame_times"] if v else None for r, v in zip(rows, is_video, strict=True)],
+        "frame_embeddings": pa.ListArray.from_arrays(offsets, frames, mask=mask),
+        "thumbnails": [r["thumbnails"] if v else None for r, v in zip(rows, is_video, strict=True)],
+    }
+
+
+def _unchanged(src) -> None:
+    """A referenced object (RemoteFile) must still be the version opened once decoded: otherwise nothing
+    read from it is kept (MediaError SOURCE_CHANGED naming the URL)."""
+    verify = getattr(src, "verify", None)
+    if verify is not None:
+        try:
+            verify()
+        except ObjectChanged as e:
+            raise MediaError(Reason.SOURCE_CHANGED, str(e)) from None
+
+
+def _source_error(src, error: Exception) -> MediaError:
+    """The error to record for a failed decode: SOURCE_CHANGED when the object changed under the read
+    (the damage a decoder saw is then no fault of the file)."""
+    if isinstance(error, ObjectChanged):
+        return MediaError(Reason.SOURCE_CHANGED, str(error))
+    if not isinstance(error, MediaError) or error.kind == Reason.SOURCE_CHANGED:
+        return error
+    try:
+        _unchanged(src)
+    except MediaError as changed:
+        return changed
+    return error
+
+
+def _close(decoded: dict) -> None:
+    """Close file-likes opened for referenced media."""
+    for name in ("audio_src", "video_src"):
+        src = decoded.get(name)
+        if src is not None and not isinstance(src, bytes | bytearray) and hasattr(src, "close"):
+            src.close()
 
 
 def _media_spec(cfg: DecodeConfig) -> dict:
@@ -342,8 +553,8 @@ def _iter_rows(raw: pa.Table):
 
     ids = column("sample_id")
     texts, metas = column("text", as_binary=True), column("meta")
-    audios, images = column("audio"), column("image")
-    sources = column("sources")
+    audios, images, videos = column("audio"), column("image"), column("video")
+    sources, refs = column("sources"), column("refs")
     for i in range(n):
         yield {
             "sample_id": ids[i],
@@ -351,6 +562,8 @@ def _iter_rows(raw: pa.Table):
             "meta": metas[i],
             "audio": audios[i],
             "image": images[i],
+            "video": videos[i],
+            "refs": [r for r in (refs[i] or []) if r is not None],
             "sources": [s for s in (sources[i] or []) if s is not None],
         }
 
@@ -359,6 +572,7 @@ def _source_key(sources: list[str], modality: str, fallback: str | None) -> str:
     exts = {
         "audio": tuple(AUDIO_EXT),
         "image": tuple(IMAGE_EXT),
+        "video": VIDEO_EXT,
         "text": tuple(TEXT_EXT | JSON_EXT),
     }.get(modality)
     if exts:
@@ -462,7 +676,7 @@ def _decode_stream(
 
     parts, quarantine, stats = [], [], _new_stats()
     for raw in iter_shard_tables(raw_prefix, entry, storage_options, range_bytes=decoder.read_range_bytes):
-        features, problems, counts = decoder.decode_table_stats(raw)
+        features, problems, counts = decoder.decode_table_stats(raw, storage_options)
         del raw
         parts.append(features)
         quarantine += problems
