@@ -232,6 +232,14 @@ def search_cmd(
     top: int = typer.Option(20, "--top", min=1, help="Moments to show."),
     where: list[str] = typer.Option([], "--where", help="FIELD=VALUE filter on sidecar fields (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print the hits as one JSON line."),
+    html: Path | None = typer.Option(
+        None, "--html", help="Also write a contact sheet (one self-contained page)."
+    ),
+    source_url: str | None = typer.Option(None, help="Root of the source objects, for links to keys."),
+    rerank: Path | None = typer.Option(
+        None, "--rerank", help="Multimodal adapter folder re-scoring top hits."
+    ),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model of the --rerank adapter."),
     config: Path | None = ConfigOpt,
     endpoint_url: str | None = EndpointOpt,
 ) -> None:
@@ -245,8 +253,16 @@ def search_cmd(
     with open_index(index, cfg, _storage_options(endpoint_url)) as idx:
         t1 = time.perf_counter()
         hits = idx.search(query, top=top, where=where)
+        if rerank:
+            hits = _reranker(idx, rerank, model)(query, hits)
         seconds = {"open_s": round(t1 - t0, 3), "query_s": round(time.perf_counter() - t1, 3)}
-        signals = ["lexical", "semantic", *idx.signals]
+        signals = ["lexical", "semantic", *idx.signals] + (["rerank"] if rerank else [])
+        if html:
+            from streamtune.search.sheet import write_sheet
+
+            write_sheet(
+                str(html), query, hits, idx.thumbnail, source_url, _storage_options(endpoint_url), index
+            )
     if as_json:
         typer.echo(json.dumps({"query": query, "hits": [h.to_dict() for h in hits], "count": len(hits),
                                "signals": signals, **seconds}))  # fmt: skip
@@ -434,6 +450,69 @@ def serve(
     from flows.pipeline import serve as serve_flow
 
     serve_flow(cron=cron, parameters=data, timezone=timezone)
+
+
+@app.command("train-clip")
+def train_clip_cmd(
+    cache_dir: Path | None = typer.Option(None, help="Cache folder (default ~/.cache/streamtune)."),
+    steps: int = typer.Option(None, help="Training steps (default: the recipe's)."),
+    evaluate: int = typer.Option(120, help="Held-out drawings for the zero-shot accuracy (0: skip)."),
+) -> None:
+    """Train (once; cached by recipe) a small CLIP on drawings of the demo's colours and shapes; prints the
+    config and checkpoint to pass as --decode.clip-model / --decode.clip-pretrained."""
+    import dataclasses
+
+    from streamtune.decode.clip_train import ClipRecipe, trained_clip, zero_shot_accuracy
+
+    recipe = ClipRecipe() if steps is None else dataclasses.replace(ClipRecipe(), steps=steps)
+    config, checkpoint = trained_clip(str(cache_dir) if cache_dir else None, recipe,
+                                      log=lambda m: typer.echo(m, err=True))  # fmt: skip
+    out = {"clip_model": config, "clip_pretrained": checkpoint}
+    if evaluate:
+        out["zero_shot"] = zero_shot_accuracy(config, checkpoint, n=evaluate)
+    typer.echo(json.dumps(out))
+
+
+@app.command("serve-search")
+def serve_search(
+    index: str = typer.Option(..., "--index", help="Search index URL (from `streamtune index`)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8765, help="Port (0: any free port)."),
+    source_url: str | None = typer.Option(None, help="Root of the source objects, for links to keys."),
+    rerank: Path | None = typer.Option(
+        None, "--rerank", help="Multimodal adapter folder re-scoring top hits."
+    ),
+    model: str = typer.Option(DEFAULT_MODEL, help="Base model of the --rerank adapter."),
+    endpoint_url: str | None = EndpointOpt,
+) -> None:
+    """Serve a local search page (query box, contact-sheet results) and /api/search JSON over one index."""
+    from streamtune.search import open_index
+    from streamtune.search.serve import make_server
+
+    so = _storage_options(endpoint_url)
+    idx = open_index(index, storage_options=so)
+    reranker = _reranker(idx, rerank, model) if rerank else None
+    idx.search("warm up", top=1)  # load the query models before the page is announced
+    server = make_server(idx, host, port, source_url, so, rerank=reranker)
+    h, p = server.server_address[:2]
+    typer.echo(json.dumps({"url": f"http://{h}:{p}/", "segments": len(idx)}), err=False)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        idx.close()
+
+
+def _reranker(idx, adapter: Path, model: str):
+    from streamtune.search.rerank import Reranker
+
+    if not adapter.exists():
+        raise UserError(f"--rerank: no such adapter folder {adapter}")
+    rr = Reranker(model, str(adapter))
+    return lambda query, hits: rr.rerank(idx, query, hits)
 
 
 def _progress():
