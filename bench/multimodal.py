@@ -14,6 +14,8 @@ samples (loss with own vs another sample's media).
 
     python -m bench.multimodal                     # CPU: SmolLM2-135M
     python -m bench.multimodal --shape tiny        # random-weight tiny llama (seconds)
+    python -m bench.multimodal --shape llama-3.2-1b --batch-size 4 --seq-len 2048 --source DIR \
+        --whisper-model DIR --skip-counterfactual  # GPU: media written beforehand (--write-source)
 
 Last stdout line: one JSON object: tokens_s, text_only_tokens_s, soft_vs_text, online_tokens_s,
 online_vs_cached, stream_tokens_s, stream_vs_ram, counterfactual {matched, shuffled, ratio}, ...
@@ -51,12 +53,15 @@ def _steady(history: list[dict], warmup: int) -> float:
     return sum(h["tokens"] for h in rest) / sum(h["seconds"] for h in rest)
 
 
-def build_data(tmp: str, images: int, audio: int, decode_cfg):
-    """Raw shard set and feature set (encoder tokens) of generated pictures and voices."""
+def build_data(tmp: str, images: int, audio: int, decode_cfg, source: str | None = None):
+    """Raw shard set and feature set (encoder tokens) of generated pictures and voices (or of `source`,
+    a folder `write_source` filled earlier: machines without espeak-ng)."""
     from streamtune.demo import multimodal as demo
 
-    source = os.path.join(tmp, "source")
-    demo.write_source(source, images, audio)
+    if source is None:
+        source = os.path.join(tmp, "source")
+        demo.write_source(source, images, audio)
+    source = os.path.abspath(source)
     work = "file://" + os.path.join(tmp, "work")
     t0 = time.perf_counter()
     features = demo.ingest("file://" + source, work, decode_cfg)
@@ -76,7 +81,19 @@ def main() -> None:
     ap.add_argument("--eval-iters", type=int, default=8, help="steps of each stage before the counterfactual")
     ap.add_argument("--held-out", type=int, default=12)
     ap.add_argument("--skip-online", action="store_true")
+    ap.add_argument("--skip-counterfactual", action="store_true")
+    ap.add_argument("--source", default=None, help="a folder of pictures and voices from --write-source")
+    ap.add_argument("--write-source", default=None, help="only write the generated media to this folder")
+    ap.add_argument("--whisper-model", default=None, help="Whisper for audio tokens (default: decode's)")
+    ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files for --shape (else from SmolLM2)")
+    ap.add_argument("--num-layers", type=int, default=8, help="blocks with LoRA (-1: all)")
+    ap.add_argument("--clip-model", default=None, help="open_clip image tower (default: decode's)")
     opts = ap.parse_args()
+    if opts.write_source:
+        from streamtune.demo import multimodal as demo
+
+        print(json.dumps({"samples": demo.write_source(opts.write_source, opts.images, opts.audio)}))
+        return
 
     from streamtune import CloudStreamingDataset
     from streamtune.config import DecodeConfig
@@ -88,11 +105,13 @@ def main() -> None:
     if opts.shape:
         from streamtune.train.synthetic import write_random_model
 
-        model = write_random_model(os.path.join(tmp, "model"), opts.shape)
+        model = write_random_model(os.path.join(tmp, "model"), opts.shape, tokenizer_dir=opts.tokenizer_dir)
+    models = {"whisper_model": opts.whisper_model, "clip_model": opts.clip_model}
     decode_cfg = DecodeConfig(
-        media_tokens=["image", "audio"], transcribe=False, image_layer=1, image_pool=2, image_merge="stack"
-    )
-    raw, features, decode_s = build_data(tmp, opts.images, opts.audio, decode_cfg)
+        media_tokens=["image", "audio"], transcribe=False, image_layer=1, image_pool=2, image_merge="stack",
+        **{k: v for k, v in models.items() if v},
+    )  # fmt: skip
+    raw, features, decode_s = build_data(tmp, opts.images, opts.audio, decode_cfg, opts.source)
     rows = list(CloudStreamingDataset(features))
     spec = CloudStreamingDataset(features).index["media_tokens"]  # rows in RAM: the encoders from the index
     results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}
@@ -100,7 +119,7 @@ def main() -> None:
 
     common = dict(
         model=model, batch_size=opts.batch_size, seq_len=opts.seq_len, iters=opts.iters, save_every=0,
-        num_layers=8, rank=8, lr=1e-4, projector_lr=1e-3, warmup=1, seed=0, prefetch=2,
+        num_layers=opts.num_layers, rank=8, lr=1e-4, projector_lr=1e-3, warmup=1, seed=0, prefetch=2,
     )  # fmt: skip
     bundle = setup_model(TrainArgs(**common))
 
@@ -140,8 +159,12 @@ def main() -> None:
             online_vs_cached=round(online_tps / stream_tps, 3),
             online_data_wait_s=round(sum(h["data_wait_s"] for h in online["history"][opts.warmup :]), 2),
         )
-    results["counterfactual"] = _counterfactual(model, tmp, rows, opts, common, spec)
+    if not opts.skip_counterfactual:
+        results["counterfactual"] = _counterfactual(model, tmp, rows, opts, common, spec)
     results["peak_mem_mb"] = round(ram["peak_mem_mb"], 1)
+    import mlx.core as mx
+
+    results["device"] = str(mx.default_device())
     print(json.dumps(results))
 
 

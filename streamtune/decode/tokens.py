@@ -262,9 +262,13 @@ def build_encoders(cfg, kinds) -> dict:
     (one medium at a time: online training and generation)."""
     out = {"cfg": cfg}
     if "image" in kinds:
+        import torch
+
         from streamtune.decode.clip import ClipEmbedder
 
-        clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1)
+        # On a CUDA machine the image tower runs there, beside the training step (a data-path thread)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1, device=device)
         out["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool, cfg.image_merge)
     if "audio" in kinds:
         out["audio"] = AudioTokens(
