@@ -50,6 +50,10 @@ def decode_artifact(stats: dict[str, Any], decoded: dict[str, int]) -> UUID:
         {"stat": "audio transcribed", "value": duration(stats.get("audio_seconds", 0))},
         {"stat": "audio real-time factor", "value": f"{stats['audio_seconds'] / model:.1f}x" if model and stats.get("audio_seconds") else "-"},
         {"stat": "images embedded", "value": figure(stats.get("images", 0))},
+        {"stat": "videos decoded", "value": figure(stats.get("videos", 0))},
+        {"stat": "video segments", "value": figure(stats.get("segments", 0))},
+        {"stat": "video minutes decoded", "value": f"{stats.get('video_seconds', 0) / 60:.1f}"},
+        {"stat": "video frames sampled", "value": figure(stats.get("frames_sampled", 0))},
         {"stat": "images/s", "value": figure(stats["images"] / seconds) if seconds and stats.get("images") else "-"},
         {"stat": "raw shards read", "value": f"{megabytes(stats.get('raw_bytes'))} at {megabytes(stats.get('raw_bytes', 0) / seconds) if seconds else '-'}/s"},
         {"stat": "wall time", "value": duration(seconds)},
@@ -58,7 +62,7 @@ def decode_artifact(stats: dict[str, Any], decoded: dict[str, int]) -> UUID:
     return create_markdown_artifact(
         "# Decode (this run)\n\n" + markdown_table(rows),
         key="decode-stats",
-        description="What this run decoded: counts, audio real-time factor, images/s, MB/s",
+        description="What this run decoded: counts, audio real-time factor, images/s, video segments, MB/s",
     )
 
 

@@ -55,6 +55,9 @@ def make_cfg(models, **kw) -> DecodeConfig:
     return DecodeConfig(**(base | kw))
 
 
+DEMO_SEGMENT_SECONDS = 6.0
+
+
 @pytest.fixture(scope="module")
 def decoder(models):
     return Decoder(make_cfg(models))
@@ -310,3 +313,47 @@ def test_clip_batches_give_the_same_frames(footage, models):
     b = decode_video(footage["mp4"], cfg, None, many)
     for x, y in zip(a.segments, b.segments, strict=True):
         assert np.allclose(x.frame_embeddings, y.frame_embeddings, atol=1e-5)
+
+
+@pytest.mark.slow  # ~160 s here: two pipeline runs, one in a fresh process (the fast twin is above)
+def test_pipeline_run_failing_mid_decode_then_retried_keeps_every_segment_once(tmp_path, models, monkeypatch):
+    import subprocess
+    import sys
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.pipeline import PipelineParams, pipeline
+    from streamtune.demo.data import generate_demo_source
+
+    monkeypatch.setenv("STREAMTUNE_RETRY_DELAY_S", "0")
+    src, work = tmp_path / "src", tmp_path / "work"
+    generate_demo_source(str(src), n=1, broken=False, videos=2)  # one picture + speech sample, two videos
+    decode = make_cfg(models, transcribe=False, segment_seconds=DEMO_SEGMENT_SECONDS).model_dump()
+    params = PipelineParams(
+        source_url=str(src), work_url=str(work), shard={"max_shard_bytes": 1}, skip=["train"], decode=decode
+    )
+    blocker = work / "features" / shard_name(1)
+    blocker.mkdir(parents=True)  # a storage fault while writing one feature shard
+    state = pipeline(params, return_state=True)
+    assert state.is_failed()
+    shutil.rmtree(blocker)
+    run_id = state.state_details.flow_run_id
+    retried = subprocess.run(
+        [sys.executable, "-m", "app", "retry", str(run_id)], capture_output=True, text=True, timeout=600
+    )
+    assert retried.returncode == 0, retried.stderr[-3000:]
+
+    index = read_index(str(work / "features"))
+    keys = []
+    for entry in index["shards"]:
+        t = read_shard_table(str(work / "features"), entry)
+        keys += list(zip(t["sample_id"].to_pylist(), t["segment_index"].to_pylist(), strict=True))
+    videos = [k for k in keys if k[1] is not None]
+    assert len(videos) == len(set(videos)) == 4, keys  # two 12 s videos, two segments of ~6 s each
+    assert {s for s, _ in videos} == {"clips/v00", "clips/v01"} and ("clips/s00", None) in keys
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["decode-stats"]))
+        )
+    assert any("video segments" in (a.data or "") for a in arts)

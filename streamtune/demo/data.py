@@ -1,7 +1,8 @@
 """Generate the demo source set: spoken descriptions (espeak-ng) + matching drawings (Pillow) + captions.
 
 Each sample `clips/sNN` has an audio file saying what the picture shows (WAV, FLAC or OGG), a PNG or JPEG
-drawing of it, and a caption row in `clips/metadata.jsonl`. Two deliberately broken files show quarantine.
+drawing of it, and a caption row in `clips/metadata.jsonl`; optional `clips/vNN.mp4` videos show moving
+shapes with a narrator naming them (`footage.py`). Two deliberately broken files show quarantine.
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ def _encode_image(img: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def generate_demo_source(out_dir: str, n: int = 24, seed: int = 0, broken: bool = True) -> list[str]:
-    """Write the demo set under `out_dir`; returns the relative keys written."""
+def generate_demo_source(
+    out_dir: str, n: int = 24, seed: int = 0, broken: bool = True, videos: int = 0
+) -> list[str]:
+    """Write the demo set under `out_dir`; returns the relative keys written. `videos`: that many 12 s
+    narrated clips of moving shapes (`clips/vNN.mp4`, H.264/AAC) join the set, with caption rows."""
     rng = np.random.default_rng(seed)
     folder = os.path.join(out_dir, "clips")
     os.makedirs(folder, exist_ok=True)
@@ -100,6 +104,17 @@ def generate_demo_source(out_dir: str, n: int = 24, seed: int = 0, broken: bool 
                 f.write(data)
             keys.append(f"clips/{name}")
         captions.append({"file_name": f"{sid}.{ifmt}", "caption": sentence, "colour": colour, "shape": shape})
+    if videos:
+        from streamtune.demo.footage import demo_clip
+
+        for i in range(videos):
+            data, shots = demo_clip(rng)
+            name = f"v{i:02d}.mp4"
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+            keys.append(f"clips/{name}")
+            said = ", then ".join(f"a {s.colour} {s.shape}" for s in shots)
+            captions.append({"file_name": name, "caption": f"A video of {said}.", "shots": len(shots)})
     if broken:
         good = _encode_audio(*speak("This one is cut short."), "flac")
         with open(os.path.join(folder, "broken01.flac"), "wb") as f:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from streamtune.demo.data import COLOURS
+from streamtune.demo.data import COLOURS, SHAPES
 
 FORMATS = {  # container -> (video codec, audio codec)
     "mp4": ("libx264", "aac"),
@@ -53,13 +53,13 @@ def frame(shot: Shot, t: float, size: tuple[int, int]) -> np.ndarray:
 
 def speak(text: str, voice: str = "en-us", speed: int = 150) -> np.ndarray:
     """espeak-ng speech as 16 kHz mono float32."""
-    from streamtune.decode.media import decode_audio
-    from streamtune.demo.multimodal import _espeak
-
-    audio, rate = _espeak(text, voice, speed, 50)
-    buf = io.BytesIO()
     import soundfile as sf
 
+    from streamtune.decode.media import decode_audio
+    from streamtune.demo.data import speak as espeak
+
+    audio, rate = espeak(text, voice, speed)
+    buf = io.BytesIO()
     sf.write(buf, audio, rate, format="WAV", subtype="PCM_16")
     return decode_audio(buf.getvalue(), SAMPLE_RATE)
 
@@ -143,3 +143,17 @@ def _audio_frames(pcm: np.ndarray, rate: int, chunk: int = 1024):
         f = av.AudioFrame.from_ndarray(pcm16[None, at : at + chunk], format="s16", layout="mono")
         f.sample_rate, f.pts = rate, at
         yield f
+
+
+def demo_clip(rng: np.random.Generator, seconds: float = 12.0, shots: int = 3) -> tuple[bytes, list[Shot]]:
+    """An MP4 (H.264/AAC) of `shots` shots of random colours and shapes, each named by the narrator as it
+    appears; returns the bytes and the shots."""
+    names = list(COLOURS)
+    starts = [round(i * seconds / shots, 1) for i in range(shots)]
+    picked = [(names[int(rng.integers(len(names)))], SHAPES[int(rng.integers(len(SHAPES)))]) for _ in starts]
+    backgrounds = [(235, 235, 235), (60, 60, 60), (200, 220, 240)]
+    plan = [
+        Shot(t, c, s, backgrounds[i % 3]) for i, (t, (c, s)) in enumerate(zip(starts, picked, strict=True))
+    ]
+    lines = [(shot.start + 0.5, f"now a {shot.colour} {shot.shape}") for shot in plan]
+    return make_video(plan, seconds, lines, fmt="mp4"), plan
