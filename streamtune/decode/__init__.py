@@ -11,17 +11,22 @@ from streamtune.decode.features import (
     decode_shards,
     read_quarantine,
 )
-from streamtune.decode.media import MediaError, decode_audio, decode_image, sniff
+from streamtune.decode.media import MediaError, decode_audio, decode_image, iter_audio_windows, sniff
+from streamtune.decode.video import VideoResult, VideoSegment, decode_video
 
 __all__ = [
     "DecodeConfig",
     "Decoder",
     "MediaError",
+    "VideoResult",
+    "VideoSegment",
     "commit_features",
     "decode_audio",
     "decode_image",
+    "decode_video",
     "decode_shard",
     "decode_shards",
+    "iter_audio_windows",
     "read_quarantine",
     "sniff",
 ]
