@@ -58,6 +58,11 @@ def transcribe_stream(
             votes[res["language"]] = votes.get(res["language"], 0.0) + pcm.size
         out["language"] = max(votes, key=votes.get) if votes else res["language"]
 
+    if transcriber is None:  # durations only: nothing to buffer
+        for t0, pcm in windows:
+            stats["peak_pcm_bytes"] = max(stats["peak_pcm_bytes"], pcm.nbytes)
+            out["seconds"] = t0 + pcm.size / SAMPLE_RATE
+        return out
     try:
         for t0, pcm in windows:
             if not held:
