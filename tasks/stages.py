@@ -271,7 +271,8 @@ def decode_shard_task(
     decode_key: str,
     work_options: dict | None = None,
 ) -> dict:
-    """Decode one raw shard (audio -> Whisper transcript, image -> CLIP embedding + tags) into a feature shard."""
+    """Decode one raw shard (audio -> Whisper transcript, image -> CLIP embedding + tags, video -> segments)
+    into a feature shard."""
     from streamtune.decode.features import DecodeConfig, decode_shard
 
     cfg = DecodeConfig(**decode_settings)
@@ -286,6 +287,7 @@ def decode_shard_task(
         get_run_logger().info(
             f"decoded {entry['path']} in {time.perf_counter() - t0:.1f} s: {s.get('samples', 0)} samples, "
             f"{s.get('audio_seconds', 0):.0f} s of audio, {s.get('images', 0)} images, "
+            f"{s.get('videos', 0)} videos ({s.get('segments', 0)} segments, {s.get('frames_sampled', 0)} frames), "
             f"{s.get('quarantined', 0)} quarantined"
         )
     return result
