@@ -11,9 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from streamtune.config import ConfigError, DecodeConfig, Settings, ShardConfig, TrainArgs
+from streamtune.config import ConfigError, DecodeConfig, IndexConfig, Settings, ShardConfig, TrainArgs
 
-Stage = Literal["manifest", "shard", "decode", "train"]
+Stage = Literal["manifest", "shard", "decode", "index", "train"]
 
 
 class PipelineParams(Settings):
@@ -29,14 +29,15 @@ class PipelineParams(Settings):
     shard: ShardConfig = Field(default_factory=ShardConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     train: TrainArgs = Field(default_factory=TrainArgs)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     decode_concurrency: int = Field(1, ge=1, description="Decode tasks at once per model, across runs.")
     task_runner: Literal["threads", "dask", "ray"] = Field(
         "threads", description="Runner of the decode fan-out."
     )
     dask_address: str | None = Field(None, description="Existing Dask scheduler; default a LocalCluster.")
     dask_workers: int = Field(2, ge=1, description="Workers of the local Dask cluster.")
-    skip: list[Literal["decode", "train"]] = Field(
-        default_factory=list, description="Stages not to run (e.g. [train])."
+    skip: list[Literal["decode", "index", "train"]] = Field(
+        default_factory=list, description="Stages not to run (e.g. [train], [index])."
     )
     incremental: bool = Field(
         False, description="Only objects new or changed since the last committed shard set."

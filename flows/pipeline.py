@@ -26,6 +26,7 @@ from tasks.stages import (
     data_state_task,
     decode_shard_task,
     export_task,
+    index_task,
     list_source_task,
     plan_rewrites_task,
     plan_shards_task,
@@ -244,6 +245,33 @@ def merge_stats(stats: list[dict]) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()}
 
 
+@flow(name="index", flow_run_name="index", persist_result=True, result_serializer="json")
+def index_flow(params: PipelineParams) -> dict:
+    """Build or update the search index beside the features (WORK_URL/index); publishes counts and sample hits."""
+    wo = params.work_options or None
+    features = prefix_key(params.url("features"))
+    state = read_shard_set_task(features, "features", wo)
+    if not state["committed"]:
+        get_run_logger().info("no features yet: nothing to index")
+        return {}
+    settings = params.index.model_dump(mode="json")
+    settings["clip_model"] = settings["clip_model"] or params.decode.clip_model
+    settings["clip_pretrained"] = settings["clip_pretrained"] or params.decode.clip_pretrained
+    task_state = _refresh(index_task, "index", params)(
+        features_url=features,
+        features_digest=digest([(e["path"], e["checksum"]) for e in state["entries"]]),
+        index_url=params.url("index"),
+        index_settings=settings,
+        work_options=wo,
+        return_state=True,
+    )
+    result = dict(task_state.result())
+    result["cached"] = task_state.name == "Cached"
+    if not result["cached"]:
+        artifacts.index_artifact(result)
+    return result
+
+
 @flow(name="train", flow_run_name="train", persist_result=True, result_serializer="json")
 def train_flow(params: PipelineParams) -> dict:
     """Fine-tune on the committed features (one training at a time: the `streamtune-train` tag limit)."""
@@ -336,6 +364,10 @@ def _stages(params: PipelineParams, t0: float) -> dict:
         decode = decode_flow.with_options(task_runner=_task_runner(params))
         last = [stage(decode, params, after=last)]
         decoded = last[0].result()
+    indexed: dict[str, Any] = {}
+    if params.runs("index"):
+        index_state = stage(index_flow, params, after=last)
+        indexed = index_state.result()
     train: dict[str, Any] = {}
     if params.runs("train"):
         train = stage(train_flow, params, after=last).result()  # unchanged inputs: the cached result
@@ -363,12 +395,14 @@ def _stages(params: PipelineParams, t0: float) -> dict:
         "audio_seconds": decoded["stats"].get("audio_seconds", 0),
         "images_embedded": decoded["decoded"]["image"],
         "features": decoded["stats"].get("features", 0),
+        "index": {k: indexed[k] for k in ("rows", "embedded", "reused", "bytes", "cached") if k in indexed},
         "seconds": round(time.perf_counter() - t0, 1),
         "urls": {
             "source": params.source_url,
             "manifest": manifest["url"],
             "shards": params.url("shards"),
             "features": params.url("features"),
+            "index": params.url("index"),
             "adapter": train.get("adapter_path") or params.adapter_url,
             "adapters": params.adapter_url,
             "checkpoints": params.checkpoint_url,

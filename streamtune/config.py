@@ -468,7 +468,11 @@ def configuration_doc(*pipeline: tuple[str, type[Settings]]) -> str:
                 "prompt/completion/system format strings of `train`) is set in YAML only.",
                 "",
                 reference_table(
-                    *pipeline, ("shard", ShardConfig), ("decode", DecodeConfig), ("train", TrainArgs)
+                    *pipeline,
+                    ("shard", ShardConfig),
+                    ("decode", DecodeConfig),
+                    ("index", IndexConfig),
+                    ("train", TrainArgs),
                 ),
             ]
         ).rstrip()

@@ -66,6 +66,33 @@ def decode_artifact(stats: dict[str, Any], decoded: dict[str, int]) -> UUID:
     )
 
 
+def index_artifact(result: dict[str, Any]) -> UUID:
+    """The search index: counts, what this build redid, and a few sample queries' top hits."""
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted((result.get("modalities") or {}).items())) or "-"
+    rows = [
+        {"stat": "segments indexed", "value": f"{figure(result['rows'])} ({kinds})"},
+        {"stat": "transcripts embedded / reused", "value": f"{result['embedded']} / {result['reused']}"},
+        {"stat": "feature shards read / unchanged", "value": f"{result['shards']} / {result['shards_reused']}"},
+        {"stat": "rows removed", "value": figure(result["removed"])},
+        {"stat": "index size", "value": megabytes(result["bytes"])},
+        {"stat": "signals", "value": ", ".join(result.get("signals") or [])},
+        {"stat": "build time", "value": duration(result["seconds"])},
+    ]  # fmt: skip
+    lines = ["# Search index", "", f"`{result['url']}`", "", markdown_table(rows), "## Sample queries", ""]
+    for sample in result.get("samples") or []:
+        lines.append(f"**{sample['query']}**")
+        lines.append("")
+        hits = [
+            {"source": h.get("source"), "time": f"{h.get('t0', 0):.1f}-{h.get('t1') or 0:.1f} s",
+             "said": h.get("snippet_marked") or h.get("error"), "matched": ", ".join(h.get("matched") or [])}
+            for h in sample["hits"]
+        ]  # fmt: skip
+        lines += [markdown_table(hits) if hits else "no hits", ""]
+    return create_markdown_artifact(
+        "\n".join(lines), key="search-index", description=f"Search index: {result['rows']} segments"
+    )
+
+
 def data_state_artifacts(state: dict[str, Any]) -> None:
     """The data as it stands (not what one run did): shard set, feature set, and every input left out."""
     for key, part, what in (

@@ -24,6 +24,7 @@ TIMEOUTS = {
     "train": 6 * 3600,
     "report": 300,
     "export": 3600,
+    "index": 3600,
 }
 
 

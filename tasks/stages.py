@@ -519,3 +519,45 @@ def export_task(
         log.warning(note)
     log.info(f"exported {adapter_path} as {to} to {out_url} in {summary['seconds']:.1f} s")
     return {**summary, "out": out_url}
+
+
+@task(
+    name="build-index",
+    task_run_name="build-index",
+    cache_policy=keyed(
+        "index",
+        "features_digest",
+        "index_url",
+        "index_settings",
+        outputs=lambda p, r: [join(p["index_url"], "index.json")],
+    ),
+    **task_options("index"),
+)
+def index_task(
+    features_url: str,
+    features_digest: str,
+    index_url: str,
+    index_settings: dict,
+    work_options: dict | None = None,
+) -> dict:
+    """Build or update the search index of the feature set (only changed shards and transcripts are redone),
+    then run a few sample queries for the artifact."""
+    from streamtune.config import IndexConfig
+    from streamtune.search import build_index, open_index
+    from streamtune.search.rank import sample_queries, top_hits
+
+    cfg = IndexConfig(**index_settings)
+    m = build_index(features_url, index_url, cfg, work_options)
+    s = m["stats"]
+    get_run_logger().info(
+        f"indexed {m['rows']} segments in {s['seconds']:.1f} s: {s['embedded']} embedded, {s['reused']} reused, "
+        f"{s['shards_reused']} shards unchanged, {s['removed']} rows removed"
+    )
+    with open_index(index_url, cfg, work_options) as index:
+        queries = cfg.sample_queries or sample_queries(index)
+        samples = top_hits(index, queries)
+        signals = ["lexical", "semantic", *index.signals]
+    keys = ("embedded", "reused", "shards", "shards_reused", "removed", "seconds")
+    return {"url": index_url, "rows": m["rows"], "bytes": m["bytes"], "parts": len(m["parts"]),
+            "modalities": m.get("modalities", {}), **{k: s[k] for k in keys}, "signals": signals,
+            "samples": samples}  # fmt: skip

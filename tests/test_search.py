@@ -275,3 +275,33 @@ def test_cli_index_and_search(built, s3server, monkeypatch, capsys):
     assert code == 2 and err.startswith("error:") and "empty query" in err and "Traceback" not in err
     code, _, err = cli_in_process(monkeypatch, capsys, "search", "x", "--index", out + "-none", *endpoint)
     assert code == 2 and "no search index" in err
+
+
+@pytest.mark.slow  # ~100 s on the shared 2-core machine, most of it Prefect's ephemeral API starting
+def test_index_flow_is_cached_and_incremental(s3server, monkeypatch):
+    """The pipeline's index subflow (real Prefect, ephemeral API): builds, is cached while the features stand,
+    and redoes only the changed shard's changed row after the features change."""
+    from flows.params import PipelineParams
+    from flows.pipeline import index_flow
+
+    for name, value in s3server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = s3server.create_bucket("search-flow")
+    opts = s3server.storage_options
+    rows, _ = corpus(seed=11, clips=6)
+    write_features(f"{bucket}/st/features", rows, opts, rows_per_shard=8)
+    params = PipelineParams(source_url=f"{bucket}/raw", work_url=f"{bucket}/st",
+                            index={"sample_queries": ["what about the harbour"]})  # fmt: skip
+    first = index_flow(params)
+    assert first["rows"] == 24 and first["embedded"] == 24 and not first["cached"]
+    assert first["samples"][0]["query"] == "what about the harbour" and first["samples"][0]["hits"]
+    assert read_manifest(f"{bucket}/st/index", opts)["rows"] == 24
+    again = index_flow(params)
+    assert again["cached"] and again["rows"] == 24
+
+    rows[-1] = dict(rows[-1], transcript="the lighthouse keeper retired after forty years")
+    write_features(f"{bucket}/st/features", rows, opts, rows_per_shard=8)
+    third = index_flow(params)
+    assert not third["cached"] and third["embedded"] == 1 and third["shards_reused"] == 2
+    with open_index(f"{bucket}/st/index", storage_options=opts) as index:
+        assert index.search("lighthouse keeper", top=1)[0].sample_id == rows[-1]["sample_id"]

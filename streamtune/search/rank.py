@@ -127,10 +127,8 @@ class Index:
         self.text_vectors = (
             _fixed_to_numpy(table.column("text_embedding"), dim) if table else np.zeros((0, dim), np.float32)
         )
-        self.has_text = np.array(
-            [t is not None for t in table.column("transcript").to_pylist()] if table else [], bool
-        )
-        self.columns = {c: (table.column(c).to_pylist() if table else []) for c in LOAD_COLUMNS}
+        self.table = table.drop_columns(["text_embedding"]) if table else None
+        self.has_text = np.asarray(table.column("transcript").is_valid()) if table else np.zeros(0, bool)
         self._meta: list[dict] | None = None
         self._frames: tuple[np.ndarray, np.ndarray] | None = None
         self._thumbs: dict[str, list] = {}
@@ -217,14 +215,7 @@ class Index:
     # -- filters -------------------------------------------------------------------------------------
     def meta(self) -> list[dict]:
         if self._meta is None:
-            out = []
-            for m in self.columns["meta"]:
-                try:
-                    d = json.loads(m) if m else {}
-                except json.JSONDecodeError:
-                    d = {}
-                out.append(d if isinstance(d, dict) else {})
-            self._meta = out
+            self._meta = [_meta_dict(m) for m in self.column("meta")]
         return self._meta
 
     def filter_mask(self, where: dict[str, str] | list[str] | None) -> np.ndarray | None:
@@ -237,9 +228,9 @@ class Index:
         mask = np.ones(self.n, bool)
         for name, want in where.items():
             if name == "tag":
-                got = [want in (tags or []) for tags in self.columns["tags"]]
+                got = [want in (tags or []) for tags in self.column("tags")]
             elif name in BUILTIN_FIELDS:
-                got = [str(v) == want for v in self.columns[name]]
+                got = [str(v) == want for v in self.column(name)]
             else:
                 metas = self.meta()
                 if self.n and not any(name in m for m in metas):
@@ -293,8 +284,15 @@ class Index:
         qwords = lexical.words(text)
         return [self._hit(r, fused[r], detail[r], qwords) for r in best]
 
+    def column(self, name: str) -> list:
+        """One loaded column as Python values (filters; built once per call, so kept out of the hot path)."""
+        return self.table.column(name).to_pylist() if self.table is not None else []
+
+    def value(self, name: str, row: int) -> Any:
+        return self.table.column(name)[row].as_py()
+
     def _hit(self, r: int, score: float, signals: dict, qwords: list[str]) -> Hit:
-        c = self.columns
+        c = {name: {r: self.value(name, r)} for name in LOAD_COLUMNS}
         snip, marks = snippet(c["transcript"][r] or "", qwords)
         part = int(np.searchsorted(self.part_starts, r, side="right") - 1)
         matched = [n for n, s in signals.items() if n != "semantic" or s["score"] >= SEMANTIC_MATCH]
@@ -313,7 +311,7 @@ class Index:
             matched=matched,
             modality=c["modality"][r],
             tags=list(c["tags"][r] or []),
-            meta=self.meta()[r],
+            meta=self._meta[r] if self._meta is not None else _meta_dict(c["meta"][r]),
             row=r,
             thumbnail={"part": self.manifest["parts"][part]["path"], "row": r - int(self.part_starts[part])}
             if c["modality"][r] == "video"
@@ -360,6 +358,14 @@ def timecode(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{rest // 10:02d}.{rest % 10}"
 
 
+def _meta_dict(raw: str | None) -> dict:
+    try:
+        d = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        d = {}
+    return d if isinstance(d, dict) else {}
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -386,3 +392,33 @@ def open_index(url: str, cfg: IndexConfig | None = None, storage_options: dict |
     if manifest is None:
         raise SearchError(f"no search index at {url} (missing {storage.join(url, 'index.json')})")
     return Index(url.rstrip("/"), manifest, cfg or IndexConfig(), storage_options)
+
+
+def sample_queries(index: Index, n: int = 3) -> list[str]:
+    """A few queries from the index's own transcripts (the longest words of evenly spaced rows)."""
+    if not index.n:
+        return []
+    out = []
+    for r in np.linspace(0, index.n - 1, num=min(n * 3, index.n)).astype(int):
+        text = index.value("transcript", int(r)) or ""
+        words = sorted(
+            {w for w in lexical.words(text) if w not in lexical.STOPWORDS}, key=lambda w: (-len(w), w)
+        )
+        if len(words) >= 2:
+            out.append(" ".join(words[:2]))
+        if len(out) == n:
+            break
+    return list(dict.fromkeys(out))
+
+
+def top_hits(index: Index, queries: list[str], top: int = 3) -> list[dict]:
+    """[{query, hits: [{source, t0, t1, snippet_marked, score, matched}]}] for reports."""
+    keep = ("source", "t0", "t1", "snippet_marked", "score", "matched")
+    out = []
+    for q in queries:
+        try:
+            hits = [{k: h.to_dict()[k] for k in keep} for h in index.search(q, top=top)]
+        except SearchError as e:
+            hits = [{"error": str(e)}]
+        out.append({"query": q, "hits": hits})
+    return out
