@@ -207,3 +207,65 @@ def test_search_api_json(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{server}api/search?q=", timeout=30)
     assert err.value.code == 400 and "empty" in json.loads(err.value.read())["error"]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A multimodal adapter folder (image projector) from two real stage-1 steps on random tiny weights."""
+    from corpus import tiny_clip_config
+
+    from streamtune.config import DecodeConfig
+    from streamtune.decode.clip import save_random_checkpoint
+    from streamtune.train.data import ListSource, Template
+    from streamtune.train.synthetic import write_random_model
+    from streamtune.train.trainer import TrainArgs, train
+
+    folder = tmp_path_factory.mktemp("rerank")
+    clip = tiny_clip_config(folder)
+    media = DecodeConfig(clip_model=clip, media_tokens=["image"],
+                         clip_pretrained=save_random_checkpoint(clip, str(folder / "clip.safetensors")))  # fmt: skip
+    model = write_random_model(str(folder / "tiny"), "tiny", seed=2)
+    rows = [
+        {"sample_id": f"s{i}", "image": jpeg((200, 40 * i, 30)), "text": "yes" if i % 2 else "no"}
+        for i in range(4)
+    ]
+    args = TrainArgs(model=model, adapter_path=str(folder / "adapter"), stage="align", media_source="online",
+                     template=Template(prompt="{image}\nDoes this clip match?", completion="{text}"),
+                     iters=2, batch_size=2, seq_len=128, save_every=0)  # fmt: skip
+    train(args, ListSource(rows), media=media)
+    return model, folder / "adapter"
+
+
+def test_rerank_rescores_top_hits_with_the_adapter(index_url, adapter, s3server, monkeypatch, capsys):
+    from streamtune.search import open_index
+    from streamtune.search.rerank import Reranker
+
+    url, _, opts = index_url
+    model, folder = adapter
+    rr = Reranker(model, str(folder), candidates=4)
+    with open_index(url, storage_options=opts) as index:
+        hits = index.search("council budget", top=6)
+        fused = {(h.sample_id, h.segment_index): h.score for h in hits}
+        top = max(h.score for h in hits[:4])
+        again = rr.rerank(index, "council budget", index.search("council budget", top=6))
+        out = rr.rerank(index, "council budget", hits)
+    assert [(h.sample_id, h.segment_index, h.score) for h in out] == [
+        (h.sample_id, h.segment_index, h.score) for h in again
+    ]  # deterministic
+    scored = [h for h in out if "rerank" in h.signals]
+    assert len(scored) == 4 and all(h.signals["rerank"]["rank"] in (1, 2, 3, 4) for h in scored)
+    for h in scored:
+        p = h.signals["rerank"]["score"]
+        assert 0 < p < 1
+        want = 0.5 * fused[(h.sample_id, h.segment_index)] / top + 0.5 * p
+        assert h.score == pytest.approx(want, abs=1e-4)  # p is kept to 4 decimals
+    assert [h.score for h in scored] == sorted((h.score for h in scored), reverse=True)
+    assert len({h.signals["rerank"]["score"] for h in scored}) > 1  # frames and words change the judgement
+    for name, value in s3server.env().items():
+        monkeypatch.setenv(name, value)
+    args = ["search", "council budget", "--index", url, "--endpoint-url", opts["endpoint_url"], "--json",
+            "--top", "3", "--rerank", str(folder), "--model", model]  # fmt: skip
+    code, stdout, err = cli_in_process(monkeypatch, capsys, *args)
+    assert code == 0, err
+    found = json.loads(stdout.strip().splitlines()[-1])
+    assert "rerank" in found["signals"] and all("rerank" in h["signals"] for h in found["hits"])

@@ -51,7 +51,8 @@ class Reranker:
         logits = self.mm.net(
             mx.array(ids)[None], input_embeddings=sample_embeddings(self.mm.net, ids, placed)
         )
-        logp = np.asarray(mx.log_softmax(logits[0, -1].astype(mx.float32)), np.float64)
+        last = np.asarray(logits[0, -1].astype(mx.float32), np.float64)
+        logp = last - np.logaddexp.reduce(last)
         yes, no = np.logaddexp.reduce(logp[self.yes]), np.logaddexp.reduce(logp[self.no])
         return float(1.0 / (1.0 + np.exp(no - yes)))
 
