@@ -305,3 +305,51 @@ def test_index_flow_is_cached_and_incremental(s3server, monkeypatch):
     assert not third["cached"] and third["embedded"] == 1 and third["shards_reused"] == 2
     with open_index(f"{bucket}/st/index", storage_options=opts) as index:
         assert index.search("lighthouse keeper", top=1)[0].sample_id == rows[-1]["sample_id"]
+
+
+@pytest.mark.slow  # Whisper + CLIP decode of two 12 s videos: ~200 s on the shared 2-core machine
+def test_generated_footage_end_to_end(s3server, tmp_path):
+    """Narrated videos (PyAV + espeak) -> decode (Whisper, CLIP) -> feature shards on S3 -> index -> the moment
+    a phrase is said, with its timecodes and thumbnail."""
+    from corpus import tiny_clip_config
+
+    from streamtune.decode import DecodeConfig
+    from streamtune.decode.clip import save_random_checkpoint
+    from streamtune.decode.features import Decoder
+    from streamtune.demo.footage import Shot, make_video
+    from streamtune.shards import RAW_SCHEMA, commit_index, write_shard
+
+    bucket = s3server.create_bucket("search-footage")
+    opts = s3server.storage_options
+    shots = [Shot(0.0, "red", "circle"), Shot(4.3, "blue", "square"), Shot(9.1, "green", "triangle")]
+    said = {
+        "tapes/a": [
+            (0.5, "the airport budget will double"),
+            (4.8, "the weather is cold"),
+            (9.4, "our team won"),
+        ],
+        "tapes/b": [(0.5, "the library is closed"), (4.8, "the hospital needs nurses"), (9.4, "it was late")],
+    }
+    rows = [{"sample_id": sid, "video": make_video(shots, 12.0, lines, fps=10), "sources": [f"{sid}.mp4"],
+             "meta": json.dumps({"speaker": sid[-1]})} for sid, lines in said.items()]  # fmt: skip
+    cols = {f.name: [r.get(f.name) for r in rows] for f in RAW_SCHEMA}
+    config = tiny_clip_config(tmp_path)
+    cfg = DecodeConfig(whisper_model="offline:tiny.en", clip_model=config, segment_seconds=5.0,
+                       clip_pretrained=save_random_checkpoint(config, str(tmp_path / "c.safetensors")),
+                       labels=["red", "blue", "green"], cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    decoder = Decoder(cfg)
+    table, quarantine = decoder.decode_table(pa.Table.from_pydict(cols, schema=RAW_SCHEMA))
+    assert not quarantine and table.num_rows >= 4
+    features = f"{bucket}/work/features"
+    entry = write_shard(table, f"{features}/shard-00000.arrow", opts)
+    commit_index(features, [entry], decoder.schema(), opts, extra={"kind": "features"})
+
+    m = build_index(features, None, IndexConfig(), opts)
+    assert m["modalities"] == {"video": table.num_rows}
+    with open_index(f"{bucket}/work/index", storage_options=opts) as index:
+        hit = index.search("hospital nurses", top=3)[0]
+        assert hit.sample_id == "tapes/b" and hit.source == "tapes/b.mp4"
+        assert hit.t0 <= 5.0 and hit.t1 >= 5.5 and "nurses" in hit.marked().lower()
+        assert index.thumbnail(hit)[:2] == b"\xff\xd8"  # a JPEG
+        hit = index.search("airport spending", top=3, where=["speaker=a"])[0]
+        assert hit.sample_id == "tapes/a" and hit.t0 == 0.0 and hit.t1 <= 5.5
