@@ -12,7 +12,7 @@ from streamtune.demo.data import generate_demo_source, upload_dir
 from streamtune.testing.s3server import start_local_s3
 
 BUCKET = "streamtune-demo"
-DEMO_VIDEOS = 3  # 12 s narrated clips of moving shapes: footage end to end (a few seconds of decode each)
+DEMO_VIDEOS = 2  # 15 s narrated clips of moving shapes: footage end to end (~45 s of decode, shared CPU)
 DEMO_PROMPT_SAMPLE = {"transcript": "This picture shows a blue circle.", "tags": ["circle", "blue"]}
 
 
@@ -22,7 +22,7 @@ def demo_params(workdir: str, *, samples: int = 24, iters: int | None = None) ->
         "source_url": f"s3://{BUCKET}/raw",
         "work_url": f"s3://{BUCKET}/streamtune",
         "shard": {"max_shard_bytes": 256 << 10},  # several small shards, so the fan-out is visible
-        "decode": {"segment_seconds": 6.0},  # the demo's 12 s videos become two timecoded segments each
+        "decode": {"segment_seconds": 6.0},  # the demo's 15 s videos become two or three segments each
         # the text adapter has learned the captions by step ~10; the rest of the 10-minute budget goes to
         # the multimodal part
         "train": {"adapter_path": os.path.join(workdir, "adapters"), "iters": iters or 14, "batch_size": 2},

@@ -147,7 +147,7 @@ class DecodeConfig(Settings):
     )
     keyframe_every: float = Field(5.0, gt=0, description="Video: seconds between sampled frames.")
     scene_threshold: float = Field(
-        0.2, gt=0, le=1, description="Video: mean grayscale difference (0..1) that marks a scene change."
+        0.1, gt=0, le=1, description="Video: mean grayscale difference (0..1) that marks a scene change."
     )
     segment_seconds: float = Field(
         30.0, gt=0, description="Video: segment length; cuts move to transcript segment boundaries."

@@ -350,7 +350,7 @@ def test_pipeline_run_failing_mid_decode_then_retried_keeps_every_segment_once(t
         t = read_shard_table(str(work / "features"), entry)
         keys += list(zip(t["sample_id"].to_pylist(), t["segment_index"].to_pylist(), strict=True))
     videos = [k for k in keys if k[1] is not None]
-    assert len(videos) == len(set(videos)) == 4, keys  # two 12 s videos, two segments of ~6 s each
+    assert len(videos) == len(set(videos)) == 6, keys  # two 15 s videos, segments of ~6 s: 0-6, 6-12, 12-15
     assert {s for s, _ in videos} == {"clips/v00", "clips/v01"} and ("clips/s00", None) in keys
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(

@@ -232,11 +232,11 @@ def _sample_frames(src, cfg: DecodeConfig, clip, declared: float | None, stats: 
                 current = sample(got[0], got[1])
                 if samples and _score(samples[-1].gray, current.gray) > cfg.scene_threshold:
                     change = _scan(reader, samples[-1], current, cfg.scene_threshold)
-                    if change is not None and change[0] < current.t - reader.interval / 2:
-                        keep(sample(change[0], change[1], scene=True))
-                        stats["scene_changes"] += 1
-                    else:
-                        current.scene = True
+                    if change is not None:  # else a gradual change (motion, a fade): no cut to sample
+                        if change[0] < current.t - reader.interval / 2:
+                            keep(sample(change[0], change[1], scene=True))
+                        else:
+                            current.scene = True
                         stats["scene_changes"] += 1
                 if not samples or current.t > samples[-1].t + reader.interval / 2:
                     keep(current)

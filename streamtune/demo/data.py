@@ -81,7 +81,7 @@ def _encode_image(img: Image.Image, fmt: str) -> bytes:
 def generate_demo_source(
     out_dir: str, n: int = 24, seed: int = 0, broken: bool = True, videos: int = 0
 ) -> list[str]:
-    """Write the demo set under `out_dir`; returns the relative keys written. `videos`: that many 12 s
+    """Write the demo set under `out_dir`; returns the relative keys written. `videos`: that many 15 s
     narrated clips of moving shapes (`clips/vNN.mp4`, H.264/AAC) join the set, with caption rows."""
     rng = np.random.default_rng(seed)
     folder = os.path.join(out_dir, "clips")
@@ -108,7 +108,7 @@ def generate_demo_source(
         from streamtune.demo.footage import demo_clip
 
         for i in range(videos):
-            data, shots = demo_clip(rng)
+            data, shots = demo_clip(rng, seconds=15.0)
             name = f"v{i:02d}.mp4"
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
