@@ -26,8 +26,11 @@ from streamtune import storage
 from streamtune.shards.format import ShardError
 from streamtune.stream.fetch import RangeFetcher, RetryPolicy
 
-BLOCK_BYTES = 4 << 20
-CACHE_BLOCKS = 4
+# 512 KiB: under two seconds of 2.5 Mbit/s video, so keyframe sampling every few seconds fetches little
+# more than it decodes (4 MiB blocks cover ~13 s: sampling every 5 s read the whole file).
+BLOCK_BYTES = 512 << 10
+CACHE_BLOCKS = 16
+READ_AHEAD = 8  # at most this many blocks fetched ahead (two at a time) while reads stay sequential
 _AVSEEK_SIZE = 0x10000  # FFmpeg asks a custom IO for the stream size with this whence
 _AVSEEK_FORCE = 0x20000
 
@@ -102,8 +105,9 @@ class RemoteFile(io.RawIOBase):
         self._blocks: OrderedDict[int, memoryview] = OrderedDict()
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
-        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="streamtune-remote") if read_ahead else None
+        self._ahead = ThreadPoolExecutor(2, thread_name_prefix="streamtune-remote") if read_ahead else None
         self._last_block = -2
+        self._run = 0  # consecutive sequential block reads: read-ahead deepens with it
         self._fetches = 0
         self.largest_request = 0
         self._pos = 0
@@ -169,8 +173,13 @@ class RemoteFile(io.RawIOBase):
                 self._blocks[i] = data
                 while len(self._blocks) > self._cache_blocks:
                     self._blocks.popitem(last=False)
-        if self._ahead is not None and i == self._last_block + 1:
-            self._read_ahead(i + 1)
+        if i == self._last_block + 1:
+            self._run += 1
+        elif i != self._last_block:
+            self._run = 0
+        if self._ahead is not None and self._run > 1:  # one block boundary crossed is no stream yet
+            for j in range(i + 1, i + min(self._run, READ_AHEAD + 1)):
+                self._read_ahead(j)
         self._last_block = i
         return data
 
@@ -178,9 +187,20 @@ class RemoteFile(io.RawIOBase):
         if i * self._block >= self._size:
             return
         with self._lock:
-            if i in self._blocks or i in self._pending or len(self._pending) >= 1:
+            self._settle()
+            if i in self._blocks or i in self._pending or len(self._pending) >= READ_AHEAD:
                 return
             self._pending[i] = self._ahead.submit(self._fetch, i)
+
+    def _settle(self) -> None:
+        """Move finished read-ahead blocks into the LRU (a failed one is fetched again when needed)."""
+        for i, future in list(self._pending.items()):
+            if future.done():
+                del self._pending[i]
+                if future.exception() is None:
+                    self._blocks[i] = future.result()
+        while len(self._blocks) > self._cache_blocks:
+            self._blocks.popitem(last=False)
 
     # --- file API ---------------------------------------------------------------------------------
 

@@ -17,12 +17,13 @@ AUDIO_RATE = 48000
 
 
 def _frame(i: int, width: int, height: int, seed: int = 0) -> av.VideoFrame:
-    """A moving square over a gradient, plus a little noise so encoders spend bits."""
+    """A square moving over a still gradient (an interview-like shot: no scene change), plus a little
+    noise so encoders spend bits."""
     y, x = np.mgrid[0:height, 0:width]
     img = np.empty((height, width, 3), np.uint8)
-    img[..., 0] = (x * 255 // max(1, width - 1) + 3 * i) % 256
+    img[..., 0] = x * 255 // max(1, width - 1)
     img[..., 1] = (y * 255 // max(1, height - 1)) % 256
-    img[..., 2] = (i * 5) % 256
+    img[..., 2] = 128
     side = max(4, min(width, height) // 4)
     left = (i * 4) % max(1, width - side)
     img[height // 3 : height // 3 + side, left : left + side] = (255, 255, 255)
