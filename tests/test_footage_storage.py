@@ -201,6 +201,51 @@ def silent_video():
     return buf.getvalue()
 
 
+def test_decode_reads_a_referenced_video_by_range(silent_video, decode_cfg, bucket, s3opts, monkeypatch):
+    from streamtune.decode import decode_shard
+    from streamtune.stream import remote_file
+
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    storage.write_bytes(f"{source}/talks/long.mp4", silent_video, s3opts)
+    storage.write_bytes(f"{source}/talks/long.txt", b"a long talk", s3opts)
+    _, _, index, rows = _shard(source, out, s3opts)
+    assert rows["talks/long"]["refs"][0]["size"] == len(silent_video)
+
+    monkeypatch.setattr(remote_file, "BLOCK_BYTES", 256 << 10)
+    remote_file.totals(reset=True)
+    result = decode_shard(out, index["shards"][0], f"{bucket}/features", decode_cfg, s3opts)
+    got = remote_file.totals()
+    assert result["quarantine"] == [] and result["stats"]["videos"] == 1
+    features = shards.read_shard_table(f"{bucket}/features", result["entry"], s3opts).to_pylist()
+    assert [(r["sample_id"], r["segment_index"]) for r in features] == [("talks/long", 0), ("talks/long", 1)]
+    assert features[0]["t0"] == 0.0 and features[-1]["t1"] == pytest.approx(60.0, abs=0.1)
+    assert features[0]["text"] == "a long talk" and features[0]["sources"] == [
+        "talks/long.mp4",
+        "talks/long.txt",
+    ]
+    # keyframes every 20 s of a minute: a sixth of the object, in block-sized GETs
+    assert got["files"] == 1 and got["bytes"] < len(silent_video) / 3
+    assert got["requests"] >= 3 and got["largest_request"] <= 256 << 10
+
+
+def test_an_object_replaced_before_decode_is_quarantined(silent_video, clips, decode_cfg, bucket, s3opts):
+    from streamtune.decode import decode_shard
+
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    url = f"{source}/talks/long.mp4"
+    storage.write_bytes(url, silent_video, s3opts)
+    storage.write_bytes(f"{source}/talks/short.mp4", clips["mp4_silent"], s3opts)
+    _, _, index, _ = _shard(source, out, s3opts)
+    storage.write_bytes(url, silent_video[: len(silent_video) // 2], s3opts)  # replaced at the source
+
+    result = decode_shard(out, index["shards"][0], f"{bucket}/features", decode_cfg, s3opts)
+    (record,) = result["quarantine"]
+    assert record["error"] == "source_changed" and record["sample_id"] == "talks/long"
+    assert record["key"] == "talks/long.mp4" and url in record["message"]
+    features = shards.read_shard_table(f"{bucket}/features", result["entry"], s3opts).to_pylist()
+    assert {r["sample_id"] for r in features} == {"talks/short"}  # nothing of the changed object
+
+
 def test_decode_reads_raw_shards_written_before_references(decode_cfg, bucket, s3opts):
     import pyarrow as pa
 
