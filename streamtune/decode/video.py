@@ -92,7 +92,7 @@ def decode_video(
     (`whisper.Transcriber`) and `clip` (`clip.ClipEmbedder`) are optional: without them segments have no
     transcript / no embeddings and tags. Raises MediaError when nothing at all decodes."""
     stats = {"frames_sampled": 0, "frames_decoded": 0, "seeks": 0, "scene_changes": 0, "audio_seconds": 0.0}
-    with open_container(src) as container:
+    with _open_video(src) as container:
         if not container.streams.video:
             raise MediaError(Reason.WRONG_CONTENT, f"no video stream in {container.format.name} container")
         has_audio = bool(container.streams.audio)
@@ -132,6 +132,26 @@ def decode_video(
     _fill(segments, speech, [s for s in samples if s.t < end], asr["language"], cfg, clip, stats)
     stats["segments"] = len(segments)
     return VideoResult(segments, end, has_audio, error, stats)
+
+
+def _open_video(src):
+    """The container; a file that looks like MP4/MOV or Matroska/WebM but does not open was cut off or
+    damaged before its index (an MP4 whose `moov` was never written): VIDEO_TRUNCATED at 0 s."""
+    try:
+        return open_container(src)
+    except MediaError as e:
+        if e.kind != Reason.UNSUPPORTED:
+            raise
+        if isinstance(src, bytes | bytearray | memoryview):
+            head = bytes(src[:12])
+        else:
+            src.seek(0)
+            head = src.read(12)
+        if head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3":
+            raise MediaError(
+                Reason.VIDEO_TRUNCATED, f"decoding stopped at 0.00 s: {e.reason}", at=0.0
+            ) from None
+        raise
 
 
 def _declared_seconds(container) -> float | None:
