@@ -99,16 +99,6 @@ class ShardConfig(Settings):
     )
 
 
-_KEY_NEUTRAL_DEFAULTS = (
-    "audio_window_seconds",
-    "max_decode_ratio",
-    "keyframe_every",
-    "scene_threshold",
-    "segment_seconds",
-    "thumbnail_width",
-)
-
-
 class DecodeConfig(Settings):
     """Decoding raw samples into features: Whisper transcripts, CLIP embeddings and zero-shot tags."""
 
@@ -205,9 +195,6 @@ class DecodeConfig(Settings):
             settings.pop("image_merge")
         if self.transcribe:  # the default: keys of earlier feature sets stay valid
             settings.pop("transcribe")
-        for name in _KEY_NEUTRAL_DEFAULTS:  # video/stream settings at defaults keep earlier keys
-            if settings.get(name) == type(self).model_fields[name].default:
-                settings.pop(name)
         settings["whisper_files"] = local_fingerprint(self.whisper_model)
         settings["clip_files"] = local_fingerprint(self.clip_pretrained)
         settings["code"] = CODE_VERSION
