@@ -132,16 +132,6 @@ def _vectors(values: list, dim: int, dtype: str) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(arr.values, dim, mask=pa.array(mask)) if mask.any() else arr
 
 
-def _frames(values: list, dim: int, dtype: str) -> pa.Array:
-    np_type = np.float16 if dtype == "float16" else np.float32
-    lengths = [0 if v is None else len(v) for v in values]
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    present = [np.asarray(v, np.float32).reshape(-1, dim) for v in values if v is not None and len(v)]
-    flat = np.concatenate(present).astype(np_type) if present else np.zeros((0, dim), np_type)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), dim)
-    return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=pa.array([v is None for v in values]))
-
-
 def _clip_dim(schema: pa.Schema) -> int | None:
     if "clip_embedding" in schema.names:
         return int(schema.field("clip_embedding").type.list_size)
@@ -153,27 +143,32 @@ def _read_part(url: str, storage_options: dict | None, columns: list[str] | None
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+ARROW_COLUMNS = ("clip_embedding", "frame_times", "frame_embeddings", "thumbnails")
+
+
 def _part_rows(
     table: pa.Table, shard_path: str, clip_dim: int | None, cfg: IndexConfig
 ) -> tuple[dict[str, list], list[str], list[str]]:
-    """Plain columns of a part (without text embeddings), the texts to embed and their hashes."""
-    rows = table.to_pylist()
+    """Plain columns of a part (vectors stay in Arrow: see `_vector_columns`), the texts to embed and their
+    hashes."""
+    rows = table.drop_columns([c for c in ARROW_COLUMNS if c in table.column_names]).to_pylist()
+    clip, frames = _row_vectors(table, clip_dim)
+    thumbs = _middle_thumbnails(table) if cfg.thumbnails else [None] * table.num_rows
     cols: dict[str, list] = {k: [] for k in ("sample_id", "segment_index", "modality", "source", "t0", "t1",
         "transcript", "segments", "language", "meta", "tags", "text_hash", "row_hash", "feature_shard",
-        "feature_row", "clip_embedding", "frame_times", "frame_embeddings", "thumbnail")}  # fmt: skip
+        "feature_row", "thumbnail")}  # fmt: skip
     texts, hashes = [], []
     for i, row in enumerate(rows):
-        kind = _modality(row)
         text = segment_text(row)
         text_hash = _hash(text)[:24]
-        thumbs = row.get("thumbnails") or []
         sources = row.get("sources") or []
         t0 = row.get("t0")
         t1 = row.get("t1") if t0 is not None else row.get("audio_seconds")
+        has_clip = clip is not None and bool(clip[1][i])
         values = {
             "sample_id": row["sample_id"],
             "segment_index": int(row.get("segment_index") or 0),
-            "modality": kind,
+            "modality": "video" if t0 is not None else _modality({**row, "clip_embedding": has_clip or None}),
             "source": sources[0] if sources else row["sample_id"],
             "t0": float(t0 or 0.0),
             "t1": float(t1) if t1 is not None else None,
@@ -185,19 +180,62 @@ def _part_rows(
             "text_hash": text_hash,
             "feature_shard": shard_path,
             "feature_row": i,
-            "clip_embedding": row.get("clip_embedding"),
-            "frame_times": row.get("frame_times"),
-            "frame_embeddings": row.get("frame_embeddings"),
-            "thumbnail": thumbs[len(thumbs) // 2] if thumbs and cfg.thumbnails else None,
+            "thumbnail": thumbs[i],
         }
-        values["row_hash"] = _hash({k: v for k, v in values.items() if k not in ("thumbnail",)}, len(thumbs))[
-            :24
-        ]
+        vectors = hashlib.sha256()
+        if has_clip:
+            vectors.update(clip[0][i].tobytes())
+        if frames is not None:
+            vectors.update(frames[0][frames[1][i] : frames[1][i + 1]].tobytes())
+        scalars = {k: v for k, v in values.items() if k not in ("thumbnail", "feature_row")}
+        values["row_hash"] = _hash(scalars, vectors.hexdigest(), thumbs[i] is not None)[:24]
         for k, v in values.items():
             cols[k].append(v)
         texts.append(text)
         hashes.append(text_hash)
     return cols, texts, hashes
+
+
+def _row_vectors(table: pa.Table, clip_dim: int | None):
+    """((N, D) clip embeddings, validity) and ((F, D) frame embeddings, row offsets), None where absent."""
+    clip = frames = None
+    if clip_dim and "clip_embedding" in table.column_names:
+        col = table.column("clip_embedding")
+        clip = (_fixed_to_numpy(col, clip_dim), np.asarray(col.is_valid()))
+    if clip_dim and "frame_embeddings" in table.column_names:
+        arr = table.column("frame_embeddings").combine_chunks()
+        off = arr.offsets.to_numpy()
+        flat = arr.flatten().flatten().to_numpy(zero_copy_only=False)
+        frames = (flat.reshape(-1, clip_dim), off - off[0])
+    return clip, frames
+
+
+def _middle_thumbnails(table: pa.Table) -> list[bytes | None]:
+    if "thumbnails" not in table.column_names:
+        return [None] * table.num_rows
+    arr = table.column("thumbnails").combine_chunks()
+    off = arr.offsets.to_numpy()
+    valid = np.asarray(arr.is_valid())
+    values = arr.values
+    out: list[bytes | None] = []
+    for i in range(len(arr)):
+        n = int(off[i + 1] - off[i])
+        out.append(values[int(off[i] + n // 2)].as_py() if valid[i] and n else None)
+    return out
+
+
+def _vector_columns(table: pa.Table, clip_dim: int, dtype: str) -> dict[str, pa.Array]:
+    """clip_embedding, frame_times, frame_embeddings of a feature table at the index's vector width."""
+    vec = pa.float16() if dtype == "float16" else pa.float32()
+    want = {"clip_embedding": pa.list_(vec, clip_dim), "frame_times": pa.list_(pa.float32()),
+            "frame_embeddings": pa.list_(pa.list_(vec, clip_dim))}  # fmt: skip
+    out = {}
+    for name, kind in want.items():
+        if name in table.column_names:
+            out[name] = table.column(name).combine_chunks().cast(kind)
+        else:
+            out[name] = pa.nulls(table.num_rows, kind)
+    return out
 
 
 def build_index(
@@ -276,15 +314,14 @@ def build_index(
             stats["embed_seconds"] += time.perf_counter() - t0
             stats["embedded"] += len(missing)
         has_text = [bool(t) for t in texts]
+        arrow = _vector_columns(table, clip_dim, cfg.vector_dtype) if clip_dim else {}
         arrays = []
         for field in out_schema:
             if field.name == "text_embedding":
                 arrays.append(_vectors([v if ok else None for v, ok in zip(vectors, has_text, strict=True)],
                                        dim, cfg.vector_dtype))  # fmt: skip
-            elif field.name == "clip_embedding":
-                arrays.append(_vectors(cols["clip_embedding"], clip_dim, cfg.vector_dtype))
-            elif field.name == "frame_embeddings":
-                arrays.append(_frames(cols["frame_embeddings"], clip_dim, cfg.vector_dtype))
+            elif field.name in arrow:
+                arrays.append(arrow[field.name])
             else:
                 arrays.append(pa.array(cols[field.name], field.type))
         part = pa.Table.from_arrays(arrays, schema=out_schema)
