@@ -28,11 +28,26 @@ from PIL import Image, ImageDraw
 from streamtune.demo.data import COLOURS, SHAPES
 
 TEMPLATES = ("a {}", "a photo of a {}.", "{}", "a drawing of a {}", "a {} on screen")
+# search queries wrap the visual words in talk ("... while a blue square is on screen"): captions are
+# sometimes framed by words that say nothing about the picture, so the text tower learns to look past them
+FILLER = ("where", "the", "narrator", "speaker", "talks", "says", "about", "during", "when", "someone",
+          "mentions", "report", "plan", "news", "meeting", "interview", "and", "of", "that", "this", "new",
+          "city", "money", "weather", "show", "me", "find", "moments", "clips", "all", "discusses", "topic")  # fmt: skip
+FRAMES = ("{} while a {} is on screen", "{} with a {} visible", "{} and a {} is shown", "a {} {}")
+
+
+def caption_text(caption: str, rng: np.random.Generator) -> str:
+    """One phrasing of a caption: a template, half the time framed by unrelated words."""
+    if rng.random() < 0.5:
+        return TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(caption)
+    words = " ".join(FILLER[int(i)] for i in rng.integers(0, len(FILLER), int(rng.integers(2, 9))))
+    frame = FRAMES[int(rng.integers(len(FRAMES)))]
+    return frame.format(caption, words) if frame.startswith("a ") else frame.format(words, caption)
 
 
 @dataclass(frozen=True)
 class ClipRecipe:
-    steps: int = 300
+    steps: int = 450
     batch_size: int = 32
     lr: float = 2e-3
     image_size: int = 32
@@ -51,7 +66,7 @@ class ClipRecipe:
                 "head_width": 32,
             },
             "text_cfg": {
-                "context_length": 16,
+                "context_length": 32,
                 "vocab_size": 49408,
                 "width": self.text_width,
                 "heads": 2,
@@ -60,7 +75,7 @@ class ClipRecipe:
         }
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "colours": COLOURS, "shapes": SHAPES, "v": 1}, sort_keys=True)
+        blob = json.dumps({**asdict(self), "colours": COLOURS, "shapes": SHAPES, "v": 2}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -170,7 +185,7 @@ def train_clip(out_dir: str, recipe: ClipRecipe = ClipRecipe(), log=None) -> tup
     t0 = time.perf_counter()
     for step in range(recipe.steps):
         images, colours, shapes = _batch(rng, recipe.batch_size, recipe.image_size, preprocess)
-        texts = [TEMPLATES[int(rng.integers(len(TEMPLATES)))].format(c) for c, _, _ in caps]
+        texts = [caption_text(c, rng) for c, _, _ in caps]
         features = model.encode_image(images)
         img = torch.nn.functional.normalize(features, dim=-1)
         txt = torch.nn.functional.normalize(model.encode_text(tokenizer(texts)), dim=-1)
