@@ -10,6 +10,8 @@ import tempfile
 from streamtune import storage
 
 ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json")
+# next to the adapter after stage align or instruct
+MULTIMODAL_FILES = ("projector.safetensors", "multimodal.json")
 
 
 def is_remote(url: str) -> bool:
@@ -30,7 +32,7 @@ def upload(
     """Copy the adapter files (and `extra` files present in `local`) to a remote `adapter_url`."""
     if not is_remote(adapter_url):
         return
-    for name in (*ADAPTER_FILES, *extra):
+    for name in (*ADAPTER_FILES, *MULTIMODAL_FILES, *extra):
         path = os.path.join(local, name)
         if os.path.exists(path):
             with open(path, "rb") as f:
