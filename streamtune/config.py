@@ -123,7 +123,7 @@ class DecodeConfig(Settings):
     max_audio_seconds: float = Field(
         3600.0,
         gt=0,
-        description="Online audio encoder in training: longer clips are quarantined (decode streams any length).",
+        description="Audio encoder tokens (media_tokens, online training) need whole clips: longer ones are quarantined; transcription streams any length.",
     )
     audio_window_seconds: float = Field(
         300.0,

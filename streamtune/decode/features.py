@@ -274,7 +274,19 @@ class Decoder:
 
     def _audio(self, src, fail) -> tuple[np.ndarray | None, Any]:
         """Short audio decoded whole (as always); a recording longer than `audio_window_seconds`, or one
-        read by reference, is left as a source to stream window by window in `_run_models`."""
+        read by reference, is left as a source to stream window by window in `_run_models`. Audio encoder
+        tokens need the whole clip: with them, recordings up to `max_audio_seconds` are decoded whole."""
+        if "audio" in self.spec:
+            try:
+                data = src if isinstance(src, bytes) else src.read()
+                return decode_audio(data, 16000, max_seconds=self.cfg.max_audio_seconds), None
+            except MediaError as e:
+                fail("audio", e.kind, e.reason)
+            except ObjectChanged as e:
+                fail("audio", Reason.SOURCE_CHANGED, str(e))
+            finally:
+                _close({"audio_src": src})
+            return None, None
         if not isinstance(src, bytes):
             return None, src
         try:
