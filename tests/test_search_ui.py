@@ -207,6 +207,12 @@ def test_search_api_json(server):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{server}api/search?q=", timeout=30)
     assert err.value.code == 400 and "empty" in json.loads(err.value.read())["error"]
+    rebound = urllib.request.Request(
+        f"{server}api/search?q={q}", headers={"Host": f"evil.example:{server.rsplit(':', 1)[1].strip('/')}"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(rebound, timeout=30)
+    assert err.value.code == 421
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,15 @@ def _params(query: str) -> tuple[str, int, list[str]]:
     return q, top, qs.get("where") or []
 
 
+def _host_allowed(host: str, address: tuple) -> bool:
+    """A page on another site may resolve its own name to 127.0.0.1 (DNS rebinding); on loopback only
+    requests naming the loopback address or localhost are answered."""
+    bound, port = str(address[0]), int(address[1])
+    if bound not in ("127.0.0.1", "::1", "localhost"):
+        return True
+    return host in {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+
+
 def make_server(
     index: Any,
     host: str = "127.0.0.1",
@@ -63,6 +72,9 @@ def make_server(
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             url = urlsplit(self.path)
+            if not _host_allowed(self.headers.get("Host", ""), self.server.server_address):
+                self._send(421, b"unknown host", "text/plain; charset=utf-8")  # DNS rebinding
+                return
             try:
                 if url.path == "/":
                     self._page(url.query)
