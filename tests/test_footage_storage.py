@@ -261,3 +261,26 @@ def test_decode_reads_raw_shards_written_before_references(decode_cfg, bucket, s
     index = decode_shards(raw, out, decode_cfg, s3opts)
     got = [r for e in index["shards"] for r in shards.read_shard_table(out, e, s3opts).to_pylist()]
     assert [r["text"] for r in got] == [f"caption {i}" for i in range(40)]
+
+
+def test_a_set_appended_to_an_older_one_streams_both(tmp_path):
+    import pyarrow as pa
+
+    from streamtune import CloudStreamingDataset
+
+    raw = str(tmp_path / "raw")
+    old_schema = pa.schema([f for f in shards.RAW_SCHEMA if f.name not in ("video", "refs")])
+    old = pa.Table.from_pylist(
+        [{"sample_id": "a", "audio": b"RIFF", "sources": ["a.wav"]}], schema=old_schema
+    )
+    ref = {"modality": "video", "key": "b.mp4", "url": "s3://x/b.mp4", "version": "e", "size": 1 << 30}
+    new = pa.Table.from_pylist(
+        [{"sample_id": "b", "sources": ["b.mp4"], "refs": [ref]}], schema=shards.RAW_SCHEMA
+    )
+    entries = [shards.write_shard(t, f"{raw}/{shards.shard_name(i)}") for i, t in enumerate([old, new])]
+    shards.commit_index(raw, entries, shards.RAW_SCHEMA)  # what an incremental run commits
+    rows = list(CloudStreamingDataset(raw))
+    assert [(r["sample_id"], r["audio"], r["refs"]) for r in rows] == [
+        ("a", b"RIFF", None),
+        ("b", None, [ref]),
+    ]

@@ -26,6 +26,8 @@ def make_rows(n, seed=0, media=(0, 3000)):
             "text": f"text {i}",
             "meta": json.dumps({"i": i}),
             "sources": [f"s{i:05d}.wav"],
+            "video": None,
+            "refs": None,
         }
         for i in range(n)
     ]

@@ -88,9 +88,39 @@ def read_index(prefix_url: str, storage_options: dict[str, Any] | None = None) -
 
 
 def decode_batch(data: bytes | memoryview | pa.Buffer, schema: pa.Schema) -> pa.RecordBatch:
-    """Decode one record batch message (as cut out by an index entry's offset/length) without the footer."""
+    """Decode one record batch message (as cut out by an index entry's offset/length) without the footer.
+
+    A batch written before columns were appended to the schema (raw shards gained `video` and `refs`; an
+    incremental run appends new shards to an older set) decodes with those columns as nulls: the message's
+    buffer count says which leading fields it holds."""
     buf = data if isinstance(data, pa.Buffer) else pa.py_buffer(data)
-    return pa.ipc.read_record_batch(pa.ipc.read_message(buf), schema)
+    message = pa.ipc.read_message(buf)
+    try:
+        return pa.ipc.read_record_batch(message, schema)
+    except pa.ArrowInvalid:
+        fields = _leading_fields(message, schema)
+        if fields is None:
+            raise
+    prefix = pa.schema(list(schema)[:fields], metadata=schema.metadata)
+    batch = pa.ipc.read_record_batch(message, prefix)
+    missing = [pa.nulls(batch.num_rows, f.type) for f in list(schema)[fields:]]
+    return pa.RecordBatch.from_arrays([*batch.columns, *missing], schema=schema)
+
+
+def _leading_fields(message: pa.ipc.Message, schema: pa.Schema) -> int | None:
+    """How many leading fields of `schema` a record batch message holds (by its buffer count), if fewer."""
+    from streamtune.shards import ipc
+
+    _, buffers, _ = ipc._message_parts(memoryview(message.metadata))
+    total = 0
+    for i, field in enumerate(schema):
+        if total == len(buffers):
+            return i
+        count = ipc._buffer_counts(field.type)
+        if count is None:
+            return None
+        total += count
+    return None
 
 
 def read_shard_table(
