@@ -3,13 +3,42 @@
 Models are resolved to local mlx-whisper folders by `whisper_convert.resolve_whisper` (hub ids,
 `offline:NAME`, CTranslate2 / OpenAI / transformers checkpoints converted once into a cache).
 
-Transcription walks each clip in 30 s windows the way Whisper does: when a window ends inside a segment
-(speech runs past its end), the open segment is dropped and the next window starts where that segment
-began, so a sentence across a window boundary is transcribed whole. That makes a clip's windows
-sequential, so long clips are first cut into pieces of about `piece_seconds` at pauses (never inside
-speech) and the pieces are walked independently. Windows of several pieces or clips are encoded and
-greedy-decoded as one batch, and segments get absolute timestamps. A batch of one is the unbatched path;
-both give the same text.
+A clip is transcribed as `mlx_whisper.transcribe(clip, temperature=0, condition_on_previous_text=False)`
+does it, and gives the same text (tests/test_whisper_reference.py; `python -m bench.whisper_reference`):
+
+- log-mel of the clip followed by 30 s of zeros, normalised over all of it (its max - 8 dB floor); a
+  window shorter than 30 s is padded with zeros in the log-mel, not with the log-mel of silence;
+- language (when none is set, on a multilingual model) detected once per clip, on the first 3000 frames
+  of that padded log-mel;
+- greedy decoding from `<|startoftranscript|><|lang|><|transcribe|>` with timestamps, up to 224 tokens, and
+  mlx-whisper's logit filters in its order: blank/end-of-text suppressed at the start, `suppress_tokens=-1`
+  (non-speech symbols and the special tokens), timestamps in pairs, the first one at most 1 s in, and
+  timestamps forced where their total probability beats every text token, judged on the logits before the
+  timestamp rules (as mlx-whisper 0.4.2 does; openai-whisper judges after them);
+- windows: skipped as silence when no-speech probability > 0.6 and average log-probability <= -1; segments
+  cut at timestamp pairs; the next window starts at the end of the window when the tokens end in a closed
+  segment, else at the last closing timestamp; zero-length and empty segments are dropped from the text.
+
+Windows of several clips are encoded and greedy-decoded as one batch (a shared KV cache with cross-attention
+keys laid out once); a window's log-mel does not depend on the batch, and a batch of one gives the same text.
+
+Deliberate differences, each only where the reference itself misbehaves or cannot batch:
+
+- Monotonic timestamps: mlx-whisper 0.4.2's rule that timestamps never go back indexes token positions
+  instead of token values, so it never masks anything; it is left out here too for identical text
+  (`monotonic_timestamps = True` applies openai-whisper's rule).
+- Loop guard: a window whose last 32+ tokens repeat with a period of at most 16 tokens (at least four
+  periods) stops there, keeps one period, and its window counts as read (`stats["loops"]`). The reference
+  at temperature 0 decodes such a loop to its 224-token cap, and its output then has a gzip compression
+  ratio over 2.4, the threshold at which `mlx_whisper.transcribe` with its default temperatures rejects it
+  and samples again. On the benchmark sentences neither side loops, so the texts are identical.
+- A window whose only segment is still open at its end (no closing timestamp) and starts 1 s or more into
+  the window, with audio after it: the next window starts where that segment began. The reference cuts the
+  sentence at the window end instead (tiny.en then loses "quick brown fox jumps over the lazy dog" spoken
+  across 30 s, tests/test_whisper.py). Only clips over 30 s can meet it.
+- Clips longer than `piece_seconds` * 1.25 are cut at pauses into pieces (never inside speech) that are
+  walked independently, so one long clip's windows batch together; each piece has its own log-mel
+  normalisation and language detection, and the clip's language is the pieces' majority by duration.
 """
 
 from __future__ import annotations
@@ -24,8 +53,14 @@ from streamtune.decode.whisper_convert import resolve_whisper
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 30
 MAX_INITIAL_TIMESTAMP = 50  # 1 s in 20 ms steps, Whisper's default
-MAX_TOKENS_PER_SECOND = 10  # fast speech is ~4 text tokens/s plus two timestamps per segment
 FRAME = SAMPLE_RATE // 50  # 20 ms
+HOP_LENGTH = 160  # samples per mel frame
+N_FRAMES = WINDOW_SECONDS * SAMPLE_RATE // HOP_LENGTH  # mel frames in a window
+INPUT_STRIDE = 2  # mel frames per timestamp step
+NO_SPEECH_THRESHOLD = 0.6  # mlx_whisper.transcribe's defaults for skipping a silent window
+LOGPROB_THRESHOLD = -1.0
+LOOP_MIN_SPAN = 32  # loop guard: this many tokens repeating with a period of at most LOOP_MAX_PERIOD
+LOOP_MAX_PERIOD = 16
 
 
 def split_at_pauses(
@@ -135,10 +170,44 @@ def decoder_step(model, tokens, cross: list, cache: list | None):
     return dec.token_embedding.as_linear(dec.ln(h)), new_cache
 
 
+class _Piece:
+    """One independently walked stretch of a clip: its log-mel (reference layout) and where it has got to."""
+
+    def __init__(self, clip: int, start: int, audio: np.ndarray, language: str | None):
+        self.clip, self.start, self.audio, self.language = clip, start, audio, language
+        self.frames = audio.size // HOP_LENGTH  # content frames, as mlx_whisper counts them
+        self.seek = 0
+        self.mel = None
+        self.tokens: list[int] = []
+        self.segments: list[tuple[float, float, str]] = []
+        self.seconds = 0.0  # audio that counted towards the language vote
+
+
+def repeating_tail(
+    tokens: list[int], min_span: int = LOOP_MIN_SPAN, max_period: int = LOOP_MAX_PERIOD
+) -> int | None:
+    """Where a repetition loop at the end of `tokens` starts (one period kept), or None: the last
+    max(min_span, 4 x period) tokens repeat with a period of at most `max_period` tokens."""
+    n = len(tokens)
+    for p in range(1, max_period + 1):
+        span = max(min_span, 4 * p)
+        if n < span:
+            continue
+        tail = tokens[n - span :]
+        if tail[:-p] == tail[p:]:
+            start = n - span
+            while start > 0 and tokens[start - 1] == tokens[start - 1 + p]:
+                start -= 1
+            return start + p
+    return None
+
+
 class Transcriber:
-    """Batched greedy Whisper transcription of 16 kHz mono float32 arrays."""
+    """Batched greedy Whisper transcription of 16 kHz mono float32 arrays (see the module docstring)."""
 
     piece_seconds = 120.0  # long clips are cut at pauses into pieces of about this length (see module doc)
+    loop_guard = True  # stop a window at a repetition loop (see module doc); False: decode to the token cap
+    monotonic_timestamps = False  # openai-whisper's rule; mlx-whisper 0.4.2 leaves it out (see module doc)
 
     def __init__(
         self, model: str, language: str | None = None, batch_size: int = 8, cache_dir: str | None = None
@@ -163,108 +232,177 @@ class Transcriber:
             "audio_seconds": 0.0,
             "model_seconds": 0.0,
             "encoder_seconds": 0.0,
+            "loops": 0,
         }
 
-    def transcribe(self, audios: list[np.ndarray]) -> list[dict]:
-        """One dict per clip: text, segments [{start, end, text}] in seconds, language, seconds."""
+    def transcribe(self, audios: list[np.ndarray], languages: list[str | None] | None = None) -> list[dict]:
+        """One dict per clip: text, segments [{start, end, text}] in seconds, language, seconds.
+        `languages`: one per clip (None: detected) instead of the transcriber's `language`."""
         audios = [np.asarray(a, dtype=np.float32).reshape(-1) for a in audios]
-        step = WINDOW_SECONDS * SAMPLE_RATE
-        sliver = SAMPLE_RATE // 50  # a trailing piece under 20 ms is not worth a window
+        if not self.model.is_multilingual:
+            langs = ["en"] * len(audios)
+        else:
+            langs = list(languages) if languages is not None else [self.language] * len(audios)
         results = [
-            {"text": "", "segments": [], "language": self.language, "seconds": a.size / SAMPLE_RATE}
-            for a in audios
+            {"text": "", "segments": [], "language": lang, "seconds": a.size / SAMPLE_RATE}
+            for a, lang in zip(audios, langs, strict=True)
         ]
-        votes: list[dict[str, int]] = [{} for _ in audios]
-        pieces = []  # [clip, seek, end] in samples, in clip order
+        pieces: list[_Piece] = []
         for i, a in enumerate(audios):
             bounds = [0, *split_at_pauses(a, self.piece_seconds), a.size]
-            pieces += [[i, lo, hi] for lo, hi in zip(bounds, bounds[1:], strict=False) if hi - lo >= sliver]
-        found: list[list[tuple[float, float, str]]] = [[] for _ in pieces]
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                if (hi - lo) // HOP_LENGTH > 0:
+                    pieces.append(_Piece(i, lo, a[lo:hi], langs[i]))
         todo = list(range(len(pieces)))
         while todo:
             # one window per piece and round: where a piece's next window starts depends on this one
-            batch = todo[: self.batch_size]
-            chunks = [
-                audios[pieces[p][0]][pieces[p][1] : min(pieces[p][1] + step, pieces[p][2])] for p in batch
+            batch = [pieces[p] for p in todo[: self.batch_size]]
+            for piece, res in zip(batch, self._decode_batch(batch), strict=True):
+                self._advance(piece, res)
+                if piece.seek >= piece.frames:
+                    piece.mel = piece.audio = None
+            todo = [p for p in todo if pieces[p].seek < pieces[p].frames]
+        tokens: list[list[int]] = [[] for _ in audios]
+        votes: list[dict[str, float]] = [{} for _ in audios]
+        for piece in pieces:
+            offset = piece.start / SAMPLE_RATE
+            end = offset + piece.frames * HOP_LENGTH / SAMPLE_RATE
+            results[piece.clip]["segments"] += [
+                {"start": round(min(offset + a, end), 2), "end": round(min(offset + b, end), 2), "text": t}
+                for a, b, t in piece.segments
             ]
-            for p, chunk, (res, segments) in zip(batch, chunks, self._decode_batch(chunks), strict=True):
-                i, at, end = pieces[p]
-                advance = chunk.size
-                open_start = segments[-1][0] if segments and not segments[-1][3] else 0.0
-                if at + chunk.size < end and open_start >= 1.0:
-                    segments = segments[:-1]  # speech runs on past the window: redo it from its start
-                    advance = int(round(open_start * SAMPLE_RATE))
-                pieces[p][1] += advance
-                if res["no_speech_prob"] > 0.6 and res["avg_logprob"] < -1.0:
-                    continue  # silence: Whisper's own no-speech rule
-                votes[i][res["language"]] = votes[i].get(res["language"], 0) + advance
-                offset, stop = at / SAMPLE_RATE, (at + chunk.size) / SAMPLE_RATE
-                found[p] += [(offset + a, min(offset + b, stop), text) for a, b, text, _ in segments if text]
-            todo = [p for p in todo if pieces[p][2] - pieces[p][1] >= sliver]
-        for (i, _, _), segments in zip(pieces, found, strict=True):
-            results[i]["segments"] += [
-                {"start": round(a, 2), "end": round(b, 2), "text": t} for a, b, t in segments
-            ]
-            if segments:
-                results[i]["text"] = " ".join([results[i]["text"], *(t for _, _, t in segments)]).strip()
-        for i, v in enumerate(votes):
-            if v:
-                results[i]["language"] = max(v, key=v.get)
+            tokens[piece.clip] += piece.tokens
+            votes[piece.clip][piece.language] = votes[piece.clip].get(piece.language, 0.0) + piece.frames
+        for i, res in enumerate(results):
+            res["text"] = self.tokenizer.decode(tokens[i]).strip()
+            if votes[i]:
+                res["language"] = max(votes[i], key=votes[i].get)
         self.stats["audio_seconds"] += sum(r["seconds"] for r in results)
         return results
 
-    def _decode_batch(self, chunks: list[np.ndarray]) -> list[tuple[dict, list]]:
-        """Encode a batch of windows at once, then greedy-decode them together with a shared KV cache.
+    def _advance(self, piece: _Piece, res: dict) -> None:
+        """mlx_whisper.transcribe's bookkeeping after one window: skip silence, cut the tokens into segments
+        at timestamp pairs, and seek to the end of the window or to the last closed segment."""
+        tok = self.tokenizer
+        size = min(N_FRAMES, piece.frames - piece.seek)
+        offset = piece.seek * HOP_LENGTH / SAMPLE_RATE
+        if res["no_speech_prob"] > NO_SPEECH_THRESHOLD and not res["avg_logprob"] > LOGPROB_THRESHOLD:
+            piece.seek += size
+            return
+        tokens = res["tokens"]
+        stamp = [t >= tok.timestamp_begin for t in tokens]
+        single_ending = stamp[-2:] == [False, True]
+        consecutive = [k + 1 for k in range(len(tokens) - 1) if stamp[k] and stamp[k + 1]]
+        spans = []  # (start, end, tokens)
+        if consecutive:
+            slices = consecutive + ([len(tokens)] if single_ending else [])
+            last = 0
+            for cut in slices:
+                part = tokens[last:cut]
+                spans.append(
+                    ((part[0] - tok.timestamp_begin) * 0.02, (part[-1] - tok.timestamp_begin) * 0.02, part)
+                )
+                last = cut
+            advance = size if single_ending else (tokens[last - 1] - tok.timestamp_begin) * INPUT_STRIDE
+        else:
+            duration = size * HOP_LENGTH / SAMPLE_RATE
+            stamps = [t for t, s in zip(tokens, stamp, strict=True) if s]
+            if stamps and stamps[-1] != tok.timestamp_begin:
+                duration = (stamps[-1] - tok.timestamp_begin) * 0.02
+            advance = size
+            first = stamps[0] - tok.timestamp_begin if stamps and stamp[0] else 0
+            if (
+                not single_ending
+                and not res["looped"]
+                and piece.seek + size < piece.frames
+                and first >= MAX_INITIAL_TIMESTAMP
+            ):
+                # deliberate difference (module doc): the window's only segment is still open at its end;
+                # start the next window where that segment began instead of cutting it at the window end
+                piece.seek += first * INPUT_STRIDE
+                return
+            spans.append((0.0, duration, tokens))
+        if advance <= 0:  # a closed segment at 0.00 s only: the reference would decode this window forever
+            advance = size
+        piece.seek += advance
+        for start, end, part in spans:
+            text = [t for t in part if t < tok.eot]
+            words = tok.decode(text).strip()
+            if start == end or not words:
+                continue  # mlx_whisper blanks these and leaves their tokens out of the text
+            piece.tokens += text
+            piece.segments.append((offset + start, offset + end, words))
+
+    def _sot(self, language: str) -> list[int]:
+        tok = self.tokenizer
+        if not self.model.is_multilingual:
+            return list(tok.sot_sequence)
+        return [tok.sot, tok.to_language_token(language), tok.transcribe]
+
+    def _decode_batch(self, batch: list[_Piece]) -> list[dict]:
+        """Encode one window of each piece at once, then greedy-decode them together with a shared KV cache.
 
         Rows that reach end-of-text leave the batch (their cache rows are dropped), so a long window
         does not make the finished ones pay for extra steps.
         """
         import mlx.core as mx
         from mlx.utils import tree_map
-        from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram, pad_or_trim
+        from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
         from mlx_whisper.decoding import detect_language
 
         t0 = time.perf_counter()
         tok = self.tokenizer
         n_mels = self.model.dims.n_mels
-        mel = mx.stack(
-            [log_mel_spectrogram(pad_or_trim(mx.array(c), N_SAMPLES), n_mels=n_mels) for c in chunks]
-        )
-        features = self.model.encoder(mel)
+        segments, detect = [], []
+        for piece in batch:
+            if piece.mel is None:  # mlx_whisper's layout: mel of the audio + 30 s of zeros, (frames, n_mels)
+                piece.mel = log_mel_spectrogram(mx.array(piece.audio), n_mels=n_mels, padding=N_SAMPLES)
+            size = min(N_FRAMES, piece.frames - piece.seek)
+            seg = piece.mel[piece.seek : piece.seek + size]
+            segments.append(mx.pad(seg, [(0, N_FRAMES - size), (0, 0)]) if size < N_FRAMES else seg)
+            if piece.language is None and self.model.is_multilingual:
+                detect.append(piece)
+        features = self.model.encoder(mx.stack(segments))
+        if detect:
+            # mlx_whisper detects once per clip, on the first 30 s of the padded mel (zeros' log-mel, not
+            # zeros, past the end of a short clip)
+            detect_features = self.model.encoder(mx.stack([p.mel[:N_FRAMES] for p in detect]))
+            _, probs = detect_language(self.model, detect_features, tok)
+            for piece, p in zip(detect, probs, strict=True):
+                piece.language = max(p, key=p.get)
         mx.eval(features)
         self.stats["encoder_seconds"] += time.perf_counter() - t0
-        n = len(chunks)
-        initial = np.tile(np.array(tok.sot_sequence, dtype=np.int64), (n, 1))
-        languages = [self.language or "en"] * n
-        if self.model.is_multilingual and self.language is None:
-            lang_tokens, lang_probs = detect_language(self.model, features, tok)
-            languages = [max(p, key=p.get) for p in lang_probs]
-            initial[:, 1] = np.array(lang_tokens)
+        n = len(batch)
+        initial = np.array([self._sot(p.language) for p in batch], dtype=np.int64)
         sample_begin = initial.shape[1]
-        # Whisper's cap is n_text_ctx // 2 tokens a window; short windows get a proportional cap, so a
-        # repetition loop on a 2 s clip costs a few dozen steps, not hundreds.
-        limit = [min(self.model.dims.n_text_ctx // 2, 16 + int(MAX_TOKENS_PER_SECOND * c.size / SAMPLE_RATE))
-                 for c in chunks]  # fmt: skip
+        sot_index = 0
+        limit = self.model.dims.n_text_ctx // 2  # mlx_whisper's sample_len
         tokens = [list(map(int, row)) for row in initial]
         sum_logprobs = np.zeros(n)
         no_speech = np.full(n, np.nan)
+        looped = [False] * n
         active = list(range(n))
         x, cache, cross = mx.array(initial), None, cross_attention_cache(self.model, features)
         while active:
             logits, cache = decoder_step(self.model, x, cross, cache)
             if x.shape[1] > 1 and self._no_speech is not None:
-                first = np.array(logits[:, tok.sot_sequence.index(tok.sot)].astype(mx.float32))
+                first = np.array(logits[:, sot_index].astype(mx.float32))
                 no_speech[active] = _softmax(first)[:, self._no_speech]
             last = np.array(logits[:, -1].astype(mx.float32))
-            last = self._filter(last, [tokens[i] for i in active], sample_begin)
+            last = self._filter(last, [tokens[i][sample_begin:] for i in active])
             nxt = last.argmax(axis=-1)
             logprobs = last[np.arange(len(active)), nxt] - _logsumexp(last)
             keep = []
             for j, i in enumerate(active):
                 tokens[i].append(int(nxt[j]))
                 sum_logprobs[i] += logprobs[j]
-                if nxt[j] != tok.eot and len(tokens[i]) < sample_begin + limit[i]:
-                    keep.append(j)
+                if nxt[j] == tok.eot or len(tokens[i]) >= sample_begin + limit:
+                    continue
+                if self.loop_guard and (cut := repeating_tail(tokens[i][sample_begin:])) is not None:
+                    del tokens[i][sample_begin + cut :]
+                    looped[i] = True
+                    continue
+                keep.append(j)
             if len(keep) < len(active) and keep:
                 rows = mx.array(keep)
                 cache, cross = tree_map(lambda a, rows=rows: a[rows], (cache, cross))
@@ -272,19 +410,22 @@ class Transcriber:
             x = mx.array([[tokens[i][-1]] for i in active]) if active else x
         self.stats["windows"] += n
         self.stats["batches"] += 1
+        self.stats["loops"] += sum(looped)
         self.stats["model_seconds"] += time.perf_counter() - t0
         out = []
         for i in range(n):
             sampled = tokens[i][sample_begin:]
-            if sampled and sampled[-1] == tok.eot:
-                sampled = sampled[:-1]
-            res = {
-                "tokens": sampled,
-                "language": languages[i],
-                "avg_logprob": float(sum_logprobs[i] / (len(sampled) + 1)),
-                "no_speech_prob": float(no_speech[i]),
-            }
-            out.append((res, self._segments(sampled)))
+            if tok.eot in sampled:
+                sampled = sampled[: sampled.index(tok.eot)]
+            out.append(
+                {
+                    "tokens": sampled,
+                    "language": batch[i].language,
+                    "avg_logprob": float(sum_logprobs[i] / (len(sampled) + 1)),
+                    "no_speech_prob": float(no_speech[i]),
+                    "looped": looped[i],
+                }
+            )
         return out
 
     @property
@@ -306,60 +447,40 @@ class Transcriber:
             }
             if self._no_speech is not None:
                 ids.add(self._no_speech)
-            if tok.no_timestamps is not None:
-                ids.add(tok.no_timestamps)
             mask = np.zeros(self.model.dims.n_vocab, np.float32)
             mask[sorted(ids)] = -np.inf
             self._mask = mask
         return self._mask
 
-    def _filter(self, logits: np.ndarray, seqs: list[list[int]], sample_begin: int) -> np.ndarray:
-        """Whisper's greedy logit rules: suppressed tokens, no blank start, paired monotonic timestamps."""
+    def _filter(self, logits: np.ndarray, seqs: list[list[int]]) -> np.ndarray:
+        """mlx_whisper's greedy logit filters, in its order: SuppressBlank, SuppressTokens,
+        ApplyTimestampRules. `seqs` are the sampled tokens of each row (all the same length)."""
         tok = self.tokenizer
         ts, eot = tok.timestamp_begin, tok.eot
         logits = logits + self._suppress_mask()
+        start = not seqs[0]
+        if start:
+            logits[:, tok.encode(" ") + [eot]] = -np.inf
+        mask = np.zeros_like(logits)
+        if tok.no_timestamps is not None:
+            mask[:, tok.no_timestamps] = -np.inf
         for k, seq in enumerate(seqs):
-            sampled = seq[sample_begin:]
-            row = logits[k]
-            if not sampled:
-                row[tok.encode(" ") + [eot]] = -np.inf
-                row[:ts] = -np.inf  # the first token is a timestamp, at most 1 s in
-                row[ts + MAX_INITIAL_TIMESTAMP + 1 :] = -np.inf
-                continue
-            last_ts = sampled[-1] >= ts
-            penultimate_ts = len(sampled) < 2 or sampled[-2] >= ts
+            last_ts = len(seq) >= 1 and seq[-1] >= ts
+            penultimate_ts = len(seq) < 2 or seq[-2] >= ts
             if last_ts:
                 if penultimate_ts:
-                    row[ts:] = -np.inf  # a pair just closed: text must follow
+                    mask[k, ts:] = -np.inf  # a pair just closed: text must follow
                 else:
-                    row[:eot] = -np.inf  # a segment just ended: timestamp or end of text
-            stamps = [t for t in sampled if t >= ts]
-            if stamps:
-                floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
-                row[ts:floor] = -np.inf  # timestamps never go back; segments have nonzero length
-            logprobs = row - _logsumexp(row[None])[0]
-            if _logsumexp(logprobs[None, ts:])[0] > logprobs[:ts].max():
-                row[:ts] = -np.inf  # timestamps together outweigh any single text token
-        return logits
-
-    def _segments(self, tokens: list[int]) -> list[tuple[float, float, str, bool]]:
-        """Split a window's tokens at timestamp tokens into (start, end, text, closed) tuples. The last one is
-        open (closed=False) when the window ended inside it: text with no closing timestamp, or a start
-        timestamp with nothing after it (the model saw speech begin there but not end)."""
-        begin = self.tokenizer.timestamp_begin
-        segments, text, start = [], [], None
-        for t in tokens:
-            if t >= begin:
-                seconds = (t - begin) * 0.02
-                if start is not None and text:
-                    segments.append((start, seconds, self.tokenizer.decode(text).strip(), True))
-                    text, start = [], None
-                else:
-                    start = seconds
-            elif t < self.tokenizer.eot:
-                text.append(t)
-        segments = [s for s in segments if s[2]]
-        words = self.tokenizer.decode(text).strip() if text else ""
-        if words or (start is not None and segments and start > segments[-1][0]):
-            segments.append((start or 0.0, float(WINDOW_SECONDS), words, False))
-        return segments
+                    mask[k, :eot] = -np.inf  # a segment just ended: timestamp or end of text
+            if self.monotonic_timestamps:
+                stamps = [t for t in seq if t >= ts]
+                if stamps:
+                    floor = stamps[-1] if last_ts and not penultimate_ts else stamps[-1] + 1
+                    mask[k, ts:floor] = -np.inf
+        if start:
+            mask[:, :ts] = -np.inf  # the first token is a timestamp, at most 1 s in
+            mask[:, ts + MAX_INITIAL_TIMESTAMP + 1 :] = -np.inf
+        # timestamps together outweigh any single text token: judged before this filter's own mask
+        logprobs = logits - _logsumexp(logits)[:, None]
+        mask[_logsumexp(logprobs[:, ts:]) > logprobs[:, :ts].max(axis=-1), :ts] = -np.inf
+        return logits + mask
