@@ -133,6 +133,7 @@ class Index:
         self._frames: tuple[np.ndarray, np.ndarray] | None = None
         self._thumbs: dict[str, list] = {}
         self._query_cache: dict[str, np.ndarray] = {}
+        self._fields: dict[str, tuple[np.ndarray, dict[str, int]]] = {}
         self.signals: dict[str, tuple[Signal, float]] = {}
         self._tmp = None
         self.lexical = self._open_lexical() if manifest.get("lexical") else None
@@ -228,17 +229,30 @@ class Index:
         mask = np.ones(self.n, bool)
         for name, want in where.items():
             if name == "tag":
-                got = [want in (tags or []) for tags in self.column("tags")]
-            elif name in BUILTIN_FIELDS:
-                got = [str(v) == want for v in self.column(name)]
+                mask &= np.array([want in (tags or []) for tags in self.column("tags")], bool)
+            else:
+                codes, lookup = self.field_codes(name)
+                mask &= codes == lookup.get(want, -1)
+        return mask
+
+    def field_codes(self, name: str) -> tuple[np.ndarray, dict[str, int]]:
+        """A field's value per row as a code into {text: code} (-2 where a row lacks it), computed once per
+        field: a filter is then one integer comparison (1M rows: ~1 ms instead of a Python pass)."""
+        if name not in self._fields:
+            if name in BUILTIN_FIELDS:
+                values = [None if v is None else str(v) for v in self.column(name)]
             else:
                 metas = self.meta()
                 if self.n and not any(name in m for m in metas):
                     known = sorted({k for m in metas for k in m} | set(BUILTIN_FIELDS))
                     raise SearchError(f"unknown filter field {name!r}; known: {', '.join(known)}")
-                got = [name in m and _text(m[name]) == want for m in metas]
-            mask &= np.array(got, bool)
-        return mask
+                values = [_text(m[name]) if name in m else None for m in metas]
+            lookup: dict[str, int] = {}
+            codes = np.array(
+                [-2 if v is None else lookup.setdefault(v, len(lookup)) for v in values], np.int32
+            )
+            self._fields[name] = (codes, lookup)
+        return self._fields[name]
 
     # -- search --------------------------------------------------------------------------------------
     def search(
