@@ -155,7 +155,8 @@ def transcripts(tiny_dir, clips):
 def test_espeak_speech_keywords_tiny_en(transcripts):
     out = transcripts[0]
     assert "world" in out[0]["text"].lower() and "test" in out[0]["text"].lower()
-    assert "fox" in out[1]["text"].lower() and "dog" in out[1]["text"].lower()
+    # tiny.en hears "the quick roundfire stump over the lazy dog", as mlx_whisper.transcribe does
+    assert "quick" in out[1]["text"].lower() and "dog" in out[1]["text"].lower()
     for r in out:
         assert r["language"] == "en" and r["segments"]
         for s in r["segments"]:
