@@ -19,6 +19,12 @@ does it, and gives the same text (tests/test_whisper_reference.py; `python -m be
   cut at timestamp pairs; the next window starts at the end of the window when the tokens end in a closed
   segment, else at the last closing timestamp; zero-length and empty segments are dropped from the text.
 
+Measured with `python -m bench.whisper_reference` (espeak-ng sentences): tiny.en, 10 English clips: 10/10
+identical to the reference (before these rules: 6/10, word error rate 0.16 against the spoken words where
+the reference has 0.13); base, one clip each of en/de/es/fr/it: 5/5 identical (before: 1/5, 21 % of
+characters differing), detected language 5/5 the reference's. Parity is not accuracy: on those base
+clips the reference's word error rate is 0.41 and the earlier padding (log-mel of silence) gave 0.33.
+
 Windows of several clips are encoded and greedy-decoded as one batch (a shared KV cache with cross-attention
 keys laid out once); a window's log-mel does not depend on the batch, and a batch of one gives the same text.
 
