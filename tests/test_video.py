@@ -166,6 +166,14 @@ def test_truncated_video_keeps_segments_before_the_damage(footage, decoder):
     assert bad.value.kind == Reason.UNSUPPORTED
 
 
+def test_a_shard_with_nothing_decodable_gives_an_empty_feature_table(models):
+    decoder = Decoder(make_cfg(models, transcribe=False))
+    rows = [{"sample_id": "v/x", "video": b"not a video at all", "sources": ["v/x.mp4"]}]
+    table, quarantine = decoder.decode_table(raw_rows(rows))
+    assert table.num_rows == 0 and table.schema == decoder.schema()
+    assert [q["error"] for q in quarantine] == [Reason.UNSUPPORTED.value]
+
+
 def test_feature_rows_one_per_segment(footage, models):
     decoder = Decoder(make_cfg(models, transcribe=False))  # transcripts: test above
     meta = json.dumps({"speaker": "ana"})

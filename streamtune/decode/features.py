@@ -493,7 +493,7 @@ def _video_columns(rows: list[dict], dim: int) -> dict:
     ]
     values = np.concatenate(flat) if flat else np.zeros((0, dim), np.float32)
     frames = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float32()), dim)
-    mask = pa.array([not v for v in is_video])
+    mask = pa.array([not v for v in is_video], pa.bool_())  # typed: a shard can decode to no rows
     return {
         "segment_index": [r.get("segment_index") for r in rows],
         "t0": [r.get("t0") for r in rows],
