@@ -275,7 +275,7 @@ def test_long_audio_is_transcribed_by_windows(models):
     transcribe_long(models, 62.0, [(4.0, "hello world"), (27.0, "good morning"), (50.0, "thank you")], 20.0)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 10 min of speech through Whisper: a minute idle
 def test_ten_minutes_are_transcribed_by_windows(models):
     words = [(30.0, "hello world"), (301.0, "good morning"), (575.0, "thank you")]
     transcribe_long(models, 600.0, words, 60.0)
@@ -327,7 +327,7 @@ def test_clip_batches_give_the_same_frames(footage, models):
         assert np.allclose(x.frame_embeddings, y.frame_embeddings, atol=1e-5)
 
 
-@pytest.mark.slow  # ~160 s here: two pipeline runs, one in a fresh process (the fast twin is above)
+@pytest.mark.heavy  # ~160 s here: two pipeline runs, one in a fresh process (the fast twin is above)
 def test_pipeline_run_failing_mid_decode_then_retried_keeps_every_segment_once(tmp_path, models, monkeypatch):
     import subprocess
     import sys

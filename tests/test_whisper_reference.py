@@ -74,7 +74,7 @@ def test_tiny_en_matches_mlx_whisper(cache):
     assert starts == sorted(starts) and any(s > 25 for s in starts)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # offline:base on four languages: about a minute idle, ten on a busy machine
 def test_base_matches_mlx_whisper_in_four_languages(cache):
     langs = list(OTHERS)
     clips = [voice(OTHERS[lang], lang) for lang in langs]
