@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from streamtune.demo.data import COLOURS, SHAPES
+from streamtune.demo.data import COLOURS, SHAPES, draw_shape
 
 TEMPLATES = ("a {}", "a photo of a {}.", "{}", "a drawing of a {}", "a {} on screen")
 # search queries wrap the visual words in talk ("... while a blue square is on screen"): captions are
@@ -104,16 +104,8 @@ def drawing(colour: str, shape: str, rng: np.random.Generator, size: int) -> Ima
     s = max(6, int(size * rng.uniform(0.2, 0.85)))
     x0, y0 = (int(rng.integers(0, max(1, size - s))) for _ in range(2))
     fill = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[colour])
-    if shape == "circle":
-        d.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
-    elif shape == "square":
-        d.rectangle([x0, y0, x0 + s, y0 + s], fill=fill)
-    elif shape == "triangle":
-        d.polygon([(x0 + s // 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=fill)
-    else:
-        w = max(int(s * rng.uniform(0.1, 0.2)), 1)
-        d.rectangle([x0 + s // 2 - w, y0, x0 + s // 2 + w, y0 + s], fill=fill)
-        d.rectangle([x0, y0 + s // 2 - w, x0 + s, y0 + s // 2 + w], fill=fill)
+    bar = max(int(s * rng.uniform(0.1, 0.2)), 1) if shape == "cross" else 0  # drawn only for a cross
+    draw_shape(d, shape, x0, y0, s, fill, bar)
     if rng.random() < 0.3:
         d.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 10))), "text", fill=(90, 90, 90))
     noise = rng.normal(0, rng.uniform(0, 14), (size, size, 3))

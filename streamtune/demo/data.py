@@ -42,6 +42,19 @@ def speak(text: str, voice: str = "en-us", speed: int = 150) -> tuple[np.ndarray
     return audio, rate
 
 
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, s: int, fill, bar: int = 0) -> None:
+    """One of SHAPES in the s x s box at (x0, y0); a cross's arms are 2 * bar wide."""
+    if shape == "circle":
+        d.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
+    elif shape == "square":
+        d.rectangle([x0, y0, x0 + s, y0 + s], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(x0 + s // 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=fill)
+    else:
+        d.rectangle([x0 + s // 2 - bar, y0, x0 + s // 2 + bar, y0 + s], fill=fill)
+        d.rectangle([x0, y0 + s // 2 - bar, x0 + s, y0 + s // 2 + bar], fill=fill)
+
+
 def draw(shape: str, colour: str, size: int = 224) -> Image.Image:
     img = Image.new("RGB", (size, size), (250, 250, 250))
     d = ImageDraw.Draw(img)

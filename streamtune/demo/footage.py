@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from streamtune.demo.data import COLOURS, SHAPES
+from streamtune.demo.data import COLOURS, SHAPES, draw_shape
 
 FORMATS = {  # container -> (video codec, audio codec)
     "mp4": ("libx264", "aac"),
@@ -38,16 +38,7 @@ def frame(shot: Shot, t: float, size: tuple[int, int]) -> np.ndarray:
     x0 = int((w - s) * ((t / 4.0) % 1.0))
     y0 = (h - s) // 2
     fill = COLOURS[shot.colour]
-    if shot.shape == "circle":
-        d.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
-    elif shot.shape == "square":
-        d.rectangle([x0, y0, x0 + s, y0 + s], fill=fill)
-    elif shot.shape == "triangle":
-        d.polygon([(x0 + s // 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=fill)
-    else:
-        bar = max(s // 7, 2)
-        d.rectangle([x0 + s // 2 - bar, y0, x0 + s // 2 + bar, y0 + s], fill=fill)
-        d.rectangle([x0, y0 + s // 2 - bar, x0 + s, y0 + s // 2 + bar], fill=fill)
+    draw_shape(d, shot.shape, x0, y0, s, fill, bar=max(s // 7, 2))
     return np.asarray(img)
 
 

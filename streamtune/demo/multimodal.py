@@ -21,7 +21,7 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-from streamtune.demo.data import COLOURS, SHAPES
+from streamtune.demo.data import COLOURS, SHAPES, draw_shape
 
 IMAGE_QUESTION = "What does this picture show?"
 AUDIO_QUESTION = "What shape and colour do you hear?"
@@ -38,16 +38,7 @@ def render(shape: str, colour: str, rng: np.random.Generator, size: int = 224) -
     s = int(size * rng.uniform(0.35, 0.75))
     x0, y0 = (int(rng.integers(2, size - s - 2)) for _ in range(2))
     fill = COLOURS[colour]
-    if shape == "circle":
-        d.ellipse([x0, y0, x0 + s, y0 + s], fill=fill)
-    elif shape == "square":
-        d.rectangle([x0, y0, x0 + s, y0 + s], fill=fill)
-    elif shape == "triangle":
-        d.polygon([(x0 + s // 2, y0), (x0 + s, y0 + s), (x0, y0 + s)], fill=fill)
-    else:
-        w = max(s // 7, 2)
-        d.rectangle([x0 + s // 2 - w, y0, x0 + s // 2 + w, y0 + s], fill=fill)
-        d.rectangle([x0, y0 + s // 2 - w, x0 + s, y0 + s // 2 + w], fill=fill)
+    draw_shape(d, shape, x0, y0, s, fill, bar=max(s // 7, 2))
     noise = rng.normal(0, rng.uniform(0, 12), (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
 
