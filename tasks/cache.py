@@ -25,7 +25,12 @@ STAGE_CODE = {
     "decode": ["streamtune/decode", "streamtune/shards", "streamtune/stream"],
     "train": ["streamtune/train", "streamtune/stream"],
     "export": ["streamtune/export", "streamtune/train"],
-    "index": ["streamtune/search/index.py", "streamtune/search/embed.py", "streamtune/search/lexical.py"],
+    "index": [
+        "streamtune/search/index.py",
+        "streamtune/search/embed.py",
+        "streamtune/search/lexical.py",
+        "streamtune/search/ann.py",
+    ],
 }
 
 _ROOT = Path(__file__).resolve().parent.parent

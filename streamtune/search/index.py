@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from streamtune import storage
 from streamtune.config import IndexConfig
-from streamtune.search import lexical
+from streamtune.search import ann, lexical
 from streamtune.shards.index import read_index, read_shard_table
 
 FORMAT = "streamtune-search-index"
@@ -340,6 +340,9 @@ def build_index(
     parts.sort(key=lambda p: p["source"]["path"])
     stats["rows"] = sum(int(p["rows"]) for p in parts)
 
+    t_ann = time.perf_counter()
+    ann_entry = _ann(out_url, parts, old if same_settings else None, cfg, dim, clip_dim, storage_options)
+    stats["ann_seconds"] = round(time.perf_counter() - t_ann, 3)
     lex = _lexical(out_url, parts, old, storage_options)
     counts: dict[str, int] = {}
     for p in parts:
@@ -359,9 +362,10 @@ def build_index(
         "vector_dtype": cfg.vector_dtype,
         "parts": parts,
         "lexical": lex,
+        "ann": ann_entry,
         "rows": stats["rows"],
         "modalities": counts,
-        "bytes": sum(int(p["bytes"]) for p in parts) + int(lex["bytes"]),
+        "bytes": sum(int(p["bytes"]) for p in parts) + int(lex["bytes"]) + _ann_bytes(ann_entry),
         "stats": stats | {"seconds": round(time.perf_counter() - t_start, 3)},
     }
     storage.write_json(storage.join(out_url, MANIFEST), manifest, storage_options)
@@ -415,8 +419,9 @@ def _remove_unlisted(out_url: str, old: dict | None, new: dict, storage_options:
     """Delete files the previous manifest listed and the new one does not (after the new one is committed)."""
     if not old:
         return
-    keep = {p["path"] for p in new["parts"]} | {new["lexical"]["path"]}
+    keep = {p["path"] for p in new["parts"]} | {new["lexical"]["path"]} | set(_ann_files(new.get("ann")))
     gone = [p["path"] for p in old.get("parts", [])] + [(old.get("lexical") or {}).get("path")]
+    gone += _ann_files(old.get("ann"))
     fs, root = storage.get_fs(out_url, storage_options)
     for rel in gone:
         if rel and rel not in keep:
@@ -424,3 +429,92 @@ def _remove_unlisted(out_url: str, old: dict | None, new: dict, storage_options:
                 fs.rm_file(posixpath.join(root, rel) if "://" in out_url else os.path.join(root, rel))
             except FileNotFoundError:
                 pass
+
+
+def part_vectors(table: pa.Table, kind: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A part's vectors of one kind and the part row of each: `text` = transcript embeddings of rows with
+    text; `frames` = every keyframe embedding, then the clip_embedding of rows without frames."""
+    if kind == "text":
+        col = table.column("text_embedding")
+        valid = np.asarray(col.is_valid())
+        return _fixed_to_numpy(col, dim)[valid], np.flatnonzero(valid)
+    clip = _fixed_to_numpy(table.column("clip_embedding"), dim)
+    has_clip = np.asarray(table.column("clip_embedding").is_valid())
+    frames = table.column("frame_embeddings").combine_chunks()
+    lengths = frames.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    flat = frames.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    only_clip = has_clip & (lengths == 0)
+    vecs = np.concatenate([flat, clip[only_clip]])
+    owners = np.concatenate([np.repeat(np.arange(len(lengths)), lengths), np.flatnonzero(only_clip)])
+    return vecs, owners.astype(np.int64)
+
+
+ANN_COLUMNS = {"text": ["text_embedding"], "frames": ["clip_embedding", "frame_embeddings"]}
+
+
+def _ann(out_url: str, parts: list[dict], old: dict | None, cfg: IndexConfig, dim: int, clip_dim: int | None,
+         storage_options: dict | None) -> dict | None:  # fmt: skip
+    """IVF centroids and per-part list files once the index has `ann_min_rows` rows (None below: exact scan).
+    Centroids are kept while the row count stays within 4x of the count they were trained on; then only new
+    parts are assigned to lists."""
+    rows = sum(int(p["rows"]) for p in parts)
+    if cfg.ann_min_rows <= 0 or rows < cfg.ann_min_rows:
+        return None
+    out = {}
+    for kind, d in (("text", dim), ("frames", clip_dim)):
+        if not d:
+            continue
+        prev = ((old or {}).get("ann") or {}).get(kind)
+        lists = ann.n_lists(rows, cfg.ann_lists)
+        if prev and (not cfg.ann_lists or prev["lists"] == lists) and prev["trained_rows"] / 4 <= rows <= 4 * prev["trained_rows"]:  # fmt: skip
+            entry = dict(prev, parts={})
+            cent = ann.read_centroids(_read_part(storage.join(out_url, prev["centroids"]), storage_options))
+        else:
+            cent = ann.train(_ann_sample(out_url, parts, kind, d, lists, storage_options), lists)
+            key = _hash(kind, [p["path"] for p in parts], lists)[:16]
+            entry = {"centroids": f"ann/{kind}-centroids-{key}.parquet", "key": key, "lists": len(cent),
+                     "trained_rows": rows, "parts": {}}  # fmt: skip
+            data = ann.centroids_bytes(cent)
+            storage.write_bytes(storage.join(out_url, entry["centroids"]), data, storage_options)
+            entry["centroids_bytes"] = len(data)
+            prev = None
+        for p in parts:
+            if prev and p["path"] in prev["parts"]:
+                entry["parts"][p["path"]] = prev["parts"][p["path"]]
+                continue
+            t = _read_part(storage.join(out_url, p["path"]), storage_options, ANN_COLUMNS[kind])
+            vecs, _ = part_vectors(t, kind, d)
+            stem = posixpath.basename(p["path"]).rsplit(".", 1)[0]
+            path = f"ann/{stem}-{kind}-{entry['key']}.parquet"
+            data = ann.lists_bytes(ann.assign(vecs, cent))
+            storage.write_bytes(storage.join(out_url, path), data, storage_options)
+            entry["parts"][p["path"]] = {"path": path, "bytes": len(data)}
+        out[kind] = entry
+    return out
+
+
+def _ann_sample(
+    out_url: str, parts: list[dict], kind: str, dim: int, lists: int, storage_options
+) -> np.ndarray:
+    """About `ann.PER_LIST` vectors per list, drawn from every part in proportion to its rows."""
+    rows = sum(int(p["rows"]) for p in parts)
+    rng = np.random.default_rng(0)
+    out = []
+    for p in parts:
+        t = _read_part(storage.join(out_url, p["path"]), storage_options, ANN_COLUMNS[kind])
+        vecs, _ = part_vectors(t, kind, dim)
+        take = min(len(vecs), int(np.ceil(ann.PER_LIST * lists * int(p["rows"]) / max(rows, 1))))
+        out.append(vecs[np.sort(rng.choice(len(vecs), size=take, replace=False))] if take else vecs[:0])
+    return np.concatenate(out)
+
+
+def _ann_files(entry: dict | None) -> list[str]:
+    return [
+        f for e in (entry or {}).values() for f in [e["centroids"], *(v["path"] for v in e["parts"].values())]
+    ]
+
+
+def _ann_bytes(entry: dict | None) -> int:
+    return sum(
+        e["centroids_bytes"] + sum(v["bytes"] for v in e["parts"].values()) for e in (entry or {}).values()
+    )

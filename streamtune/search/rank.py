@@ -21,8 +21,8 @@ import pyarrow as pa
 
 from streamtune import storage
 from streamtune.config import IndexConfig
-from streamtune.search import lexical
-from streamtune.search.index import SearchError, _fixed_to_numpy, _read_part, read_manifest
+from streamtune.search import ann, lexical
+from streamtune.search.index import ANN_COLUMNS, SearchError, _read_part, part_vectors, read_manifest
 
 Signal = Callable[[str], "np.ndarray | None"]
 BUILTIN_FIELDS = ("sample_id", "source", "modality", "language", "tag")
@@ -117,18 +117,18 @@ class Index:
         self.url, self.manifest, self.cfg = url, manifest, cfg
         self.storage_options = storage_options
         tables = [
-            _read_part(storage.join(url, p["path"]), storage_options, LOAD_COLUMNS + ["text_embedding"])
-            for p in manifest["parts"]
+            _read_part(storage.join(url, p["path"]), storage_options, LOAD_COLUMNS) for p in manifest["parts"]
         ]
         self.part_starts = np.cumsum([0] + [int(p["rows"]) for p in manifest["parts"]])
         table = pa.concat_tables(tables) if tables else None
         self.n = int(self.part_starts[-1])
-        dim = int(manifest["text_dim"])
-        self.text_vectors = (
-            _fixed_to_numpy(table.column("text_embedding"), dim) if table else np.zeros((0, dim), np.float32)
-        )
-        self.table = table.drop_columns(["text_embedding"]) if table else None
+        self.table = table
         self.has_text = np.asarray(table.column("transcript").is_valid()) if table else np.zeros(0, bool)
+        ann_entry = (manifest.get("ann") or {}) if cfg.ann_min_rows > 0 else {}  # 0: exact even where built
+        self.ann_kinds = set(ann_entry)
+        # large indexes: an IVF over float16 vectors; small ones: one float32 matrix scored exactly
+        self.text_ann = self._ivf("text", int(manifest["text_dim"])) if "text" in ann_entry else None
+        self.text_vectors = None if self.text_ann else self._exact_text()
         self._meta: list[dict] | None = None
         self._frames: tuple[np.ndarray, np.ndarray] | None = None
         self._thumbs: dict[str, list] = {}
@@ -172,26 +172,47 @@ class Index:
         """Fuse `fn(query) -> (N,) scores` (higher is better; None: no opinion) into the ranking."""
         self.signals[name] = (fn, float(weight))
 
+    def _parts_vectors(self, kind: str, dim: int):
+        """(part number, vectors, index rows) of every part, one part at a time."""
+        for i, p in enumerate(self.manifest["parts"]):
+            t = _read_part(storage.join(self.url, p["path"]), self.storage_options, ANN_COLUMNS[kind])
+            vecs, owners = part_vectors(t, kind, dim)
+            yield i, vecs, owners + int(self.part_starts[i])
+
+    def _exact_text(self) -> np.ndarray:
+        dim = int(self.manifest["text_dim"])
+        out = np.zeros((self.n, dim), np.float32)
+        for _, vecs, owners in self._parts_vectors("text", dim):
+            out[owners] = vecs
+        return out
+
+    def _ivf(self, kind: str, dim: int) -> ann.IVF:
+        entry = self.manifest["ann"][kind]
+        cent = ann.read_centroids(
+            _read_part(storage.join(self.url, entry["centroids"]), self.storage_options)
+        )
+        vecs, lists, owners = [], [], []
+        for i, v, o in self._parts_vectors(kind, dim):
+            ref = entry["parts"][self.manifest["parts"][i]["path"]]["path"]
+            lists.append(
+                _read_part(storage.join(self.url, ref), self.storage_options).column("list").to_numpy()
+            )
+            vecs.append(v)
+            owners.append(o)
+        cat = np.concatenate
+        return (
+            ann.IVF(cent, cat(vecs), cat(lists), cat(owners)) if vecs else ann.IVF(cent, *([np.zeros(0)] * 3))
+        )
+
     def frames(self) -> tuple[np.ndarray, np.ndarray]:
         """(F, D) float32 frame embeddings of every row (a row without frames uses its clip_embedding) and
         the row of each frame."""
         if self._frames is None:
             dim = int(self.manifest["clip_dim"])
-            vecs, owners, base = [], [], 0
-            for p in self.manifest["parts"]:
-                t = _read_part(storage.join(self.url, p["path"]), self.storage_options,
-                               ["clip_embedding", "frame_embeddings"])  # fmt: skip
-                clip = _fixed_to_numpy(t.column("clip_embedding"), dim)
-                has_clip = np.asarray(t.column("clip_embedding").is_valid())
-                frames = t.column("frame_embeddings").combine_chunks()
-                lengths = frames.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
-                flat = frames.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-                vecs.append(flat.reshape(-1, dim))
-                owners.append(np.repeat(np.arange(len(lengths)) + base, lengths))
-                only_clip = has_clip & (lengths == 0)
-                vecs.append(clip[only_clip])
-                owners.append(np.flatnonzero(only_clip) + base)
-                base += t.num_rows
+            vecs, owners = [], []
+            for _, v, o in self._parts_vectors("frames", dim):
+                vecs.append(v)
+                owners.append(o)
             self._frames = (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32),
                             np.concatenate(owners).astype(np.int64) if owners else np.zeros(0, np.int64))  # fmt: skip
         return self._frames
@@ -205,8 +226,14 @@ class Index:
 
                 state["clip"] = ClipEmbedder(model, pretrained)
             q = state["clip"].embed_text([query])[0]
-            vecs, owners = self.frames()
             out = np.full(self.n, -np.inf, np.float32)
+            if "frames" in self.ann_kinds:
+                if "ivf" not in state:
+                    state["ivf"] = self._ivf("frames", int(self.manifest["clip_dim"]))
+                rows, scores = state["ivf"].search(q, max(self.cfg.candidates, 100), self.cfg.ann_nprobe)
+                out[rows] = scores
+                return out
+            vecs, owners = self.frames()
             if len(vecs):
                 np.maximum.at(out, owners, vecs @ q)
             return out
@@ -280,9 +307,13 @@ class Index:
             ranked["lexical"] = hits[:k]
         if w.get("semantic", 0) > 0 and self.n:
             q = self.query_vectors([text])[0]
-            scores = self.text_vectors @ q
-            scores[~self.has_text] = -np.inf
-            ranked["semantic"] = _top(scores, k, mask)
+            if self.text_ann is not None:
+                rows, scores = self.text_ann.search(q, k, self.cfg.ann_nprobe, mask)
+                ranked["semantic"] = list(zip(rows.tolist(), scores.tolist(), strict=True))
+            else:
+                scores = self.text_vectors @ q
+                scores[~self.has_text] = -np.inf
+                ranked["semantic"] = _top(scores, k, mask)
         for name, (fn, _) in self.signals.items():
             if w.get(name, 0) > 0 and self.n:
                 scores = fn(text)
