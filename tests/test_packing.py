@@ -92,6 +92,25 @@ def test_packed_loss_equals_mean_of_separate_losses(tiny):
     assert loss_at(model, *selected).item() / batch.targets_count == pytest.approx(expected, rel=2e-5)
 
 
+def test_head_at_loss_positions_gives_the_full_heads_loss_and_gradients(tiny):
+    from streamtune.train.trainer import _arrays
+
+    model, tokenizer = tiny  # every weight trainable, the tied embedding (input and head) included
+    batch = next(iter(packed_batches(rows(10), tokenizer, batch_size=2, seq_len=192)))
+    full = [
+        mx.array(a) for a in (batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.segments)
+    ]
+    selected = _arrays(batch)
+    assert selected[3].size < batch.inputs.size // 2  # the head runs on under half of the positions
+    everywhere, g_full = nn.value_and_grad(model, lambda *a: loss_sum(model, *a))(*full)
+    gathered, g_at = nn.value_and_grad(model, lambda *a: loss_at(model, *a))(*selected)
+    assert gathered.item() == pytest.approx(everywhere.item(), rel=1e-5)
+    flat_full, flat_at = dict(tree_flatten(g_full)), dict(tree_flatten(g_at))
+    assert flat_full.keys() == flat_at.keys() and flat_full
+    for name, g in flat_full.items():
+        assert mx.allclose(g, flat_at[name], rtol=1e-4, atol=1e-6).item(), name
+
+
 def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny):
     model, tokenizer = tiny
     batch = next(iter(packed_batches(rows(10), tokenizer, batch_size=2, seq_len=192)))
