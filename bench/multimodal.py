@@ -88,6 +88,10 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files for --shape (else from SmolLM2)")
     ap.add_argument("--num-layers", type=int, default=8, help="blocks with LoRA (-1: all)")
     ap.add_argument("--clip-model", default=None, help="open_clip image tower (default: decode's)")
+    ap.add_argument("--media-batch", type=int, default=32, help="online: rows encoded together")
+    ap.add_argument("--media-workers", type=int, default=0, help="online: decode/augment threads (0: auto)")
+    ap.add_argument("--profile", type=int, default=0, help="time the online data path's parts on N rows")
+    ap.add_argument("--profile-only", action="store_true", help="only the --profile part")
     opts = ap.parse_args()
     if opts.write_source:
         from streamtune.demo import multimodal as demo
@@ -112,6 +116,11 @@ def main() -> None:
         **{k: v for k, v in models.items() if v},
     )  # fmt: skip
     raw, features, decode_s = build_data(tmp, opts.images, opts.audio, decode_cfg, opts.source)
+    if opts.profile:
+        profile = profile_online(raw, decode_cfg, opts, tmp)
+        print(json.dumps({"profile": profile}), flush=True)
+        if opts.profile_only:
+            return
     rows = list(CloudStreamingDataset(features))
     spec = CloudStreamingDataset(features).index["media_tokens"]  # rows in RAM: the encoders from the index
     results: dict = {"model": opts.shape or opts.model, "batch": [opts.batch_size, opts.seq_len]}
@@ -120,6 +129,7 @@ def main() -> None:
     common = dict(
         model=model, batch_size=opts.batch_size, seq_len=opts.seq_len, iters=opts.iters, save_every=0,
         num_layers=opts.num_layers, rank=8, lr=1e-4, projector_lr=1e-3, warmup=1, seed=0, prefetch=2,
+        media_batch=opts.media_batch, media_workers=opts.media_workers,
     )  # fmt: skip
     bundle = setup_model(TrainArgs(**common))
 
@@ -166,6 +176,69 @@ def main() -> None:
 
     results["device"] = str(mx.default_device())
     print(json.dumps(results))
+
+
+def profile_online(raw: str, decode_cfg, opts, tmp: str) -> dict:
+    """Milliseconds per medium of each part of the online data path (decode, augment, tower input, tower
+    one at a time vs batched), and rows/s of the whole path: one medium at a time vs OnlineSource."""
+    from streamtune import CloudStreamingDataset
+    from streamtune.decode.augment import augment_audio, augment_image, rng_for
+    from streamtune.decode.media import decode_audio, decode_image
+    from streamtune.decode.tokens import media_spec
+    from streamtune.train.mm_train import ENCODED, MultimodalRun
+    from streamtune.train.models import load_base
+    from streamtune.train.synthetic import write_random_model
+
+    every = list(CloudStreamingDataset(raw))
+    rows = [r for r in every if r.get("image") is not None][: opts.profile // 2]
+    rows += [r for r in every if r.get("audio") is not None][: opts.profile - len(rows)]
+    tiny = write_random_model(os.path.join(tmp, "profile-model"), "tiny", tokenizer_dir=opts.tokenizer_dir)
+    model, tokenizer, _ = load_base(tiny)
+    args = TrainArgs(
+        model=tiny, stage="align", media_source="online", seed=0, media_batch=opts.media_batch,
+        media_workers=opts.media_workers,
+    )  # fmt: skip
+    run = MultimodalRun(args, model, tokenizer, media_spec(decode_cfg, ["image", "audio"]), decode_cfg)
+    enc = run.encoders()
+    out: dict = {"rows": len(rows), "clip_device": str(enc["image"].clip.device)}
+
+    def ms(fn, items):
+        t0 = time.perf_counter()
+        res = [fn(x) for x in items]
+        return res, round(1000 * (time.perf_counter() - t0) / max(len(items), 1), 3)
+
+    pictures = [bytes(r["image"]) for r in rows if r.get("image") is not None]
+    voices = [bytes(r["audio"]) for r in rows if r.get("audio") is not None]
+    side = enc["image"].clip.image_size
+    images, out["image_decode_ms"] = ms(
+        lambda b: decode_image(b, decode_cfg.max_pixels, min_side=side), pictures
+    )
+    images, out["image_augment_ms"] = ms(lambda im: augment_image(im, rng_for(0, 0, "x", "image")), images)
+    tensors, out["image_prepare_ms"] = ms(enc["image"].clip.prepare, images)
+    enc["image"].encode_tokens(tensors[:2])  # warm up (CUDA context, kernels)
+    _, out["image_tower_alone_ms"] = ms(lambda t: enc["image"].encode([t]), tensors)
+    t0 = time.perf_counter()
+    enc["image"].encode_tokens(tensors, batch_size=opts.media_batch)
+    out["image_tower_batched_ms"] = round(1000 * (time.perf_counter() - t0) / max(len(tensors), 1), 3)
+    clips, out["audio_decode_ms"] = ms(lambda b: decode_audio(b, 16000, max_seconds=600), voices)
+    clips, out["audio_augment_ms"] = ms(lambda a: augment_audio(a, rng_for(0, 0, "x", "audio")), clips)
+    enc["audio"].encode_batch(clips[:2], batch_size=2)
+    _, out["audio_encoder_alone_ms"] = ms(enc["audio"].encode, clips)
+    t0 = time.perf_counter()
+    enc["audio"].encode_batch(clips, batch_size=opts.media_batch)
+    out["audio_encoder_batched_ms"] = round(1000 * (time.perf_counter() - t0) / max(len(clips), 1), 3)
+    _, alone_ms = ms(lambda r: run.media_of(r, 0, augment=True), rows)
+    out["path_alone_rows_s"] = round(1000 / alone_ms, 1)
+    source = run.source(rows)
+    t0 = time.perf_counter()
+    for epoch in range(3):
+        source.set_epoch(epoch)
+        for row in source:
+            assert row[ENCODED] is not None
+    out["path_windows_rows_s"] = round(3 * len(rows) / (time.perf_counter() - t0), 1)
+    out["path_speedup"] = round(out["path_windows_rows_s"] / out["path_alone_rows_s"], 2)
+    out["window_stats"] = {k: round(v, 3) for k, v in source.stats.items()}
+    return out
 
 
 def _fresh(bundle):

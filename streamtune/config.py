@@ -345,6 +345,14 @@ class TrainArgs(Settings):
     augment: bool = Field(
         True, description="online: seeded crop/flip/colour jitter, offset/gain/speed/noise per sample+epoch."
     )
+    media_batch: int = Field(
+        32,
+        ge=1,
+        description="online: rows whose media are encoded together (one image-tower call, one audio batch).",
+    )
+    media_workers: int = Field(
+        0, ge=0, description="online: threads decoding and augmenting media (0: min(8, CPU cores))."
+    )
 
     @property
     def adapter_dir(self) -> str:
@@ -359,6 +367,7 @@ class TrainArgs(Settings):
     def settings(self) -> dict[str, Any]:
         """The fields that decide what training produces (for cache keys and adapter configs)."""
         drop = {"adapter_path", "checkpoint_url", "storage_options", "progress", "resume", "prefetch"}
+        drop |= {"media_workers"}
         out = self.model_dump(exclude=drop | {"template"})
         out["template"] = (
             self.template.__dict__ if isinstance(self.template, Template) else repr(self.template)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -152,6 +153,23 @@ class ImageTokens:
             self.clip.stats["batches"] += 1
         return np.concatenate(embeddings), tokens
 
+    def encode_tokens(self, tensors: list, batch_size: int = 64) -> list[np.ndarray]:
+        """[(tokens, width) float16 per image] only: the tower stops after block `layer` and takes
+        `batch_size` images per call (each image's tokens are its own: no cross-image interaction)."""
+        torch = self.clip.torch
+        tokens: list[np.ndarray] = []
+        for b in range(0, len(tensors), batch_size):
+            batch = torch.stack(tensors[b : b + batch_size]).to(self.clip.device, non_blocking=True)
+            with torch.inference_mode():
+                out = self.visual.forward_intermediates(
+                    batch, indices=[self.block], stop_early=True, intermediates_only=True, output_fmt="NCHW"
+                )
+                flat = self._merge(out["image_intermediates"][0].float()).half()
+            tokens += list(flat.cpu().numpy())
+            self.clip.stats["images"] += len(batch)
+            self.clip.stats["batches"] += 1
+        return tokens
+
     def _merge(self, grid):
         """(N, width, gh, gw) patch grid -> (N, tokens, token width)."""
         import torch
@@ -193,10 +211,19 @@ class AudioTokens:
         self.context = context
         self.model = whisper or load_model(resolve_whisper(model, cache_dir), dtype=mx.float32)
         self.encoder = self.model.encoder
+        mx.eval(self.model.parameters(), self.encoder._positional_embedding)  # usable from any thread
         self.block = _block_index(layer, len(self.encoder.blocks))
         self.final = self.block == len(self.encoder.blocks) - 1
         self.factor, self.pool = int(factor), pool
-        self.stream = None
+        self._streams = threading.local()  # an MLX stream belongs to the thread that made it
+
+    def stream(self):
+        """This thread's MLX stream for the encoder: safe beside training in another thread."""
+        import mlx.core as mx
+
+        if getattr(self._streams, "stream", None) is None:
+            self._streams.stream = mx.new_stream(mx.default_device())
+        return self._streams.stream
 
     def _frames(self, windows: list[np.ndarray]) -> np.ndarray:
         """Encoder output of windows of equal length (30 s, or one window of any length up to 30 s)."""
@@ -235,17 +262,69 @@ class AudioTokens:
             for s in range(0, max(audio.size, 1), WINDOW_SAMPLES):
                 windows.append(audio[s : s + WINDOW_SAMPLES])
                 owner.append(i)
-        if self.stream is None:
-            self.stream = mx.new_stream(mx.default_device())
         parts: list[list[np.ndarray]] = [[] for _ in audios]
         batch_size = batch_size if self.context == "window" else 1
         for b in range(0, len(windows), batch_size):
             chunk = windows[b : b + batch_size]
-            with mx.stream(self.stream):  # its own stream: safe beside training in another thread
+            with mx.stream(self.stream()):  # its own stream: safe beside training in another thread
                 frames = self._frames(chunk)
             for i, w, f in zip(owner[b : b + batch_size], chunk, frames, strict=True):
                 parts[i].append(self._pool(f, w.size))
         return [np.concatenate(p).astype(np.float16) for p in parts]
+
+    def encode_batch(self, audios: list[np.ndarray], batch_size: int = 32) -> list[np.ndarray]:
+        """`encode` for several clips, `batch_size` 30 s windows per encoder call. Context `clip`: each
+        window's log-mel is its own (as alone), windows are zero-padded to the longest of the call and
+        attention ignores the padding, so every clip's tokens equal `encode`'s within float rounding."""
+        import mlx.core as mx
+
+        if self.context == "window":
+            return self.encode_many(audios, batch_size)
+        windows, owner = [], []
+        for i, audio in enumerate(audios):
+            audio = np.asarray(audio, np.float32).reshape(-1)
+            for s in range(0, max(audio.size, 1), WINDOW_SAMPLES):
+                windows.append(audio[s : s + WINDOW_SAMPLES])
+                owner.append(i)
+        parts: list[dict[int, np.ndarray]] = [{} for _ in audios]
+        order = sorted(range(len(windows)), key=lambda j: windows[j].size)  # similar lengths: less padding
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            with mx.stream(self.stream()):
+                frames = self._frames_masked([windows[j] for j in chunk])
+            for j, f in zip(chunk, frames, strict=True):
+                parts[owner[j]][j] = self._pool(f, windows[j].size)
+        return [np.concatenate([p[j] for j in sorted(p)]).astype(np.float16) for p in parts]
+
+    def _frames_masked(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        """Encoder output of windows of any lengths (up to 30 s) in one pass: [(frames_i, width)]."""
+        import mlx.core as mx
+        import mlx.nn as nn
+        from mlx_whisper.audio import log_mel_spectrogram
+
+        enc = self.encoder
+        n_mels = self.model.dims.n_mels
+        sizes = [-(-max(w.size, 1) // 320) * 320 for w in windows]  # as `_frames` pads a lone window
+        mels = [
+            log_mel_spectrogram(mx.array(np.pad(w, (0, s - w.size))), n_mels)
+            for w, s in zip(windows, sizes, strict=True)
+        ]
+        longest = max(m.shape[0] for m in mels)
+        # zero mel frames past a window's end: conv1 sees what its own zero padding gives, and conv2's
+        # outputs inside the window never reach past it (stride 2, even frame counts)
+        mel = mx.stack([mx.pad(m, [(0, longest - m.shape[0]), (0, 0)]) for m in mels])
+        x = nn.gelu(enc.conv1(mel))
+        x = nn.gelu(enc.conv2(x))
+        x = x + enc._positional_embedding[: x.shape[1]]
+        valid = [m.shape[0] // 2 for m in mels]
+        keys = mx.arange(x.shape[1])[None, :] < mx.array(valid)[:, None]
+        mask = mx.where(keys, 0.0, -mx.inf).astype(x.dtype)[:, None, None, :]  # (B, 1, 1, T)
+        for block in enc.blocks[: self.block + 1]:
+            x = _masked_block(block, x, mask)
+        if self.final:
+            x = enc.ln_post(x)
+        out = np.array(x.astype(mx.float32))
+        return [out[i, :n] for i, n in enumerate(valid)]
 
     def _pool(self, frames: np.ndarray, samples: int) -> np.ndarray:
         n = max(1, math.ceil(samples * FRAMES_PER_SECOND / SAMPLE_RATE))
@@ -255,6 +334,25 @@ class AudioTokens:
             f = np.concatenate([f, np.zeros((self.factor - n % self.factor, f.shape[1]), f.dtype)])
         grouped = f.reshape(-1, self.factor, f.shape[1])
         return grouped.reshape(grouped.shape[0], -1) if self.pool == "stack" else grouped.mean(1)
+
+
+def _masked_block(block, x, mask):
+    """A Whisper encoder block (mlx_whisper's ResidualAttentionBlock, self-attention only) whose keys
+    are masked by `mask` (B, 1, 1, T): 0 where a key is a window's own frame, -inf on padding."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    attn = block.attn
+    h = block.attn_ln(x)
+    q, k, v = attn.query(h), attn.key(h), attn.value(h)
+    n, t, d = q.shape
+    scale = (d // attn.n_head) ** -0.25
+    q = q.reshape(n, t, attn.n_head, -1).transpose(0, 2, 1, 3) * scale
+    k = k.reshape(n, t, attn.n_head, -1).transpose(0, 2, 3, 1) * scale
+    v = v.reshape(n, t, attn.n_head, -1).transpose(0, 2, 1, 3)
+    w = mx.softmax(q @ k + mask, axis=-1, precise=True)
+    x = x + attn.out((w @ v).transpose(0, 2, 1, 3).reshape(n, t, d))
+    return x + block.mlp2(nn.gelu(block.mlp1(block.mlp_ln(x))))
 
 
 def build_encoders(cfg, kinds) -> dict:

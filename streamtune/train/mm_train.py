@@ -10,15 +10,21 @@ Media reach the model in one of two ways (`media_source`):
   set decoded with `media_tokens`); the feature index says which encoders made them.
 - online: raw media (`image` / `audio` bytes of a raw shard set) are decoded, augmented
   (`streamtune.decode.augment`, seeded from (seed, epoch, sample id)) and encoded by the frozen encoders
-  inside the data path, one sample at a time so results never depend on batching. A medium that does not
-  decode is a quarantine record (`quarantined` in the result, `quarantine.parquet` next to the adapter)
-  and its sample is skipped, the same way on every rank and after a resume.
+  inside the data path (`OnlineSource`): rows are read `media_batch` at a time (a window), their media
+  decoded and augmented by `media_workers` threads and encoded in one tower call per kind, while earlier
+  windows are trained on. Windows start where the previous one ended and a checkpoint names the window's
+  start and how many of its rows were used, so a resumed run encodes the very same windows (bitwise the
+  same tokens); within a window each medium's tokens equal its encoding alone up to float rounding. A
+  medium that does not decode is a quarantine record (`quarantined` in the result, `quarantine.parquet`
+  next to the adapter) and its sample is skipped, the same way on every rank and after a resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,6 +45,7 @@ from streamtune.train.multimodal import (
 )
 
 MEDIA_TEMPLATE = Template(prompt="{image}\n{audio}", completion="{text}")
+ENCODED = "__media__"  # row field OnlineSource adds: (epoch, augment, {kind: [tokens]} or Quarantined)
 ADAPTER_PARAMS = ("lora_a", "lora_b", "m")  # LoRA / DoRA parameters of mlx-lm's adapter layers
 
 
@@ -149,8 +156,20 @@ class MultimodalRun:
     def soft(self, batch) -> tuple:
         return soft_inputs(batch, self.kinds, self.dims)
 
+    def source(self, dataset, held_out=None):
+        """The rows of `dataset` with their media encoded ahead in windows (online), else `dataset`.
+        `held_out(row)`: the row is held out (encoded without augmentation, only in epoch 0)."""
+        if not self.online:
+            return dataset
+        return OnlineSource(self, dataset, held_out)
+
     def media_of(self, row: dict, epoch: int, augment: bool) -> dict[str, list[np.ndarray]]:
         """{kind: [(tokens, dim) float16 per medium]} of one row."""
+        done = row.get(ENCODED)
+        if done is not None and done[:2] == (epoch, augment and self.args.augment):
+            if isinstance(done[2], Quarantined):
+                raise Quarantined(done[2].record)
+            return done[2]
         out = {}
         for kind in self.kinds:
             if self.online:
@@ -174,7 +193,7 @@ class MultimodalRun:
         raises Quarantined for an undecodable medium and MediaMismatch for placeholders that do not
         match the media."""
         media = self.media_of(row, epoch, augment)
-        view = {k: v for k, v in row.items() if k not in KINDS and not k.endswith("_tokens")}
+        view = {k: v for k, v in row.items() if k not in KINDS and k != ENCODED and not k.endswith("_tokens")}
         pair = render(view | placeholder_fields(media), self.template)
         if pair is None:
             return None
@@ -187,6 +206,15 @@ class MultimodalRun:
         return pair, (ids, prompt_len, placed)
 
     def _encode(self, kind: str, row: dict, data, epoch: int, augment: bool) -> np.ndarray:
+        enc = self.encoders()
+        prepared = self.prepare(kind, row, data, epoch, augment)
+        if kind == "image":
+            return enc["image"].encode([prepared])[1][0]
+        return enc["audio"].encode(prepared)
+
+    def prepare(self, kind: str, row: dict, data, epoch: int, augment: bool):
+        """One medium decoded and augmented: the image tower's input tensor, or 16 kHz audio; raises
+        Quarantined if it does not decode. Thread-safe (the CPU part of the data path)."""
         from streamtune.decode.augment import augment_audio, augment_image, rng_for
         from streamtune.decode.media import MediaError, decode_audio, decode_image
 
@@ -198,11 +226,11 @@ class MultimodalRun:
                 image = decode_image(bytes(data), cfg.max_pixels, min_side=enc["image"].clip.image_size)
                 if augment and self.args.augment:
                     image = augment_image(image, rng_for(self.args.seed, epoch, sid, kind))
-                return enc["image"].encode([enc["image"].clip.prepare(image)])[1][0]
+                return enc["image"].clip.prepare(image)
             audio = decode_audio(bytes(data), 16000, max_seconds=cfg.max_audio_seconds)
             if augment and self.args.augment:
                 audio = augment_audio(audio, rng_for(self.args.seed, epoch, sid, kind))
-            return enc["audio"].encode(audio)
+            return audio
         except MediaError as e:
             from streamtune.decode.features import _source_key
 
@@ -219,6 +247,132 @@ class MultimodalRun:
             cfg = media if isinstance(media, DecodeConfig) else config_from_spec(self.spec)
             self._encoders = build_encoders(cfg, self.spec)
         return self._encoders
+
+
+class OnlineSource:
+    """Rows of `dataset` with field ENCODED: their media decoded, augmented and encoded a window of
+    `media_batch` rows at a time, up to two windows ahead of the consumer. State: the loader's state at
+    the current window's start and the rows of it already yielded (a resume re-reads that window)."""
+
+    def __init__(self, run: MultimodalRun, dataset, held_out=None):
+        self.run, self.dataset, self.held_out = run, dataset, held_out or (lambda row: False)
+        self.epoch = 0  # SampleStream's epoch: it calls set_epoch whenever that changes
+        self.window = max(1, int(run.args.media_batch))
+        run.encoders()  # built here, once, before threads use them
+        workers = run.args.media_workers or min(8, os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="media-prepare")
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="media-encode")  # towers: one at a time
+        self.skip = 0  # rows of the first window to drop (a resume in the middle of a window)
+        self.position: tuple | None = None  # (loader state at the window's start, rows yielded of it)
+        self.stats = {"windows": 0, "prepare_s": 0.0, "encode_s": 0.0}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, None
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        if self.position is None:
+            return {"loader": self.dataset.state_dict(), "skip": self.skip}
+        return {"loader": self.position[0], "skip": self.position[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "skip" not in state:  # a checkpoint of a loader read one row at a time
+            state = {"loader": state, "skip": 0}
+        self.dataset.load_state_dict(state["loader"])
+        self.skip, self.position = int(state["skip"]), None
+
+    def _loader_state(self):
+        return self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else None
+
+    def __iter__(self):
+        epoch, rows = self.epoch, iter(self.dataset)
+        pending: deque = deque()
+        done = False
+        skip, self.skip = self.skip, 0
+        while True:
+            while not done and len(pending) < 2:
+                start, window = self._loader_state(), []
+                for row in rows:
+                    window.append(row)
+                    if len(window) == self.window:
+                        break
+                done = len(window) < self.window
+                if window:
+                    pending.append((start, window, self._submit(window, epoch)))
+            if not pending:
+                return
+            start, window, job = pending.popleft()
+            results = job.result()
+            for i in range(skip, len(window)):
+                self.position = (start, i + 1)
+                yield window[i] | {ENCODED: results[i]}
+            skip = 0
+
+    def _submit(self, window: list[dict], epoch: int) -> Future:
+        run = self.run
+        work = []  # (row index, kind, item index, future of the prepared medium)
+        plan = {}  # row index -> augment, for the rows whose media are encoded
+        for r, row in enumerate(window):
+            held = self.held_out(row)
+            if held and epoch > 0:
+                continue  # neither trained on nor kept: SampleStream never asks for its media
+            augment = plan[r] = not held and run.args.augment
+            for kind in run.kinds:
+                value = row.get(kind)
+                items = value if isinstance(value, list) else [] if value is None else [value]
+                for j, data in enumerate(items):
+                    future = self.pool.submit(run.prepare, kind, row, data, epoch, augment)
+                    work.append((r, kind, j, future))
+        return self.encoder.submit(self._encode_window, window, epoch, plan, work)
+
+    def _encode_window(self, window: list[dict], epoch: int, plan: dict, work: list) -> list:
+        import time
+
+        t0 = time.perf_counter()
+        prepared, failed = {}, {}
+        for r, kind, j, future in work:
+            try:
+                prepared[r, kind, j] = future.result()
+            except Quarantined as q:
+                failed.setdefault(r, q)  # the row's first medium that fails, in kind and item order
+        t1 = time.perf_counter()
+        enc = self.run.encoders()
+        tokens = {}
+        for kind in self.run.kinds:
+            keys = [k for k in prepared if k[1] == kind and k[0] not in failed]
+            if not keys:
+                continue
+            inputs = [prepared[k] for k in keys]
+            if kind == "image":
+                out = enc["image"].encode_tokens(inputs, batch_size=self.window)
+            else:
+                out = enc["audio"].encode_batch(inputs, batch_size=self.audio_batch())
+            tokens.update(zip(keys, out, strict=True))
+        self.stats["windows"] += 1
+        self.stats["prepare_s"] += t1 - t0
+        self.stats["encode_s"] += time.perf_counter() - t1
+        results: list = [None] * len(window)  # None: not encoded (media_of would encode it alone)
+        for r, augment in plan.items():
+            if r in failed:
+                results[r] = (epoch, augment, failed[r])
+                continue
+            media = {kind: [] for kind in self.run.kinds}
+            for k in sorted(k for k in tokens if k[0] == r):
+                media[k[1]].append(tokens[k])
+            results[r] = (epoch, augment, media)
+        return results
+
+    def audio_batch(self) -> int:
+        # on the CPU one clip per call costs least (no padding to the longest); a GPU wants batches
+        return self.window if mx.default_device().type == mx.gpu else 1
+
+    def __del__(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.encoder.shutdown(wait=False, cancel_futures=True)
 
 
 def _local(url: str, storage_options):

@@ -170,6 +170,8 @@ class SampleStream:
         self.val: list[tuple] = []
         self.skipped = 0
         self.media = media  # mm_train.MultimodalRun: rows -> samples with soft tokens
+        if media is not None:  # online: media encoded ahead in windows
+            self.dataset = media.source(self.dataset, self._held_out)
         self.quarantined: list[dict] = []
 
     def _is_val(self, row: dict, pair: tuple[str, str]) -> bool:
@@ -180,6 +182,9 @@ class SampleStream:
             xxhash.xxh64_intdigest(key.encode(), seed=self.args.seed) % 10_000
             < self.args.val_fraction * 10_000
         )
+
+    def _held_out(self, row: dict) -> bool:
+        return bool(row.get("sample_id")) and self._is_val(row, ("", ""))
 
     def pull(self) -> tuple[list[int], int] | None:
         while True:
@@ -222,7 +227,7 @@ class SampleStream:
             )
         from streamtune.train.mm_train import Quarantined
 
-        held_out = bool(row.get("sample_id")) and self._is_val(row, ("", ""))
+        held_out = self._held_out(row)
         if held_out and (self.epoch > 0 or len(self.val) >= self.args.max_val_samples):
             return None  # not trained on and not kept: no need to encode its media
         try:
