@@ -14,6 +14,20 @@ import numpy as np
 from PIL import Image
 
 PROMPT = "a photo of a {}."
+LABEL_BATCH = 4
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_model_name(model_name: str) -> str:
@@ -100,6 +114,7 @@ class ClipEmbedder:
         self.batch_size = max(1, int(batch_size))
         self.labels = list(labels or [])
         self._label_embeddings: np.ndarray | None = None
+        self.text_released = False
         self.dim = embed_dim(model_name)
         self.stats = {"images": 0, "texts": 0, "batches": 0, "model_seconds": 0.0}
 
@@ -120,11 +135,14 @@ class ClipEmbedder:
         """(N, D) float32, L2-normalised."""
         return self.embed_prepared([self.prepare(img) for img in images])
 
-    def embed_text(self, texts: list[str]) -> np.ndarray:
+    def embed_text(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """(N, D) float32, L2-normalised: the text tower, for search and zero-shot labels."""
+        if self.text_released:
+            raise RuntimeError("this ClipEmbedder released its text tower (release_text)")
         out = [np.zeros((0, self.dim), np.float32)]
-        for b in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[b : b + self.batch_size]))
+        step = batch_size or self.batch_size
+        for b in range(0, len(texts), step):
+            tokens = self.tokenizer(list(texts[b : b + step]))
             out.append(self._run(self.model.encode_text, tokens))
             self.stats["texts"] += len(tokens)
         return np.concatenate(out)
@@ -140,8 +158,24 @@ class ClipEmbedder:
 
     def label_embeddings(self) -> np.ndarray:
         if self._label_embeddings is None:
-            self._label_embeddings = self.embed_text([PROMPT.format(label) for label in self.labels])
+            # a few prompts at a time: 32 x 77 tokens of activations cost ~40 MB more peak RSS than 4
+            prompts = [PROMPT.format(label) for label in self.labels]
+            self._label_embeddings = self.embed_text(prompts, min(self.batch_size, LABEL_BATCH))
         return self._label_embeddings
+
+    def release_text(self) -> None:
+        """Embed the labels, then free the text tower (ViT-B-32: 63 of 151 M parameters, 252 MB in f32).
+        For callers that only embed images and tag them; `embed_text` raises afterwards."""
+        self.label_embeddings()
+        if self.text_released:
+            return
+        model = self.model
+        for name in ("text", "transformer", "token_embedding", "positional_embedding", "ln_final",
+                     "text_projection", "attn_mask"):  # fmt: skip
+            if hasattr(model, name):
+                delattr(model, name)
+        self.text_released = True
+        _trim_heap()
 
     def tag(self, embeddings: np.ndarray, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """Zero-shot labels per embedding: the top_k (label, probability) pairs over `labels`."""

@@ -143,9 +143,11 @@ class Decoder:
             if self._clip is None:
                 from streamtune.decode.clip import ClipEmbedder
 
-                self._clip = ClipEmbedder(
+                clip = ClipEmbedder(
                     self.cfg.clip_model, self.cfg.clip_pretrained, self.cfg.labels, self.cfg.image_batch
                 )
+                clip.release_text()  # decode embeds images only and tags them against fixed labels
+                self._clip = clip
             return self._clip
 
     @property

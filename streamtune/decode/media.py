@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import numpy as np
@@ -171,6 +171,7 @@ def iter_audio_windows(
     max_ratio: float | None = None,
     min_bomb_bytes: int = 256 << 20,
     stats: dict | None = None,
+    video: Callable[[object], None] | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Stream the first audio track of any container (a video's too) as (t0, mono float32) windows of
     `window_s` seconds (the last one shorter); t0 counts resampled samples, like `decode_audio`, whose
@@ -180,6 +181,10 @@ def iter_audio_windows(
     `min_bomb_bytes`) raises BOMB. A stream that breaks, or ends well before its declared duration, raises
     TRUNCATED after the windows before the damage, with `at` = seconds decoded. `stats` (optional) gets
     `peak_pcm_bytes`, `seconds`, `input_bytes`.
+
+    `video` (optional) receives every packet of the first video stream from the same demux pass, in file
+    order, the stream's end-of-stream packet (size 0) last: a video's frames are sampled from the bytes
+    the audio needs anyway (the tracks are interleaved across the whole file). It must not raise.
     """
     import av
 
@@ -194,6 +199,7 @@ def iter_audio_windows(
             raise MediaError(Reason.WRONG_CONTENT, f"no audio stream in {container.format.name} container")
         stream = container.streams.audio[0]
         declared = _declared_seconds(container, stream)
+        streams = [stream, *(container.streams.video[:1] if video is not None else [])]
         resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
         chunks: list[np.ndarray] = []
         held = emitted = 0
@@ -222,7 +228,10 @@ def iter_audio_windows(
                     emitted += head.size
 
         try:
-            for packet in container.demux(stream):
+            for packet in container.demux(*streams):
+                if packet.stream.index != stream.index:
+                    video(packet)
+                    continue
                 for frame in packet.decode():
                     frame.pts = None  # the resampler counts samples; broken timestamps must not matter
                     yield from take(resampler.resample(frame))

@@ -101,10 +101,11 @@ def decode_video(
 
     asr = {"text": "", "segments": [], "language": None, "seconds": 0.0}
     audio_end = None
-    if has_audio:
+    if has_audio:  # one pass: frames are sampled from the packets the audio pass demuxes anyway
         astats: dict = {}
+        sampler = _PacketSampler(cfg, clip, stats)
         windows = iter_audio_windows(
-            src, cfg.audio_window_seconds, max_ratio=cfg.max_decode_ratio, stats=astats
+            src, cfg.audio_window_seconds, max_ratio=cfg.max_decode_ratio, stats=astats, video=sampler.packet
         )  # fmt: skip
         try:
             asr = transcribe_stream(transcriber, windows, cfg.audio_window_seconds, astats)
@@ -116,8 +117,9 @@ def decode_video(
             error = MediaError(Reason.VIDEO_TRUNCATED, f"audio: {e.reason}", at=audio_end)
         stats["audio_seconds"] = asr["seconds"]
         stats["peak_pcm_bytes"] = astats.get("peak_pcm_bytes", 0)
-
-    samples, video_end, verror = _sample_frames(src, cfg, clip, declared, stats)
+        samples, video_end, verror = sampler.finish(declared)
+    else:  # no audio to read the whole file for: seek from keyframe to keyframe
+        samples, video_end, verror = _sample_frames(src, cfg, clip, declared, stats)
     if verror is not None and (error is None or verror.at < error.at):
         error = verror
     if not samples and error is None:
@@ -223,7 +225,6 @@ class _FrameReader:
 def _sample_frames(src, cfg: DecodeConfig, clip, declared: float | None, stats: dict):
     import av
 
-    side = getattr(clip, "image_size", 224)
     samples: list[_Sample] = []
     error = None
     with open_container(src) as container:
@@ -232,12 +233,7 @@ def _sample_frames(src, cfg: DecodeConfig, clip, declared: float | None, stats: 
         embedder = _Embedder(clip)
 
         def sample(t: float, frame, scene: bool = False) -> _Sample:
-            image = frame.to_image()
-            w, h = image.size
-            scale = max(side, cfg.thumbnail_width) / max(1, min(w, h))
-            if scale < 1:
-                image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))))
-            return _Sample(t, _gray(frame), image, _thumbnail(image, cfg.thumbnail_width), scene)
+            return _make_sample(t, frame, cfg, clip, scene)
 
         def keep(s: _Sample) -> None:
             samples.append(s)
@@ -276,6 +272,165 @@ def _sample_frames(src, cfg: DecodeConfig, clip, declared: float | None, stats: 
         )
     stats["frames_sampled"] += len(samples)
     return samples, end, error
+
+
+def _make_sample(t: float, frame, cfg: DecodeConfig, clip, scene: bool = False) -> _Sample:
+    side = getattr(clip, "image_size", 224)
+    image = frame.to_image()
+    w, h = image.size
+    scale = max(side, cfg.thumbnail_width) / max(1, min(w, h))
+    if scale < 1:
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))))
+    return _Sample(t, _gray(frame), image, _thumbnail(image, cfg.thumbnail_width), scene)
+
+
+class _PacketSampler:
+    """The keyframe sampling of `_sample_frames` from packets of the audio's demux pass (no second pass,
+    no seeks). Packets are grouped by GOP (keyframe to keyframe); a finished GOP is decoded only when the
+    next sample time falls in it, and the last GOP always (where the video stops). The GOPs since the
+    last sample stay as packets, at most `SCAN_BYTES`, for the scene-change scan between two samples
+    that differ, which runs once the GOP holding the later sample is done."""
+
+    SCAN_BYTES = 64 << 20
+
+    def __init__(self, cfg: DecodeConfig, clip, stats: dict):
+        self.cfg, self.clip, self.stats = cfg, clip, stats
+        self.embedder = _Embedder(clip)
+        self.samples: list[_Sample] = []
+        self.gops: list[list] = []  # packets since the GOP of the last sample, the current GOP last
+        self.held = 0  # bytes of packets in `gops`
+        self.stream = None
+        self.interval = 1 / 25
+        self.next_t = 0.0
+        self.end = 0.0
+        self.error: MediaError | None = None
+        self.done = False
+        import av
+
+        self._av_error = av.FFmpegError
+
+    def packet(self, packet) -> None:
+        if self.done or self.error is not None:
+            return
+        if self.stream is None:
+            self.stream = packet.stream
+            rate = self.stream.average_rate or self.stream.guessed_rate
+            self.interval = 1.0 / float(rate) if rate else 1 / 25
+        try:
+            if packet.size == 0:  # end of stream
+                self._gop_done(final=True)
+                self.done = True
+                return
+            if packet.pts is None:
+                return
+            if packet.is_keyframe and self.gops and self.gops[-1]:
+                self._gop_done(final=False)
+                self.gops.append([])
+            elif not self.gops:
+                self.gops.append([])
+            self.gops[-1].append(packet)
+            self.held += packet.size
+            while self.held > self.SCAN_BYTES and len(self.gops) > 1:
+                self.held -= sum(p.size for p in self.gops.pop(0))
+        except (self._av_error, ValueError) as e:
+            self.error = MediaError(
+                Reason.VIDEO_TRUNCATED, f"video breaks after {self.end:.2f} s ({e})", at=self.end
+            )
+
+    def finish(self, declared: float | None) -> tuple[list[_Sample], float, MediaError | None]:
+        """Samples (embedded), where the video ends, and the error where it broke off, if it did."""
+        if not self.done and self.error is None and self.gops:  # the pass stopped early (audio broke)
+            last = [float(p.pts * p.time_base) for p in self.gops[-1]]
+            self.end = max([self.end, *(t + self.interval for t in last)])
+        self.embedder.flush()
+        self.gops, self.held = [], 0
+        end, error = self.end, self.error
+        if error is None and declared and declared > 1.0 and end < TRUNCATED_FRACTION * declared:
+            error = MediaError(
+                Reason.VIDEO_TRUNCATED, f"video decodes to {end:.2f} s of a declared {declared:.2f} s", at=end
+            )
+        self.samples.sort(key=lambda s: s.t)
+        self.stats["frames_sampled"] += len(self.samples)
+        return self.samples, end, error
+
+    def _frames(self, gops: list[list]):
+        """Decoded (time, frame) of consecutive GOPs, in presentation order."""
+        cc = self.stream.codec_context
+        cc.flush_buffers()
+        for gop in gops:
+            for packet in gop:
+                for frame in cc.decode(packet):
+                    yield from self._timed(frame)
+        for frame in cc.decode(None):
+            yield from self._timed(frame)
+
+    def _timed(self, frame):
+        if frame.pts is None:
+            return
+        t = float(frame.pts * self.stream.time_base)
+        self.stats["frames_decoded"] += 1
+        self.end = max(self.end, t + self.interval)
+        yield t, frame
+
+    def _gop_done(self, final: bool) -> None:
+        if not self.gops or not self.gops[-1]:
+            return
+        gop = self.gops[-1]
+        tol = self.interval / 2
+        last = max(float(p.pts * p.time_base) for p in gop)
+        if not final and last < self.next_t - tol:  # no sample in it: not decoded
+            self.end = max(self.end, last + self.interval)
+            return
+        cfg, samples = self.cfg, self.samples
+        scans, kept = [], False
+        for t, frame in self._frames([gop]):
+            if t < self.next_t - tol:
+                continue
+            current = _make_sample(t, frame, cfg, self.clip)
+            if samples and _score(samples[-1].gray, current.gray) > cfg.scene_threshold:
+                scans.append((samples[-1], current))
+            if not samples or current.t > samples[-1].t + tol:
+                self._keep(current)
+                kept = True
+            self.next_t = max(self.next_t + cfg.keyframe_every, current.t + self.interval)
+        for before, after in scans:
+            change = self._scan(before, after)
+            if change is None:  # a gradual change (motion, a fade): no cut to sample
+                continue
+            if change[0] < after.t - tol:
+                self._keep(_make_sample(change[0], change[1], cfg, self.clip, scene=True))
+            else:
+                after.scene = True
+            self.stats["scene_changes"] += 1
+        if kept:  # later scans start at this GOP's sample: no earlier GOP is needed
+            self.gops, self.held = [gop], sum(p.size for p in gop)
+
+    def _keep(self, sample: _Sample) -> None:
+        self.samples.append(sample)
+        self.embedder.add(sample)
+
+    def _scan(self, before: _Sample, after: _Sample):
+        """`_scan` over the GOPs held as packets: the largest jump between neighbouring frames."""
+        tol = self.interval / 2
+        first = 0
+        for i, gop in enumerate(self.gops):
+            if min(float(p.pts * p.time_base) for p in gop) <= before.t + tol:
+                first = i
+        prev, best, best_score = None, None, self.cfg.scene_threshold
+        for t, frame in self._frames(self.gops[first:]):
+            if t < before.t - tol:
+                continue
+            if t > after.t + tol:
+                break
+            gray = _gray(frame)
+            if prev is not None:
+                score = _score(prev, gray)
+                if score > best_score:
+                    best, best_score = (t, frame), score
+            prev = gray
+            if t >= after.t - tol:
+                break
+        return best
 
 
 def _scan(reader: _FrameReader, before: _Sample, after: _Sample, threshold: float):
