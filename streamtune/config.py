@@ -156,8 +156,9 @@ class DecodeConfig(Settings):
     image_pool: int = Field(
         1, ge=1, description="Merge the patch grid by this factor per side (2: a quarter of the tokens)."
     )
-    image_merge: Literal["mean", "stack"] = Field(
-        "mean", description="mean: average merged patches; stack: concatenate them (width x pool^2)."
+    image_merge: Literal["mean", "stack", "max"] = Field(
+        "mean",
+        description="mean: average merged patches; stack: concatenate them (width x pool^2); max: their maximum.",
     )
     audio_layer: int = Field(
         -1, description="Whisper encoder block whose frames are kept (-1: the final output)."

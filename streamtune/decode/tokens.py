@@ -3,7 +3,9 @@
 - Images: patch tokens of an open_clip ViT from one block (`image_layer`, default -2: the penultimate,
   as LLaVA takes them), optionally merged `image_pool` x `image_pool` patches at a time: averaged
   (`image_merge: mean`, width stays) or concatenated (`stack`, width x pool^2, like Qwen2-VL's 2 x 2
-  merger: fewer tokens that still see their neighbourhood's layout). The class token is left out. The same pass gives the usual L2-normalised CLIP embedding.
+  merger: fewer tokens that still see their neighbourhood's layout) or max-pooled (`max`, width stays; with
+  `image_pool` >= the grid side, one token per image: each feature's strongest response anywhere, which says
+  what is in the picture wherever it is). The class token is left out. The same pass gives the usual L2-normalised CLIP embedding.
 - Audio: Whisper encoder frames (50 per second) from one block (`audio_layer`, -1: the final output after
   `ln_post`, what Whisper's decoder attends to), cut to the clip's length and stacked (SLAM-ASR) or
   averaged `audio_factor` at a time: 5 gives 10 tokens per second. Clips longer than 30 s are encoded in
@@ -131,8 +133,8 @@ class ImageTokens:
         self.visual = clip.model.visual
         self.block = _block_index(layer, len(self.visual.transformer.resblocks))
         self.pool = int(pool)
-        if merge not in ("mean", "stack"):
-            raise ValueError(f"image_merge must be mean or stack, got {merge!r}")
+        if merge not in ("mean", "stack", "max"):
+            raise ValueError(f"image_merge must be mean, stack or max, got {merge!r}")
         self.merge = merge
 
     def encode(self, tensors: list) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -175,9 +177,10 @@ class ImageTokens:
         import torch
 
         p = self.pool
-        if p > 1 and self.merge == "mean":
+        if p > 1 and self.merge in ("mean", "max"):
             side = (math.ceil(grid.shape[-2] / p), math.ceil(grid.shape[-1] / p))
-            grid = torch.nn.functional.adaptive_avg_pool2d(grid, side)
+            F = torch.nn.functional
+            grid = (F.adaptive_avg_pool2d if self.merge == "mean" else F.adaptive_max_pool2d)(grid, side)
         elif p > 1:  # stack: zero-pad to a multiple of p, then each p x p block becomes one token
             grid = torch.nn.functional.pad(grid, (0, -grid.shape[-1] % p, 0, -grid.shape[-2] % p))
             n, w, h, v = grid.shape
