@@ -2,12 +2,13 @@ import subprocess
 import sys
 
 import pytest
+from helpers import cli_in_process
 
 
-def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=120, env=env
-    )
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """`streamtune ARGS` through app.cli.main in this process (test_debug_shows_traceback runs `python -m app`)."""
+    return lambda *args: cli_in_process(monkeypatch, capsys, *args)
 
 
 @pytest.mark.parametrize(
@@ -19,8 +20,8 @@ def _cli(*args: str, env=None) -> subprocess.CompletedProcess:
         (["generate", "--prompt", "hi", "--adapter-path", "/nonexistent/adapter"], "no adapters.safetensors"),
     ],
 )
-def test_user_errors_are_one_line(args, reason):
-    result = _cli(*args)
+def test_user_errors_are_one_line(args, reason, cli):
+    result = cli(*args)
     assert result.returncode != 0
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -28,20 +29,34 @@ def test_user_errors_are_one_line(args, reason):
 
 
 def test_debug_shows_traceback():
-    result = _cli("--debug", "manifest", "/nonexistent/source", "--out", "/tmp/m.parquet")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "--debug",
+            "manifest",
+            "/nonexistent/source",
+            "--out",
+            "/tmp/m.parquet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-def test_manifest_command_on_a_folder(tmp_path):
+def test_manifest_command_on_a_folder(tmp_path, cli):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("hello")
     out = tmp_path / "m.parquet"
-    result = _cli("manifest", str(tmp_path / "src"), "--out", str(out))
+    result = cli("manifest", str(tmp_path / "src"), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert '"samples": 1' in result.stdout and out.exists()
 
 
-def test_gc_deletes_only_old_unlisted_shards(tmp_path):
+def test_gc_deletes_only_old_unlisted_shards(tmp_path, cli):
     import json
     import os
 
@@ -57,14 +72,14 @@ def test_gc_deletes_only_old_unlisted_shards(tmp_path):
     stray.write_bytes(b"replaced long ago")
     fresh.write_bytes(b"replaced a moment ago")
     os.utime(stray, (1_000_000_000, 1_000_000_000))
-    result = _cli("gc", str(tmp_path / "set"))
+    result = cli("gc", str(tmp_path / "set"))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["deleted"] == [str(stray)]
     assert not stray.exists() and fresh.exists()
     assert sorted(p.name for p in (tmp_path / "set").glob("shard-*.arrow")) == sorted([*listed, fresh.name])
 
 
-def test_shard_reads_its_source_from_the_manifest(tmp_path):
+def test_shard_reads_its_source_from_the_manifest(tmp_path, cli):
     import json
 
     from streamtune.shards import read_index
@@ -74,8 +89,8 @@ def test_shard_reads_its_source_from_the_manifest(tmp_path):
     for i in range(3):
         (src / f"s{i}.txt").write_text(f"sample {i}")
     manifest = tmp_path / "m.parquet"
-    assert _cli("manifest", str(src), "--out", str(manifest)).returncode == 0
-    result = _cli("shard", str(manifest), "--out", str(tmp_path / "shards"), "--max-shard-bytes", "100000")
+    assert cli("manifest", str(src), "--out", str(manifest)).returncode == 0
+    result = cli("shard", str(manifest), "--out", str(tmp_path / "shards"), "--max-shard-bytes", "100000")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["source"] == str(src) and summary["rows"] == 3 and summary["quarantined"] == 0
@@ -83,6 +98,6 @@ def test_shard_reads_its_source_from_the_manifest(tmp_path):
     # an explicit --source still wins (the bucket moved); a wrong one fails with one line
     moved = tmp_path / "moved"
     src.rename(moved)
-    result = _cli("shard", str(manifest), "--out", str(tmp_path / "s2"), "--source", str(moved))
+    result = cli("shard", str(manifest), "--out", str(tmp_path / "s2"), "--source", str(moved))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["rows"] == 3

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+from helpers import prefect_api_env
+
 import flows  # noqa: F401
 
 
@@ -31,7 +33,11 @@ def test_retry_reruns_the_same_flow_run_and_only_what_failed(tmp_path):
 
     shutil.rmtree(blocker)
     result = subprocess.run(
-        [sys.executable, "-m", "app", "retry", str(run_id)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "app", "retry", str(run_id)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=prefect_api_env(),  # this session's API (and its database), not a temporary server of its own
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
@@ -51,5 +57,10 @@ def test_retry_reruns_the_same_flow_run_and_only_what_failed(tmp_path):
     assert states["write-shard-00000"][-1] == "Cached" and states["write-shard-00002"][-1] == "Cached"
     assert (work / "shards" / "index.json").exists()
 
-    bad = subprocess.run([sys.executable, "-m", "app", "retry", "no-such-run"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "app", "retry", "no-such-run"],
+        capture_output=True,
+        text=True,
+        env=prefect_api_env(),
+    )
     assert bad.returncode != 0 and "no-such-run" in bad.stderr and "Traceback" not in bad.stderr
