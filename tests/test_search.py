@@ -221,6 +221,11 @@ def test_incremental_rebuild_embeds_only_changes_and_drops_removed(s3server):
     # embedded: the changed segment + the new clip's four; reused: the other rows of those two shards
     assert s["embedded"] == 1 + 4 and s["reused"] == 7 + 4
     assert third["rows"] == 40
+    # FTS5: the two replaced parts' rows deleted, the two new parts' rows added (no rebuild)
+    assert (
+        third["lexical"]["updated"] == {"deleted_parts": 2, "added_parts": 2}
+        and third["lexical"]["rows"] == 40
+    )
     fs, root = storage.get_fs(out, opts)
     listed = {p["path"] for p in third["parts"]} | {third["lexical"]["path"]}
     stored = {f.removeprefix(root.rstrip("/") + "/") for f in fs.find(root)} - {"index.json"}

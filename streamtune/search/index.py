@@ -389,29 +389,60 @@ def _fixed_to_numpy(col: pa.ChunkedArray, dim: int) -> np.ndarray:
     return out
 
 
+SLOT_BITS = 32  # FTS rowid = part slot << 32 | row in the part: stable while the part stays
+
+
+def _slots(parts: list[dict], old: dict | None) -> None:
+    """Give each part an FTS slot: kept parts keep theirs, new parts take numbers never used before."""
+    used = [p.get("fts") for p in (old or {}).get("parts", [])] + [p.get("fts") for p in parts]
+    nxt = max([u for u in used if u is not None], default=-1) + 1
+    for p in parts:
+        if p.get("fts") is None:
+            p["fts"] = nxt
+            nxt += 1
+
+
 def _lexical(out_url: str, parts: list[dict], old: dict | None, storage_options: dict | None) -> dict:
-    """The FTS5 database over every part's transcripts; rowid = row number in manifest part order."""
+    """The FTS5 database over every part's transcripts (rowid: part slot << 32 | row). With an earlier one of
+    the same kind, only removed parts' rows are deleted and new parts' rows added; else it is built anew."""
+    prev = (old or {}).get("lexical") or {}
+    incremental = prev.get("rowids") == "slot" and all(p.get("fts") is not None for p in old["parts"])
+    if not incremental:
+        for p in parts:
+            p.pop("fts", None)
+        old = None
+    _slots(parts, old)
     key = _hash([p["path"] for p in parts])[:16]
-    if old and (old.get("lexical") or {}).get("key") == key:
-        return old["lexical"]
+    if prev.get("key") == key and incremental:
+        return prev
     path = f"lexical-{key}.sqlite"
+    kept = {p["path"] for p in parts}
+    gone = [p for p in (old or {}).get("parts", []) if p["path"] not in kept]
+    had = {p["path"] for p in (old or {}).get("parts", [])}
+    new = [p for p in parts if p["path"] not in had] if old else parts
+    if old and len(new) == len(parts):  # nothing kept (e.g. new settings): a fresh build is cheaper
+        old, gone = None, []
+
+    def rows(some: list[dict]):
+        for p in some:
+            t = _read_part(storage.join(out_url, p["path"]), storage_options, ["transcript"])
+            for i, text in enumerate(t.column("transcript").to_pylist()):
+                if text:
+                    yield (int(p["fts"]) << SLOT_BITS) + i, text
+
     with tempfile.TemporaryDirectory() as tmp:
         local = os.path.join(tmp, "lexical.sqlite")
-
-        def rows():
-            base = 0
-            for p in parts:
-                t = _read_part(storage.join(out_url, p["path"]), storage_options, ["transcript"])
-                for i, text in enumerate(t.column("transcript").to_pylist()):
-                    if text:
-                        yield base + i, text
-                base += int(p["rows"])
-
-        n = lexical.build(local, rows())
+        if old:
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(storage.join(out_url, prev["path"]), storage_options))
+            n = lexical.update(local, rows(gone), rows(new))
+        else:
+            n = lexical.build(local, rows(new))
         with open(local, "rb") as f:
             data = f.read()
     storage.write_bytes(storage.join(out_url, path), data, storage_options)
-    return {"path": path, "key": key, "rows": n, "bytes": len(data),
+    return {"path": path, "key": key, "rows": n, "bytes": len(data), "rowids": "slot",
+            "updated": {"deleted_parts": len(gone), "added_parts": len(new)} if old else None,
             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
 
 

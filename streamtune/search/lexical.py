@@ -65,6 +65,23 @@ def build(path: str, rows: Iterable[tuple[int, str]]) -> int:
     return n
 
 
+def update(path: str, removed: Iterable[tuple[int, str]], added: Iterable[tuple[int, str]]) -> int:
+    """Delete rows (rowid and the exact text they were added with: a contentless table needs it to find the
+    terms) and add rows in the database at `path`; returns the rows it then holds."""
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=OFF")
+        con.execute("PRAGMA synchronous=OFF")
+        con.executemany("INSERT INTO seg(seg, rowid, text) VALUES ('delete', ?, ?)", removed)
+        con.executemany("INSERT INTO seg(rowid, text) VALUES (?, ?)", added)
+        con.execute("INSERT INTO seg(seg, rank) VALUES ('merge', 64)")  # some merging, not a full optimize
+        con.commit()
+        n = int(con.execute("SELECT count(*) FROM seg").fetchone()[0])
+    finally:
+        con.close()
+    return n
+
+
 class Lexical:
     """A read-only FTS5 database (opened immutable: a search can never change it)."""
 

@@ -22,7 +22,14 @@ import pyarrow as pa
 from streamtune import storage
 from streamtune.config import IndexConfig
 from streamtune.search import ann, lexical
-from streamtune.search.index import ANN_COLUMNS, SearchError, _read_part, part_vectors, read_manifest
+from streamtune.search.index import (
+    ANN_COLUMNS,
+    SLOT_BITS,
+    SearchError,
+    _read_part,
+    part_vectors,
+    read_manifest,
+)
 
 Signal = Callable[[str], "np.ndarray | None"]
 BUILTIN_FIELDS = ("sample_id", "source", "modality", "language", "tag")
@@ -136,11 +143,24 @@ class Index:
         self._fields: dict[str, tuple[np.ndarray, dict[str, int]]] = {}
         self.signals: dict[str, tuple[Signal, float]] = {}
         self._tmp = None
+        self._slot_start: dict[int, int] | None = None
         self.lexical = self._open_lexical() if manifest.get("lexical") else None
         clip_ref = cfg.clip_pretrained or manifest.get("clip_pretrained")
         clip_model = cfg.clip_model or manifest.get("clip_model")
         if manifest.get("clip_dim") and clip_ref and clip_model and cfg.clip_weight > 0:
             self.add_signal("clip", self._clip_signal(clip_model, clip_ref), cfg.clip_weight)
+
+    def _lexical_rows(self, hits: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """FTS rowids (part slot << 32 | row; older indexes: the row) as index rows."""
+        if self.manifest["lexical"].get("rowids") != "slot":
+            return hits
+        if self._slot_start is None:
+            self._slot_start = {
+                int(p["fts"]): int(s)
+                for p, s in zip(self.manifest["parts"], self.part_starts[:-1], strict=True)
+            }
+        mask = (1 << SLOT_BITS) - 1
+        return [(self._slot_start[r >> SLOT_BITS] + (r & mask), s) for r, s in hits]
 
     def _open_lexical(self) -> lexical.Lexical:
         url = storage.join(self.url, self.manifest["lexical"]["path"])
@@ -303,7 +323,8 @@ class Index:
         ranked: dict[str, list[tuple[int, float]]] = {}
         if w.get("lexical", 0) > 0 and self.lexical is not None:
             limit = k if mask is None else k * 20
-            hits = [(r, s) for r, s in self.lexical.search(text, limit) if mask is None or mask[r]]
+            hits = [(r, s) for r, s in self._lexical_rows(self.lexical.search(text, limit))]
+            hits = [(r, s) for r, s in hits if mask is None or mask[r]]
             ranked["lexical"] = hits[:k]
         if w.get("semantic", 0) > 0 and self.n:
             q = self.query_vectors([text])[0]
