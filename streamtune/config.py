@@ -352,7 +352,9 @@ class TrainArgs(Settings):
         description="online: rows whose media are encoded together (one image-tower call, one audio batch).",
     )
     media_workers: int = Field(
-        0, ge=0, description="online: threads decoding and augmenting media (0: min(8, CPU cores))."
+        0,
+        ge=0,
+        description="online: worker processes decoding and augmenting media (0: 4 threads of this process).",
     )
 
     @property

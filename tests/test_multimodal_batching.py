@@ -1,6 +1,7 @@
 """Online media encoded in windows: batched image-tower and masked Whisper batches give each medium the
 tokens it gets alone (float tolerance); OnlineSource hands out the per-sample path's media, quarantine
-records and order, and a resume in the middle of a window re-encodes that window to the same bits."""
+records and order, and a resume in the middle of a window re-encodes that window to the same bits; worker
+processes prepare the same media as threads."""
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def run(tmp_path_factory):
     ckpt = save_random_checkpoint(clip, str(folder / "clip.safetensors"), seed=0)
     model, tokenizer, _ = load_base(write_random_model(str(folder / "tiny"), "tiny", seed=3))
     media = DecodeConfig(clip_model=clip, clip_pretrained=ckpt, media_tokens=["image", "audio"])
-    args = TrainArgs(model="x", stage="align", media_source="online", seed=4, media_batch=3, media_workers=2)
+    args = TrainArgs(model="x", stage="align", media_source="online", seed=4, media_batch=3)
     spec = {"image": {"dim": 64}, "audio": {"dim": 1920}}
     return MultimodalRun(args, model, tokenizer, spec, media)
 
@@ -55,17 +56,24 @@ def rows():
 
 
 def close(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and np.allclose(a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=2e-3)
+    return a.shape == b.shape and np.allclose(
+        a.astype(np.float32), b.astype(np.float32), rtol=2e-3, atol=2e-3
+    )
 
 
 def test_batched_towers_equal_one_medium_at_a_time(run):
     from PIL import Image
 
     enc = run.encoders()
-    images = [enc["image"].clip.prepare(Image.new("RGB", (40 + 9 * i, 50), (30 * i, 120, 200))) for i in range(5)]
+    pictures = [Image.new("RGB", (40 + 9 * i, 50), (30 * i, 120, 200)) for i in range(5)]
+    images = [enc["image"].clip.prepare(p) for p in pictures]
     alone = [enc["image"].encode([t])[1][0] for t in images]
     batched = enc["image"].encode_tokens(images, batch_size=4)
     assert all(close(a, b) for a, b in zip(alone, batched, strict=True))
+    from streamtune.decode.tokens import image_pixels
+
+    pixels = [image_pixels(p, enc["image"].pixel_options()) for p in pictures]
+    assert all(close(a, b) for a, b in zip(alone, enc["image"].encode_tokens(pixels), strict=True))
     rng = np.random.default_rng(0)
     clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 23456, 3000, 100)]
     alone = [enc["audio"].encode(c) for c in clips]
@@ -109,6 +117,21 @@ def test_online_source_matches_per_sample_media_and_resumes_mid_window(run, rows
     tail = _drain(second)
     assert [r["sample_id"] for r in head + tail] == [r["sample_id"] for r in full]
     for a, b in zip(full, head + tail, strict=True):
+        ma, mb = a[ENCODED][2], b[ENCODED][2]
+        if isinstance(ma, Quarantined):
+            assert ma.record == mb.record
+            continue
+        assert all(np.array_equal(x, y) for k in ma for x, y in zip(ma[k], mb[k], strict=True))
+
+
+def test_worker_processes_prepare_what_threads_prepare(run, rows):
+    threads = _drain(run.source(ListSource(rows)))
+    run.args.media_workers = 2
+    try:
+        processes = _drain(run.source(ListSource(rows)))
+    finally:
+        run.args.media_workers = 0
+    for a, b in zip(threads, processes, strict=True):
         ma, mb = a[ENCODED][2], b[ENCODED][2]
         if isinstance(ma, Quarantined):
             assert ma.record == mb.record

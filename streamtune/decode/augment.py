@@ -8,6 +8,9 @@ any process, on any rank and after a resume, and differently in every epoch.
   are often what is learned.
 - Audio (16 kHz mono): speed 0.9-1.1 (resampled, pitch follows), crop of up to 5 % at either end, a
   random offset of 0-0.2 s of silence in front, gain of +-6 dB, white noise at an SNR of 10-30 dB.
+
+`prepare_medium` is the CPU part of online training's data path for one medium (decode, augment, the
+image tower's pixel geometry); it runs in a thread or a worker process.
 """
 
 from __future__ import annotations
@@ -56,3 +59,29 @@ def augment_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     snr = rng.uniform(10, 30)
     noise = rng.standard_normal(audio.size).astype(np.float32) * np.float32(np.sqrt(power / 10 ** (snr / 10)))
     return np.clip(audio + noise, -1.0, 1.0).astype(np.float32)
+
+
+def prepare_medium(kind, data: bytes, sid, sources, epoch: int, augment: bool, opts: dict) -> tuple:
+    """("ok", image pixels or 16 kHz audio) or ("quarantined", record): one medium decoded and, if
+    `augment`, augmented from (seed, epoch, sample id). A plain function of its arguments, so a thread
+    or a process pool can run it."""
+    from streamtune.decode.media import MediaError, decode_audio, decode_image
+    from streamtune.decode.tokens import image_pixels
+
+    augment = augment and opts["augment"]
+    try:
+        if kind == "image":
+            image = decode_image(data, opts["max_pixels"], min_side=opts["min_side"])
+            if augment:
+                image = augment_image(image, rng_for(opts["seed"], epoch, sid, kind))
+            return "ok", image_pixels(image, opts["pixels"])
+        audio = decode_audio(data, 16000, max_seconds=opts["max_audio_seconds"])
+        if augment:
+            audio = augment_audio(audio, rng_for(opts["seed"], epoch, sid, kind))
+        return "ok", audio
+    except MediaError as e:
+        from streamtune import quarantine
+        from streamtune.decode.features import _source_key
+
+        key = _source_key(sources, kind, sid)
+        return "quarantined", quarantine.record(sid, key, "train", e.kind, e.reason, modality=kind)

@@ -155,13 +155,27 @@ class ImageTokens:
             self.clip.stats["batches"] += 1
         return np.concatenate(embeddings), tokens
 
-    def encode_tokens(self, tensors: list, batch_size: int = 64) -> list[np.ndarray]:
+    def pixel_options(self) -> dict:
+        """What `image_pixels` needs to give this tower's input geometry (picklable)."""
+        norm = [t for t in self.clip.preprocess.transforms if type(t).__name__ == "Normalize"]
+        return {
+            "image_size": self.visual.image_size,
+            "mean": tuple(float(v) for v in norm[0].mean),
+            "std": tuple(float(v) for v in norm[0].std),
+        }
+
+    def encode_tokens(self, images: list, batch_size: int = 64) -> list[np.ndarray]:
         """[(tokens, width) float16 per image] only: the tower stops after block `layer` and takes
-        `batch_size` images per call (each image's tokens are its own: no cross-image interaction)."""
+        `batch_size` images per call (each image's tokens are its own: no cross-image interaction).
+        `images`: `clip.prepare` tensors, or `image_pixels` arrays (scaled and normalised on the device)."""
         torch = self.clip.torch
         tokens: list[np.ndarray] = []
-        for b in range(0, len(tensors), batch_size):
-            batch = torch.stack(tensors[b : b + batch_size]).to(self.clip.device, non_blocking=True)
+        for b in range(0, len(images), batch_size):
+            chunk = images[b : b + batch_size]
+            if isinstance(chunk[0], np.ndarray):
+                batch = self._normalise(torch.from_numpy(np.stack(chunk)).to(self.clip.device))
+            else:
+                batch = torch.stack(chunk).to(self.clip.device)
             with torch.inference_mode():
                 out = self.visual.forward_intermediates(
                     batch, indices=[self.block], stop_early=True, intermediates_only=True, output_fmt="NCHW"
@@ -171,6 +185,16 @@ class ImageTokens:
             self.clip.stats["images"] += len(batch)
             self.clip.stats["batches"] += 1
         return tokens
+
+    def _normalise(self, pixels):
+        """(N, H, W, 3) uint8 -> the tower's input: ToTensor's scaling and Normalize, on the device."""
+        torch = self.clip.torch
+        if not hasattr(self, "_mean"):
+            opts = self.pixel_options()
+            self._mean = torch.tensor(opts["mean"], device=self.clip.device).view(1, 3, 1, 1)
+            self._std = torch.tensor(opts["std"], device=self.clip.device).view(1, 3, 1, 1)
+        x = pixels.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
+        return x.sub(self._mean).div(self._std)
 
     def _merge(self, grid):
         """(N, width, gh, gw) patch grid -> (N, tokens, token width)."""
@@ -214,7 +238,11 @@ class AudioTokens:
         self.context = context
         self.model = whisper or load_model(resolve_whisper(model, cache_dir), dtype=mx.float32)
         self.encoder = self.model.encoder
-        mx.eval(self.model.parameters(), self.encoder._positional_embedding)  # usable from any thread
+        from mlx_whisper.audio import N_FFT, hanning, mel_filters
+
+        # evaluated here, so that any thread can use them (a lazy array belongs to its stream's thread)
+        mx.eval(self.model.parameters(), self.encoder._positional_embedding)
+        mx.eval(hanning(N_FFT), mel_filters(self.model.dims.n_mels))
         self.block = _block_index(layer, len(self.encoder.blocks))
         self.final = self.block == len(self.encoder.blocks) - 1
         self.factor, self.pool = int(factor), pool
@@ -303,23 +331,15 @@ class AudioTokens:
         """Encoder output of windows of any lengths (up to 30 s) in one pass: [(frames_i, width)]."""
         import mlx.core as mx
         import mlx.nn as nn
-        from mlx_whisper.audio import log_mel_spectrogram
 
         enc = self.encoder
-        n_mels = self.model.dims.n_mels
-        sizes = [-(-max(w.size, 1) // 320) * 320 for w in windows]  # as `_frames` pads a lone window
-        mels = [
-            log_mel_spectrogram(mx.array(np.pad(w, (0, s - w.size))), n_mels)
-            for w, s in zip(windows, sizes, strict=True)
-        ]
-        longest = max(m.shape[0] for m in mels)
-        # zero mel frames past a window's end: conv1 sees what its own zero padding gives, and conv2's
-        # outputs inside the window never reach past it (stride 2, even frame counts)
-        mel = mx.stack([mx.pad(m, [(0, longest - m.shape[0]), (0, 0)]) for m in mels])
+        mel, frames = _batched_log_mel(windows, self.model.dims.n_mels)
+        # mel frames past a window's end are zero: conv1 sees what its own zero padding gives, and
+        # conv2's outputs inside the window never reach past it (stride 2, even frame counts)
         x = nn.gelu(enc.conv1(mel))
         x = nn.gelu(enc.conv2(x))
         x = x + enc._positional_embedding[: x.shape[1]]
-        valid = [m.shape[0] // 2 for m in mels]
+        valid = [m // 2 for m in frames]
         keys = mx.arange(x.shape[1])[None, :] < mx.array(valid)[:, None]
         mask = mx.where(keys, 0.0, -mx.inf).astype(x.dtype)[:, None, None, :]  # (B, 1, 1, T)
         for block in enc.blocks[: self.block + 1]:
@@ -337,6 +357,55 @@ class AudioTokens:
             f = np.concatenate([f, np.zeros((self.factor - n % self.factor, f.shape[1]), f.dtype)])
         grouped = f.reshape(-1, self.factor, f.shape[1])
         return grouped.reshape(grouped.shape[0], -1) if self.pool == "stack" else grouped.mean(1)
+
+
+_GEOMETRY: dict = {}
+
+
+def image_pixels(image, options: dict) -> np.ndarray:
+    """(H, W, 3) uint8: open_clip's eval transform of `image` without its tensor conversion and
+    normalisation (`ImageTokens.encode_tokens` does those on the device). Picklable inputs, so a
+    process pool can run it."""
+    key = repr(options)
+    if key not in _GEOMETRY:
+        import open_clip
+
+        full = open_clip.image_transform(
+            options["image_size"], is_train=False, mean=options["mean"], std=options["std"]
+        )
+        names = [type(t).__name__ for t in full.transforms]
+        if names[-2:] not in (["ToTensor", "Normalize"], ["MaybeToTensor", "Normalize"]):
+            raise ValueError(f"unexpected open_clip transform {names}")
+        _GEOMETRY[key] = full.transforms[:-2]
+    for t in _GEOMETRY[key]:
+        image = t(image)
+    return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def _batched_log_mel(windows: list[np.ndarray], n_mels: int):
+    """mlx_whisper's log_mel_spectrogram of each window (zero-padded to a multiple of 320 samples, as
+    `_frames` pads a lone window) in one batch: ((B, frames, n_mels) with zeros past each window's own
+    frames, [frames per window]). Reflect padding and the max - 8 dB floor are each window's own."""
+    import mlx.core as mx
+    from mlx_whisper.audio import HOP_LENGTH, N_FFT, hanning, mel_filters
+
+    half = N_FFT // 2
+    signals = []
+    for w in windows:
+        x = np.pad(np.asarray(w, np.float32), (0, -(-max(w.size, 1) // 320) * 320 - w.size))
+        signals.append(np.concatenate([x[1 : half + 1][::-1], x, x[-(half + 1) : -1][::-1]]))
+    frames = [(s.size - N_FFT) // HOP_LENGTH for s in signals]  # stft's frames less the last, as there
+    longest = max(s.size for s in signals)
+    batch = mx.array(np.stack([np.pad(s, (0, longest - s.size)) for s in signals]))
+    count = max(frames)
+    strided = mx.as_strided(batch, shape=(len(signals), count, N_FFT), strides=(longest, HOP_LENGTH, 1))
+    spectrum = mx.fft.rfft(strided * hanning(N_FFT))
+    mel = spectrum.abs().square() @ mel_filters(n_mels).T
+    log_spec = mx.maximum(mel, 1e-10).log10()
+    valid = (mx.arange(count)[None, :] < mx.array(frames)[:, None])[:, :, None]
+    floor = mx.where(valid, log_spec, -mx.inf).max(axis=(1, 2), keepdims=True) - 8.0
+    log_spec = (mx.maximum(log_spec, floor) + 4.0) / 4.0
+    return mx.where(valid, log_spec, 0.0), frames
 
 
 def _masked_block(block, x, mask):

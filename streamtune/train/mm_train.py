@@ -11,8 +11,8 @@ Media reach the model in one of two ways (`media_source`):
 - online: raw media (`image` / `audio` bytes of a raw shard set) are decoded, augmented
   (`streamtune.decode.augment`, seeded from (seed, epoch, sample id)) and encoded by the frozen encoders
   inside the data path (`OnlineSource`): rows are read `media_batch` at a time (a window), their media
-  decoded and augmented by `media_workers` threads and encoded in one tower call per kind, while earlier
-  windows are trained on. Windows start where the previous one ended and a checkpoint names the window's
+  decoded and augmented by `media_workers` processes (or threads) and encoded in one tower call per kind
+  while earlier windows are trained on. Windows start where the previous one ended and a checkpoint names the window's
   start and how many of its rows were used, so a resumed run encodes the very same windows (bitwise the
   same tokens); within a window each medium's tokens equal its encoding alone up to float rounding. A
   medium that does not decode is a quarantine record (`quarantined` in the result, `quarantine.parquet`
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,7 +32,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from streamtune import quarantine
+from streamtune.decode.augment import prepare_medium
 from streamtune.train.data import DEFAULT_TEMPLATE, Template, render
 from streamtune.train.multimodal import (
     KINDS,
@@ -45,6 +45,7 @@ from streamtune.train.multimodal import (
 )
 
 MEDIA_TEMPLATE = Template(prompt="{image}\n{audio}", completion="{text}")
+AHEAD = 3  # windows read and in preparation or encoding ahead of the one being consumed
 ENCODED = "__media__"  # row field OnlineSource adds: (epoch, augment, {kind: [tokens]} or Quarantined)
 ADAPTER_PARAMS = ("lora_a", "lora_b", "m")  # LoRA / DoRA parameters of mlx-lm's adapter layers
 
@@ -209,33 +210,28 @@ class MultimodalRun:
         enc = self.encoders()
         prepared = self.prepare(kind, row, data, epoch, augment)
         if kind == "image":
-            return enc["image"].encode([prepared])[1][0]
+            return enc["image"].encode_tokens([prepared])[0]
         return enc["audio"].encode(prepared)
 
     def prepare(self, kind: str, row: dict, data, epoch: int, augment: bool):
-        """One medium decoded and augmented: the image tower's input tensor, or 16 kHz audio; raises
-        Quarantined if it does not decode. Thread-safe (the CPU part of the data path)."""
-        from streamtune.decode.augment import augment_audio, augment_image, rng_for
-        from streamtune.decode.media import MediaError, decode_audio, decode_image
+        """One medium decoded and augmented: the image tower's input pixels, or 16 kHz audio; raises
+        Quarantined if it does not decode."""
+        sources = list(row.get("sources") or [])
+        args = (kind, bytes(data), row.get("sample_id"), sources, epoch, augment, self.prepare_options())
+        status, value = prepare_medium(*args)
+        if status == "quarantined":
+            raise Quarantined(value)
+        return value
 
+    def prepare_options(self) -> dict:
+        """What `prepare_medium` needs besides the medium (picklable: it may run in another process)."""
         enc = self.encoders()
         cfg = enc["cfg"]
-        sid = row.get("sample_id")
-        try:
-            if kind == "image":
-                image = decode_image(bytes(data), cfg.max_pixels, min_side=enc["image"].clip.image_size)
-                if augment and self.args.augment:
-                    image = augment_image(image, rng_for(self.args.seed, epoch, sid, kind))
-                return enc["image"].clip.prepare(image)
-            audio = decode_audio(bytes(data), 16000, max_seconds=cfg.max_audio_seconds)
-            if augment and self.args.augment:
-                audio = augment_audio(audio, rng_for(self.args.seed, epoch, sid, kind))
-            return audio
-        except MediaError as e:
-            from streamtune.decode.features import _source_key
-
-            key = _source_key(list(row.get("sources") or []), kind, sid)
-            raise Quarantined(quarantine.record(sid, key, "train", e.kind, e.reason, modality=kind)) from None
+        opts = {"seed": self.args.seed, "augment": self.args.augment}
+        opts |= {"max_pixels": cfg.max_pixels, "max_audio_seconds": cfg.max_audio_seconds}
+        if "image" in enc:
+            opts |= {"min_side": enc["image"].clip.image_size, "pixels": enc["image"].pixel_options()}
+        return opts
 
     def encoders(self) -> dict:
         """The frozen encoders of online mode, built on first use from the spec."""
@@ -251,7 +247,7 @@ class MultimodalRun:
 
 class OnlineSource:
     """Rows of `dataset` with field ENCODED: their media decoded, augmented and encoded a window of
-    `media_batch` rows at a time, up to two windows ahead of the consumer. State: the loader's state at
+    `media_batch` rows at a time, up to AHEAD windows ahead of the consumer. State: the loader's state at
     the current window's start and the rows of it already yielded (a resume re-reads that window)."""
 
     def __init__(self, run: MultimodalRun, dataset, held_out=None):
@@ -259,10 +255,19 @@ class OnlineSource:
         self.epoch = 0  # SampleStream's epoch: it calls set_epoch whenever that changes
         self.window = max(1, int(run.args.media_batch))
         run.encoders()  # built here, once, before threads use them
-        workers = run.args.media_workers or min(8, os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="media-prepare")
+        if run.args.media_workers > 0:  # processes: decoding and augmenting hold the GIL much of the time
+            import multiprocessing
+
+            context = multiprocessing.get_context("spawn")  # never fork a process using a GPU
+            self.pool = ProcessPoolExecutor(run.args.media_workers, mp_context=context)
+        else:
+            self.pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="media-prepare")
+        self.options = run.prepare_options()
         self.encoder = ThreadPoolExecutor(1, thread_name_prefix="media-encode")  # towers: one at a time
         self.skip = 0  # rows of the first window to drop (a resume in the middle of a window)
+        self.next_feed: dict | None = None  # the next epoch's windows, begun before that epoch is asked for
+        # only loaders that say which epoch they are in can be moved on ahead of the training loop
+        self.ahead_epochs = hasattr(dataset, "set_epoch") and hasattr(dataset, "state_dict")
         self.position: tuple | None = None  # (loader state at the window's start, rows yielded of it)
         self.stats = {"windows": 0, "prepare_s": 0.0, "encode_s": 0.0}
 
@@ -271,6 +276,12 @@ class OnlineSource:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, None
+        ahead = self.next_feed
+        if ahead is not None and ahead["epoch"] == epoch:  # already begun when the last one ended
+            if ahead["pending"]:
+                self.position = (ahead["pending"][0][0], 0)
+            return
+        self.next_feed = None
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
@@ -283,29 +294,44 @@ class OnlineSource:
         if "skip" not in state:  # a checkpoint of a loader read one row at a time
             state = {"loader": state, "skip": 0}
         self.dataset.load_state_dict(state["loader"])
-        self.skip, self.position = int(state["skip"]), None
+        self.skip, self.position, self.next_feed = int(state["skip"]), None, None
 
     def _loader_state(self):
         return self.dataset.state_dict() if hasattr(self.dataset, "state_dict") else None
 
+    def _feed(self, epoch: int) -> dict:
+        """An epoch's windows in flight: {"epoch", "rows" (the loader's iterator), "pending", "done"}."""
+        return {"epoch": epoch, "rows": iter(self.dataset), "pending": deque(), "done": False}
+
+    def _fill(self, feed: dict) -> None:
+        while not feed["done"] and len(feed["pending"]) < AHEAD:
+            start, window = self._loader_state(), []
+            for row in feed["rows"]:
+                window.append(row)
+                if len(window) == self.window:
+                    break
+            feed["done"] = len(window) < self.window
+            if window:
+                feed["pending"].append((start, window, self._submit(window, feed["epoch"])))
+
     def __iter__(self):
-        epoch, rows = self.epoch, iter(self.dataset)
-        pending: deque = deque()
-        done = False
+        feed = (
+            self.next_feed if self.next_feed is not None and self.next_feed["epoch"] == self.epoch else None
+        )
+        self.next_feed = None
+        feed = feed or self._feed(self.epoch)
         skip, self.skip = self.skip, 0
         while True:
-            while not done and len(pending) < 2:
-                start, window = self._loader_state(), []
-                for row in rows:
-                    window.append(row)
-                    if len(window) == self.window:
-                        break
-                done = len(window) < self.window
-                if window:
-                    pending.append((start, window, self._submit(window, epoch)))
-            if not pending:
+            self._fill(feed)
+            if not feed["pending"]:
                 return
-            start, window, job = pending.popleft()
+            start, window, job = feed["pending"].popleft()
+            if feed["done"] and not feed["pending"] and self.ahead_epochs:
+                # the next epoch's first windows are prepared while this one's last is used
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(self.epoch + 1)
+                self.next_feed = self._feed(self.epoch + 1)
+                self._fill(self.next_feed)
             results = job.result()
             for i in range(skip, len(window)):
                 self.position = (start, i + 1)
@@ -325,7 +351,9 @@ class OnlineSource:
                 value = row.get(kind)
                 items = value if isinstance(value, list) else [] if value is None else [value]
                 for j, data in enumerate(items):
-                    future = self.pool.submit(run.prepare, kind, row, data, epoch, augment)
+                    sources, sid = list(row.get("sources") or []), row.get("sample_id")
+                    args = (kind, bytes(data), sid, sources, epoch, augment, self.options)
+                    future = self.pool.submit(prepare_medium, *args)
                     work.append((r, kind, j, future))
         return self.encoder.submit(self._encode_window, window, epoch, plan, work)
 
@@ -335,10 +363,11 @@ class OnlineSource:
         t0 = time.perf_counter()
         prepared, failed = {}, {}
         for r, kind, j, future in work:
-            try:
-                prepared[r, kind, j] = future.result()
-            except Quarantined as q:
-                failed.setdefault(r, q)  # the row's first medium that fails, in kind and item order
+            status, value = future.result()
+            if status == "quarantined":
+                failed.setdefault(r, Quarantined(value))  # the row's first failing medium, in kind/item order
+            else:
+                prepared[r, kind, j] = value
         t1 = time.perf_counter()
         enc = self.run.encoders()
         tokens = {}
