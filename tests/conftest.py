@@ -33,6 +33,37 @@ def s3opts(s3server):
     return s3server.storage_options
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One converted-model cache for the session: Whisper's offline files are converted once, not per module."""
+    return str(tmp_path_factory.mktemp("model-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory, model_cache):
+    """A small random open_clip model: its config, two checkpoints (seeds 0 and 1), and the model cache."""
+    from corpus import tiny_clip_config
+
+    from streamtune.decode.clip import save_random_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    config = tiny_clip_config(folder)
+    return {
+        "config": config,
+        "ckpt": save_random_checkpoint(config, str(folder / "a.safetensors"), seed=0),
+        "ckpt2": save_random_checkpoint(config, str(folder / "b.safetensors"), seed=1),
+        "cache": model_cache,
+    }
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M as a float32 mlx-lm / transformers folder (export_base), written once for the session."""
+    from streamtune.train.models import export_base
+
+    return export_base("offline:smollm2", str(tmp_path_factory.mktemp("smollm2") / "base"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_prefect_ephemeral_server():
     """Stop Prefect's ephemeral API server at the end of the session, while pytest still captures output. Left

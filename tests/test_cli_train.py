@@ -2,14 +2,13 @@
 run killed with SIGKILL that `--resume` finishes with the uninterrupted run's adapter, bit for bit."""
 
 import json
-import os
 import subprocess
 import sys
-import time
 
 import mlx.core as mx  # noqa: I001
 import pytest
 import yaml
+from helpers import cli_in_process, kill_at_step
 from test_train_resume import _write_features
 
 import streamtune  # noqa: F401
@@ -51,16 +50,7 @@ def test_killed_run_resumes_to_the_same_adapter(setup):
     adapter = tmp / "b"
     proc = _cli("train", features, "-c", str(config), "--adapter-path", str(adapter))
     ckpt = str(adapter / "checkpoints")  # the default place: next to the adapter
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        head = checkpoint.latest(ckpt)
-        if head and head["step"] >= 8:
-            break
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        time.sleep(0.005)
-    os.kill(proc.pid, 9)
-    proc.wait()
-    assert proc.returncode == -9
+    kill_at_step(proc, lambda: checkpoint.latest(ckpt), 8, poll_s=0.005)
     assert not (adapter / "adapters.safetensors").exists(), "the run finished before it was killed"
     killed_at = checkpoint.latest(ckpt)["step"]
     assert 8 <= killed_at < 40
@@ -78,21 +68,20 @@ def test_killed_run_resumes_to_the_same_adapter(setup):
         assert mx.array_equal(a[name], b[name]).item(), name
 
 
-def test_resume_with_nothing_to_resume_is_an_error(setup):
+def test_resume_with_nothing_to_resume_is_an_error(setup, monkeypatch, capsys):
     tmp, features, config = setup
-    proc = _cli("train", features, "-c", str(config), "--adapter-path", str(tmp / "empty"), "--resume")
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "nothing to resume from" in lines[0] and "Traceback" not in err
+    args = ("train", features, "-c", str(config), "--adapter-path", str(tmp / "empty"), "--resume")
+    done = cli_in_process(monkeypatch, capsys, *args)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "nothing to resume from" in lines[0] and "Traceback" not in done.stderr
     assert not (tmp / "empty" / "adapters.safetensors").exists()
 
 
-def test_unknown_flag_names_the_closest(setup):
-    tmp, features, config = setup
-    proc = _cli("train", features, "--batch-sise", "3")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "--batch-size" in err and "Traceback" not in err
+def test_unknown_flag_names_the_closest(setup, monkeypatch, capsys):
+    _, features, _ = setup
+    done = cli_in_process(monkeypatch, capsys, "train", features, "--batch-sise", "3")
+    assert done.returncode != 0 and "--batch-size" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_precedence_defaults_yaml_flags():
@@ -100,7 +89,9 @@ def test_precedence_defaults_yaml_flags():
     assert (args.iters, args.lr, args.packing, args.rank) == (7, 2e-4, False, TrainArgs().rank)
     from app.settings_flags import parse_flags
 
-    flags = parse_flags(TrainArgs, ["--iters=9", "--no-packing", "--lora-keys", "[self_attn.q_proj]", "--qlora"])
+    flags = parse_flags(
+        TrainArgs, ["--iters=9", "--no-packing", "--lora-keys", "[self_attn.q_proj]", "--qlora"]
+    )
     assert flags == {"iters": "9", "packing": False, "lora_keys": ["self_attn.q_proj"], "qlora": True}
     assert build(TrainArgs, {"iters": 7}, overrides=flags).iters == 9
 

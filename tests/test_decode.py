@@ -2,34 +2,21 @@ import math
 
 import numpy as np
 import pytest
-from corpus import ODD_IDS, Item, build, gradient, image_bytes, raw_table, speech, tiny_clip_config
+from corpus import ODD_IDS, Item, build, gradient, image_bytes, raw_table, speech
 
 import streamtune  # noqa: F401
 from streamtune import storage
 from streamtune.decode import DecodeConfig, decode_shard, decode_shards, read_quarantine
-from streamtune.decode.clip import save_random_checkpoint
 from streamtune.shards import RAW_SCHEMA, commit_index, read_index, read_shard_table, shard_name, write_shard
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    config = tiny_clip_config(folder)
-    return {
-        "config": config,
-        "ckpt": save_random_checkpoint(config, str(folder / "a.safetensors"), seed=0),
-        "ckpt2": save_random_checkpoint(config, str(folder / "b.safetensors"), seed=1),
-        "cache": str(folder / "cache"),
-    }
-
-
-def make_cfg(models, **kw) -> DecodeConfig:
+def make_cfg(tiny_clip, **kw) -> DecodeConfig:
     base = dict(
         whisper_model="offline:tiny.en",
-        clip_model=models["config"],
-        clip_pretrained=models["ckpt"],
+        clip_model=tiny_clip["config"],
+        clip_pretrained=tiny_clip["ckpt"],
         labels=["cat", "dog", "car", "tree"],
-        cache_dir=models["cache"],
+        cache_dir=tiny_clip["cache"],
         max_audio_seconds=120,
     )
     return DecodeConfig(**(base | kw))
@@ -47,7 +34,7 @@ def list_keys(url: str, so) -> list[str]:
 
 
 @pytest.mark.slow
-def test_hostile_corpus_is_decoded_or_quarantined(bucket, s3opts, models):
+def test_hostile_corpus_is_decoded_or_quarantined(bucket, s3opts, tiny_clip):
     items = build()
     # Odd but legal keys ride on good samples; none may turn into a path.
     odd = [Item(f"odd {i}", "image", image_bytes(gradient(), "PNG"), ext=".png") for i in range(len(ODD_IDS))]
@@ -59,7 +46,7 @@ def test_hostile_corpus_is_decoded_or_quarantined(bucket, s3opts, models):
     write_raw(raw, tables, s3opts)
 
     seen = []
-    index = decode_shards(raw, out, make_cfg(models), s3opts, progress=lambda i, n, r: seen.append((i, n)))
+    index = decode_shards(raw, out, make_cfg(tiny_clip), s3opts, progress=lambda i, n, r: seen.append((i, n)))
     assert seen == [(1, 2), (2, 2)]
 
     good = {sid: it for sid, it in zip(ids, items, strict=True) if it.ok}
@@ -110,7 +97,7 @@ def test_hostile_corpus_is_decoded_or_quarantined(bucket, s3opts, models):
 
 
 @pytest.mark.slow
-def test_rerun_skips_model_work_and_a_changed_model_redecodes(bucket, s3opts, models):
+def test_rerun_skips_model_work_and_a_changed_model_redecodes(bucket, s3opts, tiny_clip):
     rows = [
         Item("s", "audio", speech("good morning everyone"), ext=".wav"),
         Item("i1", "image", image_bytes(gradient(), "JPEG"), ext=".jpg"),
@@ -118,7 +105,7 @@ def test_rerun_skips_model_work_and_a_changed_model_redecodes(bucket, s3opts, mo
     ]
     raw, out = f"{bucket}/raw", f"{bucket}/features"
     write_raw(raw, [raw_table(rows[:2]), raw_table(rows[2:])], s3opts)
-    cfg = make_cfg(models)
+    cfg = make_cfg(tiny_clip)
 
     first = decode_shards(raw, out, cfg, s3opts)
     assert first["stats"]["windows"] == 1 and first["stats"]["images"] == 2
@@ -130,10 +117,10 @@ def test_rerun_skips_model_work_and_a_changed_model_redecodes(bucket, s3opts, mo
     assert again["shards"] == first["shards"]
 
     # Batch sizes change speed, not results: still skipped.
-    same = decode_shards(raw, out, make_cfg(models, audio_batch=1, image_batch=1), s3opts)
+    same = decode_shards(raw, out, make_cfg(tiny_clip, audio_batch=1, image_batch=1), s3opts)
     assert same["stats"]["skipped_shards"] == 2
 
-    changed = decode_shards(raw, out, make_cfg(models, clip_pretrained=models["ckpt2"]), s3opts)
+    changed = decode_shards(raw, out, make_cfg(tiny_clip, clip_pretrained=tiny_clip["ckpt2"]), s3opts)
     assert changed["stats"]["skipped_shards"] == 0
     assert changed["stats"]["images"] == 2 and changed["stats"]["windows"] == 1
     assert [e["key"] for e in changed["shards"]] != [e["key"] for e in first["shards"]]
@@ -141,14 +128,14 @@ def test_rerun_skips_model_work_and_a_changed_model_redecodes(bucket, s3opts, mo
     assert emb[1] is not None
 
 
-def test_corrupt_raw_shard_is_quarantined_and_retried(bucket, s3opts, models):
+def test_corrupt_raw_shard_is_quarantined_and_retried(bucket, s3opts, tiny_clip):
     rows = [Item("t1", "text", "first caption", ext=".txt"), Item("t2", "text", "second caption", ext=".txt")]
     raw, out = f"{bucket}/raw", f"{bucket}/features"
     entries = write_raw(raw, [raw_table(rows[:1]), raw_table(rows[1:])], s3opts)
     good = storage.read_bytes(storage.join(raw, entries[1]["path"]), s3opts)
     storage.write_bytes(storage.join(raw, entries[1]["path"]), good[:-10] + b"0123456789", s3opts)
 
-    index = decode_shards(raw, out, make_cfg(models), s3opts)
+    index = decode_shards(raw, out, make_cfg(tiny_clip), s3opts)
     assert index["rows"] == 1 and len(index["shards"]) == 2
     (record,) = read_quarantine(out, s3opts).to_pylist()
     assert (
@@ -158,26 +145,26 @@ def test_corrupt_raw_shard_is_quarantined_and_retried(bucket, s3opts, models):
     )
 
     storage.write_bytes(storage.join(raw, entries[1]["path"]), good, s3opts)  # repaired upstream
-    index = decode_shards(raw, out, make_cfg(models), s3opts)
+    index = decode_shards(raw, out, make_cfg(tiny_clip), s3opts)
     assert index["rows"] == 2 and index["quarantine"]["rows"] == 0
     assert index["stats"]["skipped_shards"] == 1  # the good shard was not decoded again
 
 
-def test_unsafe_shard_names_are_refused(tmp_path, models):
-    cfg = make_cfg(models)
+def test_unsafe_shard_names_are_refused(tmp_path, tiny_clip):
+    cfg = make_cfg(tiny_clip)
     for bad in ("../escape.arrow", "/etc/passwd", "a/b.arrow", ".hidden", "x.json"):
         with pytest.raises(ValueError, match="unsafe shard name"):
             decode_shard(str(tmp_path / "raw"), {"path": bad, "checksum": "x"}, str(tmp_path / "out"), cfg)
     assert not (tmp_path / "out").exists()
 
 
-def test_config_key_tracks_settings_not_batching(models):
-    a, b = make_cfg(models), make_cfg(models, audio_batch=2, image_batch=3)
+def test_config_key_tracks_settings_not_batching(tiny_clip):
+    a, b = make_cfg(tiny_clip), make_cfg(tiny_clip, audio_batch=2, image_batch=3)
     assert a.key() == b.key()
-    assert a.key() != make_cfg(models, labels=["other"]).key()
-    assert a.key() != make_cfg(models, whisper_model="offline:base").key()
-    assert a.key() != make_cfg(models, clip_pretrained=models["ckpt2"]).key()
-    assert a.key() != make_cfg(models, max_pixels=10).key()
+    assert a.key() != make_cfg(tiny_clip, labels=["other"]).key()
+    assert a.key() != make_cfg(tiny_clip, whisper_model="offline:base").key()
+    assert a.key() != make_cfg(tiny_clip, clip_pretrained=tiny_clip["ckpt2"]).key()
+    assert a.key() != make_cfg(tiny_clip, max_pixels=10).key()
     for bad in ({"audio_batch": 0}, {"labels": "cat"}, {"labels": ["ok", ""]}, {"max_audio_seconds": 0}):
         with pytest.raises(ValueError, match="DecodeConfig"):
-            make_cfg(models, **bad)
+            make_cfg(tiny_clip, **bad)

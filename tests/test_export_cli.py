@@ -11,26 +11,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from export_fixtures import mlx_logits, prompt_ids, rel, tiny_model, trained
+from helpers import cli_in_process
 
 from streamtune.export import export_adapter
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=300)
-
-
-def cli_in_process(monkeypatch, capsys, *args: str) -> subprocess.CompletedProcess:
-    """`streamtune ARGS` through the same entry point (app.cli.main), without a new interpreter."""
-    from app.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["streamtune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def test_export_command_prints_a_json_summary(tmp_path):

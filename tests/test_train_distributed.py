@@ -1,12 +1,12 @@
 """Data-parallel training with mx.distributed (ring backend on loopback) matches one process."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import mlx.core as mx  # noqa: I001
 import pytest
+from helpers import launch_two_ranks, mlx_launch
 
 import streamtune  # noqa: F401
 from streamtune.train.synthetic import write_random_model
@@ -32,10 +32,7 @@ with open(cfg["out"] + f".{rank}", "w") as f:
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("mlx.launch") is None and not shutil.which("mlx.launch", path=sys.prefix + "/bin"),
-    reason="mlx.launch not installed",
-)
+@pytest.mark.skipif(mlx_launch() is None, reason="mlx.launch not installed")
 def test_two_processes_match_one(tmp_path):
     model = write_random_model(str(tmp_path / "tiny"), "tiny", seed=2)
     one = {"model": model, "adapter": str(tmp_path / "one"), "out": str(tmp_path / "one.json")}
@@ -43,13 +40,7 @@ def test_two_processes_match_one(tmp_path):
     subprocess.run([sys.executable, "-c", WORKER, json.dumps(one)], check=True, timeout=300)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    launch = shutil.which("mlx.launch", path=sys.prefix + "/bin") or "mlx.launch"
-    proc = subprocess.run(
-        [launch, "--backend", "ring", "-n", "2", "--", sys.executable, str(script), json.dumps(two)],
-        capture_output=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    launch_two_ranks(script, json.dumps(two), timeout=300)
     single = json.loads((tmp_path / "one.json.0").read_text())
     r0 = json.loads((tmp_path / "two.json.0").read_text())
     r1 = json.loads((tmp_path / "two.json.1").read_text())

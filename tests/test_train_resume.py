@@ -2,14 +2,13 @@
 run's adapter bit for bit."""
 
 import json
-import os
 import random
 import subprocess
 import sys
-import time
 
 import mlx.core as mx  # noqa: I001
 import pytest
+from helpers import kill_at_step
 
 import streamtune  # noqa: F401
 from streamtune import storage
@@ -83,16 +82,7 @@ def test_kill_and_resume_gives_identical_adapter(tmp_path, bucket, s3opts):
     ckpt = f"{bucket}/killed"
     kill_after = random.Random().choice([2, 4, 6])
     proc = _run({**base, "adapter": str(tmp_path / "b"), "ckpt": ckpt, "slow": 0.3})
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        head = checkpoint.latest(ckpt, s3opts)
-        if head and head["step"] >= kill_after:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.05)
-    os.kill(proc.pid, 9)
-    proc.wait()
-    assert proc.returncode == -9
+    kill_at_step(proc, lambda: checkpoint.latest(ckpt, s3opts), kill_after)
     assert not (tmp_path / "b" / "adapters.safetensors").exists()
     killed_at = checkpoint.latest(ckpt, s3opts)["step"]
     assert killed_at < 8
