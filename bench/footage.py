@@ -4,8 +4,8 @@
 
 Generates a 720p H.264 + AAC video of `--minutes` and about `--size-mb` (one GOP encoded once and repeated
 with rising timestamps: a valid file every decoder plays through) into a directory served by Debian's nginx
-as a read-only S3 endpoint (moto keeps objects in Python memory and reads the whole object for every ranged
-GET). The shard stage writes a raw shard in which the video is a reference (it is over
+as a read-only S3 endpoint (`--server python` or no nginx: a small Python range server; moto keeps objects
+in Python memory and reads the whole object for every ranged GET). The shard stage writes a raw shard in which the video is a reference (it is over
 `shard.inline_max_bytes`), then each variant decodes it in a fresh process:
 
 - refs: `decode_shard` as the pipeline runs it: the raw shard streams in, the video is opened with
@@ -37,6 +37,66 @@ KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REG
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+class RangeServer:
+    """Fallback where nginx is missing (the GPU machine): a threaded Python HTTP server with nginx's
+    answers to path-style GET/HEAD with Range (Content-Range, ETag from mtime and size)."""
+
+    def __init__(self, root: str):
+        import threading
+        from email.utils import formatdate
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                self._serve(body=False)
+
+            def do_GET(self) -> None:
+                self._serve(body=True)
+
+            def _serve(self, body: bool) -> None:
+                path = os.path.realpath(os.path.join(root, self.path.split("?")[0].lstrip("/")))
+                if not path.startswith(os.path.realpath(root) + os.sep) or not os.path.isfile(path):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                st = os.stat(path)
+                start, end = 0, st.st_size - 1
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    a, _, b = rng[6:].partition("-")
+                    start, end = int(a), min(int(b) if b else end, end)
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(end - start + 1))
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{st.st_size}")
+                self.send_header("ETag", f'"{int(st.st_mtime):x}-{st.st_size:x}"')
+                self.send_header("Last-Modified", formatdate(st.st_mtime, usegmt=True))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if body:
+                    with open(path, "rb") as f:
+                        f.seek(start)
+                        self.wfile.write(f.read(end - start + 1))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def generate(root: str, minutes: float, size_mb: float, width: int, height: int, fps: int) -> dict:
@@ -178,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keyframe-every", type=float, default=5.0)
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--server", choices=["auto", "nginx", "python"], default="auto")
     p.add_argument("--child", choices=["refs", "baseline"])
     p.add_argument("--raw")
     p.add_argument("--out")
@@ -188,13 +249,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result))
         return result
 
-    from bench.loader import NginxS3
+    from bench.loader import NginxS3, _nginx_available
 
     root = tempfile.mkdtemp(prefix="bench-footage-")
     log(f"generating {args.minutes} min, ~{args.size_mb} MB of {args.width}x{args.height} under {root}")
     video = generate(root, args.minutes, args.size_mb, args.width, args.height, args.fps)
     log(json.dumps(video))
-    server = NginxS3(root)
+    nginx = args.server == "nginx" or (args.server == "auto" and _nginx_available())
+    server = NginxS3(root) if nginx else RangeServer(root)
     env = {**os.environ, **KEYS, "AWS_ENDPOINT_URL_S3": server.endpoint_url}
     os.environ.update({k: v for k, v in env.items() if k in KEYS or k == "AWS_ENDPOINT_URL_S3"})
     try:

@@ -34,6 +34,7 @@ class Reason(StrEnum):
     MEDIA_REF = "media_ref"
     VIDEO_TRUNCATED = "video_truncated"
     SOURCE_CHANGED = "source_changed"
+    EXTRA_MEDIA = "extra_media"
 
     @property
     def sentence(self) -> str:
@@ -59,6 +60,9 @@ SENTENCES = {
     Reason.MEDIA_REF: "A record's media path leaves the source or names no readable object.",
     Reason.VIDEO_TRUNCATED: "The video breaks off (cut off or damaged); the segments before the damage are kept and the message names the second where decoding stopped.",
     Reason.SOURCE_CHANGED: "A referenced object changed or vanished at the source after the manifest listed it; nothing of it is kept (the next incremental run picks up the new version).",
+    Reason.EXTRA_MEDIA: (
+        "A sample with a video also has a separate audio or image file; the video is decoded, this file is not."
+    ),
 }
 
 SCHEMA = pa.schema(

@@ -284,3 +284,64 @@ def test_a_set_appended_to_an_older_one_streams_both(tmp_path):
         ("a", b"RIFF", None),
         ("b", None, [ref]),
     ]
+
+
+def test_records_name_videos_and_a_video_sample_reports_its_other_media(
+    silent_video, decode_cfg, bucket, s3opts
+):
+    """A record's `video` path becomes a reference (read by range at decode, like a large video file); a
+    path leaving the source is `media_ref`. A video sample with a separate image decodes the video and
+    says that the image was not decoded (`extra_media`) instead of dropping it silently."""
+    from PIL import Image
+
+    from streamtune.decode import decode_shard
+
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    storage.write_bytes(f"{source}/data/clips/long.mp4", silent_video, s3opts)
+    lines = [{"text": "talk one", "video": "clips/long.mp4"}, {"text": "talk two", "video": "../../x.mp4"}]
+    storage.write_bytes(f"{source}/data/talks.jsonl", "\n".join(map(json.dumps, lines)).encode(), s3opts)
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")
+    storage.write_bytes(f"{source}/folder/talk.mp4", silent_video, s3opts)
+    storage.write_bytes(f"{source}/folder/talk.jpg", jpeg.getvalue(), s3opts)
+    table, problems = build_manifest(source, s3opts)
+    plans = plan_shards(table, max_shard_bytes=1 << 20, inline_max_bytes=len(silent_video) + 1)
+    results = [
+        write_raw_shard(source, table, p, out, source_options=s3opts, out_options=s3opts) for p in plans
+    ]
+    problems += [q for r in results for q in r["quarantine"]]
+    index = commit_raw_shards(out, results, s3opts, problems=problems)
+    rows = {
+        r["sample_id"]: r
+        for e in index["shards"]
+        for r in shards.read_shard_table(out, e, s3opts).to_pylist()
+    }
+
+    one, two = rows["data/talks.jsonl#0"], rows["data/talks.jsonl#1"]
+    (ref,) = one["refs"]
+    assert one["video"] is None and one["text"] == "talk one" and "video" not in json.loads(one["meta"])
+    assert ref["modality"] == "video" and ref["key"] == "data/clips/long.mp4"
+    assert ref["url"].endswith(f"{bucket.split('://')[-1]}/raw/data/clips/long.mp4") and ref["size"] == len(
+        silent_video
+    )
+    assert two["refs"] is None and two["video"] is None and two["text"] == "talk two"
+    assert [(q["key"], q["error"]) for q in problems] == [("data/talks.jsonl#1", "media_ref")]
+    assert rows["folder/talk"]["video"] is not None and rows["folder/talk"]["image"] is not None
+
+    cfg = decode_cfg.model_copy(update={"keyframe_every": 30.0})
+    results = [decode_shard(out, e, f"{bucket}/features", cfg, s3opts) for e in index["shards"]]
+    quarantine = [(q["sample_id"], q["key"], q["error"]) for r in results for q in r["quarantine"]]
+    assert quarantine == [("folder/talk", "folder/talk.jpg", "extra_media")]
+    features = [
+        r
+        for res in results
+        for r in shards.read_shard_table(f"{bucket}/features", res["entry"], s3opts).to_pylist()
+    ]
+    segments = {}
+    for r in features:
+        if r["segment_index"] is not None:
+            segments.setdefault(r["sample_id"], []).append((r["t0"], r["t1"]))
+    # the video file is a sample too
+    assert sorted(segments) == ["data/clips/long", "data/talks.jsonl#0", "folder/talk"]
+    assert all(s[-1][1] == pytest.approx(60.0, abs=0.1) for s in segments.values())
+    assert [r["text"] for r in features if r["sample_id"] == "data/talks.jsonl#1"] == ["talk two"]

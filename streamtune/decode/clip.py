@@ -17,13 +17,11 @@ PROMPT = "a photo of a {}."
 LABEL_BATCH = 4
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """Give freed heap pages back to the OS (glibc keeps them otherwise); a no-op elsewhere."""
     import ctypes
     import ctypes.util
-    import gc
 
-    gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -175,7 +173,10 @@ class ClipEmbedder:
             if hasattr(model, name):
                 delattr(model, name)
         self.text_released = True
-        _trim_heap()
+        import gc
+
+        gc.collect()
+        trim_heap()
 
     def tag(self, embeddings: np.ndarray, top_k: int = 3) -> list[list[tuple[str, float]]]:
         """Zero-shot labels per embedding: the top_k (label, probability) pairs over `labels`."""

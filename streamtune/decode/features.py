@@ -195,6 +195,7 @@ class Decoder:
         for row in _iter_rows(raw):
             stats["samples"] += 1
             decoded, errors = self._decode_row(row, stats, storage_options)
+            quarantine.extend(decoded.pop("notes", None) or [])  # the sample itself goes on
             if errors:
                 quarantine.extend(errors)
                 stats["quarantined"] += 1
@@ -259,6 +260,7 @@ class Decoder:
         audio = pixels = None
         if media["video"] is not None:
             decoded["video_src"] = media["video"]  # decoded with the models (`_run_models`)
+            decoded["notes"] = self._extra_media(sid, sources, media)
         elif media["audio"] is not None:
             stats["audio_files"] += 1
             audio, decoded["audio_src"] = self._audio(media["audio"], fail)
@@ -273,6 +275,22 @@ class Decoder:
         if not errors and audio is None and pixels is None and not has_stream and not text and not meta:
             fail("row", Reason.EMPTY, "sample has no audio, image, video, text or metadata")
         return decoded | {"text": text, "audio": audio, "pixels": pixels}, errors
+
+    @staticmethod
+    def _extra_media(sid: str, sources: list[str], media: dict) -> list[dict]:
+        """Records for a video sample's separate audio/image files, which are not decoded (the sample's
+        rows are the video's segments); referenced ones are closed unread."""
+        notes = []
+        for modality in ("audio", "image"):
+            if media[modality] is None:
+                continue
+            _close({"audio_src": media[modality]})
+            key = _source_key(sources, modality, sid)
+            message = f"{key}: the sample's video is decoded into segments, its separate {modality} is not"
+            notes.append(
+                quarantine_table.record(sid, key, "decode", Reason.EXTRA_MEDIA, message, modality=modality)
+            )
+        return notes
 
     def _audio(self, src, fail) -> tuple[np.ndarray | None, Any]:
         """Short audio decoded whole (as always); a recording longer than `audio_window_seconds`, or one

@@ -1,8 +1,9 @@
 """From one record (a dict) to a raw shard row, and the checks on record ids and media references.
 
-A record's media are its `audio`/`image` fields, or the columns a Hugging Face schema types `Audio`/`Image`:
-bytes, `{"bytes": ..., "path": ...}` (the `datasets` encoding), or a path relative to the record file's
-folder that must stay inside the source. `text` (a string) becomes the raw `text` column; every other
+A record's media are its `audio`/`image`/`video` fields, or the columns a Hugging Face schema types
+`Audio`/`Image`/`Video`: bytes, `{"bytes": ..., "path": ...}` (the `datasets` encoding), or a path relative to
+the record file's folder that must stay inside the source (a video path becomes a reference, read by range
+at decode time, like a large video file of a folder). `text` (a string) becomes the raw `text` column; every other
 JSON-representable field goes to `meta` unchanged (so `messages`, `prompt`/`completion`, `instruction` ...
 reach the trainer as written).
 """
@@ -15,7 +16,7 @@ import posixpath
 from streamtune import quarantine
 from streamtune.quarantine import Reason
 
-MEDIA = ("audio", "image")
+MEDIA = ("audio", "image", "video")
 
 
 def problem(
@@ -50,12 +51,13 @@ def record_id(
 
 
 def media_kinds(columns: list[str], hf_features: dict | None = None) -> dict[str, str]:
-    """{column: "audio" | "image"} from a Hugging Face features description, else by column name."""
+    """{column: "audio" | "image" | "video"} from a Hugging Face features description, else by column
+    name."""
     kinds = {}
     for name in columns:
         spec = (hf_features or {}).get(name)
         typ = spec.get("_type") if isinstance(spec, dict) else None
-        if typ in ("Audio", "Image"):
+        if typ in ("Audio", "Image", "Video"):
             kinds[name] = typ.lower()
         elif name in MEDIA and not hf_features:
             kinds[name] = name
@@ -106,6 +108,7 @@ def raw_row(sample_id: str, media: dict[str, bytes], rest: dict, sources: list[s
         "sample_id": sample_id,
         "audio": media.get("audio"),
         "image": media.get("image"),
+        "video": media.get("video"),
         "text": text,
         "meta": meta,
         "sources": sources,

@@ -101,7 +101,8 @@ class Columns:
         self.schema = RAW_SCHEMA
         self.pending: dict[str, list] = {name: [] for name in self.TEXT}
         self.chunks: dict[str, list[pa.Array]] = {name: [] for name in self.TEXT}
-        self.media: dict[str, list] = {"audio": [], "image": []}
+        self.media: dict[str, list] = {"audio": [], "image": [], "video": []}
+        self.refs: dict[int, list[dict]] = {}  # media left at the source (videos), by row
         self.keys: dict[int, str] = {}
         self.order: list[int] = []
 
@@ -126,6 +127,9 @@ class Columns:
     def set(self, at: int, kind: str, value: bytes) -> None:
         self.media[kind][at] = value
 
+    def add_ref(self, at: int, ref: dict) -> None:
+        self.refs.setdefault(at, []).append(ref)
+
     def key(self, at: int) -> str:
         return self.keys[at]
 
@@ -137,9 +141,12 @@ class Columns:
         }
         arrays |= {name: pa.array(values, pa.binary()) for name, values in self.media.items()}
         ids = arrays["sample_id"]
+        if self.refs:
+            refs = [self.refs.get(i) for i in range(len(ids))]
+            arrays["refs"] = pa.array(refs, self.schema.field("refs").type)
         arrays["sources"] = pa.ListArray.from_arrays(pa.array(np.arange(len(ids) + 1, dtype=np.int32)), ids)
         columns = [arrays[f.name] if f.name in arrays else pa.nulls(len(ids), f.type) for f in self.schema]
-        table = pa.table(columns, schema=self.schema)  # records hold no video and no references
+        table = pa.table(columns, schema=self.schema)
         order = np.asarray(self.order)
         if len(order) > 1 and (np.diff(order) < 0).any():
             table = table.take(pa.array(np.argsort(order, kind="stable")))
@@ -147,8 +154,9 @@ class Columns:
 
 
 def _fetch_refs(fs, root: str, file_key: str, refs: dict, cols: Columns, problems: list[dict]) -> None:
-    """Media that records name by relative path, fetched concurrently; a bad path is quarantined and the
-    record keeps its other fields."""
+    """Media that records name by relative path, fetched concurrently (a video becomes a reference: url,
+    version, size, read by range at decode time); a bad path is quarantined and the record keeps its
+    other fields."""
     targets: dict[str, list[tuple[int, str]]] = defaultdict(list)
     for at, wanted in refs.items():
         key = cols.key(at)
@@ -156,6 +164,8 @@ def _fetch_refs(fs, root: str, file_key: str, refs: dict, cols: Columns, problem
             target = fields.resolve(file_key, path)
             if target is None:
                 problems.append(_ref_problem(key, f"{kind} path {path!r} leaves the source"))
+            elif kind == "video":
+                _video_ref(fs, root, target, at, cols, problems)
             else:
                 targets[f"{root}/{target}"].append((at, kind))
     if not targets:
@@ -169,6 +179,29 @@ def _fetch_refs(fs, root: str, file_key: str, refs: dict, cols: Columns, problem
             else:
                 key = cols.key(at)
                 problems.append(_ref_problem(key, f"{kind} {path[len(root) + 1 :]!r}: {data or 'empty'}"))
+
+
+def _video_ref(fs, root: str, target: str, at: int, cols: Columns, problems: list[dict]) -> None:
+    from streamtune.manifest import etag_of
+
+    path = f"{root}/{target}"
+    try:
+        info = fs.info(path)
+    except (OSError, ValueError) as e:
+        problems.append(_ref_problem(cols.key(at), f"video {target!r}: {e or 'no such object'}"))
+        return
+    if info.get("type") == "directory" or not info.get("size"):
+        problems.append(_ref_problem(cols.key(at), f"video {target!r}: not a non-empty object"))
+        return
+    url = fs.unstrip_protocol(path)
+    ref = {
+        "modality": "video",
+        "key": target,
+        "url": url,
+        "version": etag_of(info),
+        "size": int(info["size"]),
+    }
+    cols.add_ref(at, ref)
 
 
 def _ref_problem(key: str, message: str) -> dict:
