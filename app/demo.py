@@ -58,6 +58,7 @@ def run_demo(workdir: str, *, samples: int = 24, iters: int | None = None, multi
         summary = pipeline(PipelineParams(**demo_params(workdir, samples=samples, iters=iters)))
         summary = dict(summary)
         summary["generation"] = _before_after(summary, workdir)
+        summary["search"] = _search(f"s3://{BUCKET}/streamtune/index", source_dir)
         if multimodal:
             from streamtune.demo.multimodal import run as run_multimodal
 
@@ -72,6 +73,34 @@ def run_demo(workdir: str, *, samples: int = 24, iters: int | None = None, multi
 
 def _log(message: str) -> None:
     print(f"[demo] {message}", flush=True)
+
+
+def _search(index_url: str, source_dir: str) -> dict:
+    """One search over the indexed footage: the second shot the narrator names in the first video."""
+    import re
+
+    from streamtune.search import SearchError, open_index
+    from streamtune.search.rank import timecode
+
+    started = time.perf_counter()
+    with open(os.path.join(source_dir, "clips", "metadata.jsonl")) as f:
+        videos = [r for r in map(json.loads, f) if r.get("shots")]
+    named = re.findall(r"\ba (\w+ \w+)", videos[0]["caption"]) if videos else []
+    query = f"the {named[1 if len(named) > 1 else 0]}" if named else "a red circle"
+    try:
+        with open_index(index_url) as index:
+            hits = index.search(query, top=3)
+    except SearchError as e:
+        print(f"[demo] search {query!r}: {e}", flush=True)
+        return {"query": query, "error": str(e)}
+    out: dict = {"query": query, "seconds": round(time.perf_counter() - started, 2), "hits": len(hits)}
+    if hits:
+        h = hits[0]
+        out["top"] = {"source": h.source, "t0": h.t0, "t1": h.t1, "timecode": f"{timecode(h.t0)}-{timecode(h.t1)}",
+                      "snippet": h.marked(), "matched": h.matched, "score": h.score}  # fmt: skip
+        print(f"[demo] search {query!r}: {h.source} {out['top']['timecode']} \"{h.marked()}\" "
+              f"({', '.join(h.matched) or 'fused rank only'}; {out['seconds']} s)", flush=True)  # fmt: skip
+    return out
 
 
 def _before_after(summary: dict, workdir: str) -> dict:
