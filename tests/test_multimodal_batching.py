@@ -137,3 +137,26 @@ def test_worker_processes_prepare_what_threads_prepare(run, rows):
             assert ma.record == mb.record
             continue
         assert all(np.array_equal(x, y) for k in ma for x, y in zip(ma[k], mb[k], strict=True))
+
+
+def test_next_epoch_begun_ahead_gives_that_epochs_windows(run, rows):
+    source = run.source(ListSource(rows, shuffle=True, seed=2))
+    _drain(source)
+    assert source.next_feed is not None and source.next_feed["epoch"] == 1
+    source.set_epoch(1)
+    state = source.state_dict()
+    ahead = _drain(source)
+    fresh = run.source(ListSource(rows, shuffle=True, seed=2))
+    fresh.set_epoch(1)
+    again = run.source(ListSource(rows, shuffle=True, seed=2))
+    again.set_epoch(1)  # as SampleStream.load_state_dict does
+    again.load_state_dict(state)
+    for other in (_drain(fresh), _drain(again)):
+        assert [r["sample_id"] for r in other] == [r["sample_id"] for r in ahead]
+        for a, b in zip(ahead, other, strict=True):
+            ma, mb = a[ENCODED], b[ENCODED]
+            assert ma[:2] == mb[:2] == (1, True)
+            if isinstance(ma[2], Quarantined):
+                assert ma[2].record == mb[2].record
+                continue
+            assert all(np.array_equal(x, y) for k in ma[2] for x, y in zip(ma[2][k], mb[2][k], strict=True))
