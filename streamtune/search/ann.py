@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -83,13 +84,35 @@ class IVF:
     row: a row scores as its best vector)."""
 
     def __init__(self, centroids: np.ndarray, vectors: np.ndarray, lists: np.ndarray, owners: np.ndarray):
-        order = np.argsort(lists, kind="stable")
+        self._fill(centroids, [np.asarray(lists)], [(vectors, owners)])
+
+    @classmethod
+    def from_parts(cls, centroids: np.ndarray, lists: list[np.ndarray], parts: Iterable) -> IVF:
+        """Built part by part: `lists[i]` of part i, `parts` yields each part's (vectors, owners) in turn, so
+        memory holds the sorted float32 matrix and one part (1M x 384: 1.5 GB, not three copies)."""
+        ivf = cls.__new__(cls)
+        ivf._fill(centroids, lists, parts)
+        return ivf
+
+    def _fill(self, centroids: np.ndarray, lists: list[np.ndarray], parts: Iterable) -> None:
+        flat = np.concatenate(lists).astype(np.int64) if lists else np.zeros(0, np.int64)
+        order = np.argsort(flat, kind="stable")
+        pos = np.empty_like(order)
+        pos[order] = np.arange(len(order))
         self.centroids = centroids
         # float32 in memory: converting float16 rows per query cost more than the products (measured: 32k
         # rows x 384, 97 ms to convert vs 13 ms to score on the loaded 2-core machine)
-        self.vectors = np.ascontiguousarray(vectors[order], np.float32)
-        self.owners = np.asarray(owners, np.int64)[order]
-        self.offsets = np.searchsorted(lists[order], np.arange(len(centroids) + 1)).astype(np.int64)
+        self.vectors = np.empty((len(flat), centroids.shape[1]), np.float32)
+        self.owners = np.empty(len(flat), np.int64)
+        base = 0
+        for (vecs, owners), part_lists in zip(parts, lists, strict=True):
+            n = len(part_lists)
+            if len(vecs) != n:
+                raise ValueError(f"{len(vecs)} vectors but {n} list entries")
+            self.vectors[pos[base : base + n]] = vecs
+            self.owners[pos[base : base + n]] = owners
+            base += n
+        self.offsets = np.searchsorted(flat[order], np.arange(len(centroids) + 1)).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.vectors)

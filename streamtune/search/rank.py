@@ -211,18 +211,11 @@ class Index:
         cent = ann.read_centroids(
             _read_part(storage.join(self.url, entry["centroids"]), self.storage_options)
         )
-        vecs, lists, owners = [], [], []
-        for i, v, o in self._parts_vectors(kind, dim):
-            ref = entry["parts"][self.manifest["parts"][i]["path"]]["path"]
-            lists.append(
-                _read_part(storage.join(self.url, ref), self.storage_options).column("list").to_numpy()
-            )
-            vecs.append(v)
-            owners.append(o)
-        cat = np.concatenate
-        return (
-            ann.IVF(cent, cat(vecs), cat(lists), cat(owners)) if vecs else ann.IVF(cent, *([np.zeros(0)] * 3))
-        )
+        lists = []
+        for p in self.manifest["parts"]:
+            ref = storage.join(self.url, entry["parts"][p["path"]]["path"])
+            lists.append(_read_part(ref, self.storage_options).column("list").to_numpy())
+        return ann.IVF.from_parts(cent, lists, ((v, o) for _, v, o in self._parts_vectors(kind, dim)))
 
     def frames(self) -> tuple[np.ndarray, np.ndarray]:
         """(F, D) float32 frame embeddings of every row (a row without frames uses its clip_embedding) and
