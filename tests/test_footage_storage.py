@@ -345,3 +345,26 @@ def test_records_name_videos_and_a_video_sample_reports_its_other_media(
     assert sorted(segments) == ["data/clips/long", "data/talks.jsonl#0", "folder/talk"]
     assert all(s[-1][1] == pytest.approx(60.0, abs=0.1) for s in segments.values())
     assert [r["text"] for r in features if r["sample_id"] == "data/talks.jsonl#1"] == ["talk two"]
+
+
+def test_a_referenced_video_with_sound_is_read_once(long_video, decode_cfg, bucket, s3opts):
+    """Audio and frames come from one demux pass: about the object's size is fetched, not the interleaved
+    audio's whole file plus the keyframes again (two passes fetched 1.06-1.47 x). The decoder's CLIP has
+    released its text tower once its labels were embedded."""
+    from streamtune.decode import Decoder, decode_shard
+    from streamtune.stream import remote_file
+
+    source, out = f"{bucket}/raw", f"{bucket}/shards"
+    storage.write_bytes(f"{source}/talks/long.mp4", long_video, s3opts)
+    _, _, index, rows = _shard(source, out, s3opts)
+    assert rows["talks/long"]["refs"][0]["size"] == len(long_video)
+    cfg = decode_cfg.model_copy(update={"keyframe_every": 5.0})
+    decoder = Decoder(cfg)
+    remote_file.totals(reset=True)
+    result = decode_shard(out, index["shards"][0], f"{bucket}/features", cfg, s3opts, decoder=decoder)
+    got = remote_file.totals()
+    assert result["quarantine"] == [] and result["stats"]["frames_sampled"] >= 12
+    assert got["files"] == 1 and got["bytes"] <= 1.02 * len(long_video), got
+    assert decoder.clip.text_released and decoder.clip.tag(decoder.clip.label_embeddings()[:1], 1)[0]
+    with pytest.raises(RuntimeError):
+        decoder.clip.embed_text(["a square"])
