@@ -2,6 +2,7 @@
 and (marker `llamacpp`, scripts/check_llamacpp.sh) by llama.cpp itself on the same tokens."""
 
 import os
+from functools import cache
 
 import mlx.core as mx
 import numpy as np
@@ -160,17 +161,9 @@ def test_llama_cpp_runs_qwen2_fused_and_adapter(tmp_path):
     assert rel(llama_cpp_logits(str(tmp_path / "base.gguf"), ids, str(tmp_path / "a.gguf"))[0], want) < 1e-4
 
 
-@llamacpp
-@pytest.mark.slow
-def test_llama_cpp_on_smollm2_adapter_and_fused(tmp_path):
-    """Real SmolLM2-135M, LoRA on 4 blocks (9 query / 3 key-value heads permuted). Exact on float32 GGUFs; on
-    the Q4_1 file itself and on q8_0 llama.cpp also quantizes activations for its dot products, so logits move
-    by a few % and near-ties (MLX's top-2 gaps go down to 0.06 here) may flip: checked along MLX's greedy
-    path."""
-    from streamtune.export.fused import folder_to_gguf
-    from streamtune.train.models import export_base
-
-    pytest.importorskip("llama_cpp")
+@cache
+def _smollm2_greedy() -> dict:
+    """Real SmolLM2-135M with a LoRA adapter on 4 blocks: MLX's greedy path and its logits along it."""
     base = "offline:smollm2"
     adapter = trained("lora", base)
     _, tokenizer, _ = load_base(base)
@@ -182,25 +175,53 @@ def test_llama_cpp_on_smollm2_adapter_and_fused(tmp_path):
     want_tokens = mlx_greedy(base, adapter, ids, 10)
     path = ids + want_tokens
     want, plain = mlx_logits(base, adapter, path), mlx_logits(base, None, path)
-    n = len(ids)
+    return dict(base=base, adapter=adapter, ids=ids, tokens=want_tokens, path=path, want=want, plain=plain)
 
-    def agree(got):  # next-token argmax along MLX's greedy continuation
-        return float((got.argmax(-1) == want.argmax(-1))[n - 1 : -1].mean())
 
-    export_adapter(adapter, base, "gguf-adapter", str(tmp_path / "a.gguf"))
-    hf = export_base(base, str(tmp_path / "hf"))
+def _agree(got: np.ndarray, ref: dict) -> float:
+    """Next-token argmax agreement along MLX's greedy continuation."""
+    n = len(ref["ids"])
+    return float((got.argmax(-1) == ref["want"].argmax(-1))[n - 1 : -1].mean())
+
+
+@llamacpp
+@pytest.mark.slow
+def test_llama_cpp_on_smollm2_adapter(tmp_path, smollm2_folder):
+    """Real SmolLM2-135M, LoRA on 4 blocks (9 query / 3 key-value heads permuted). Exact on a float32 GGUF base;
+    on the Q4_1 file itself llama.cpp also quantizes activations for its dot products, so logits move by a few %
+    and near-ties (MLX's top-2 gaps go down to 0.06 here) may flip: checked along MLX's greedy path."""
+    from streamtune.export.fused import folder_to_gguf
+
+    pytest.importorskip("llama_cpp")
+    ref = _smollm2_greedy()
+    ids, want, n = ref["ids"], ref["want"], len(ref["ids"])
+    export_adapter(ref["adapter"], ref["base"], "gguf-adapter", str(tmp_path / "a.gguf"))
     folder_to_gguf(
-        hf, str(tmp_path / "b32.gguf"), dtype="f32", tokenizer_from=offline_smollm2_gguf(), name="b"
+        smollm2_folder,
+        str(tmp_path / "b32.gguf"),
+        dtype="f32",
+        tokenizer_from=offline_smollm2_gguf(),
+        name="b",
     )
     got, tokens = llama_cpp_logits(str(tmp_path / "b32.gguf"), ids, str(tmp_path / "a.gguf"), n_new=10)
-    assert tokens == want_tokens and rel(got, want[:n]) < 1e-5, rel(got, want[:n])
-    got, _ = llama_cpp_logits(offline_smollm2_gguf(), path, str(tmp_path / "a.gguf"))
-    assert agree(got) >= 0.9 and rel(got, want) < 0.1 < rel(want, plain)
+    assert tokens == ref["tokens"] and rel(got, want[:n]) < 1e-5, rel(got, want[:n])
+    got, _ = llama_cpp_logits(offline_smollm2_gguf(), ref["path"], str(tmp_path / "a.gguf"))
+    assert _agree(got, ref) >= 0.9 and rel(got, want) < 0.1 < rel(want, ref["plain"])
+
+
+@llamacpp
+@pytest.mark.heavy  # the fused path at 135M; test_llama_cpp_runs_the_fused_gguf_like_mlx checks it on every dtype
+def test_llama_cpp_on_smollm2_fused(tmp_path):
+    pytest.importorskip("llama_cpp")
+    ref = _smollm2_greedy()
     for dtype, bound in (("f32", 1e-5), ("f16", 3e-3), ("q8_0", 0.1)):
-        export_adapter(adapter, base, "fused-gguf", str(tmp_path / f"{dtype}.gguf"), dtype=dtype)
-        got, _ = llama_cpp_logits(str(tmp_path / f"{dtype}.gguf"), path)
-        assert rel(got, want) < bound, (dtype, rel(got, want))
-        assert agree(got) == 1.0 if dtype != "q8_0" else agree(got) >= 0.9
+        export_adapter(
+            ref["adapter"], ref["base"], "fused-gguf", str(tmp_path / f"{dtype}.gguf"), dtype=dtype
+        )
+        got, _ = llama_cpp_logits(str(tmp_path / f"{dtype}.gguf"), ref["path"])
+        assert rel(got, ref["want"]) < bound, (dtype, rel(got, ref["want"]))
+        assert _agree(got, ref) == 1.0 if dtype != "q8_0" else _agree(got, ref) >= 0.9
+        os.remove(tmp_path / f"{dtype}.gguf")
 
 
 @llamacpp

@@ -119,15 +119,13 @@ def test_full_finetune_has_no_peft_form(tmp_path):
 
 
 @pytest.mark.slow
-def test_peft_on_real_smollm2(tmp_path):
+def test_peft_on_real_smollm2(tmp_path, smollm2_folder):
     """SmolLM2-135M (the offline Q4_1 GGUF, dequantized as training does), its base exported as a transformers
     folder: PyTorch + PEFT give the MLX logits."""
-    from streamtune.train.models import export_base
-
     base, adapter = "offline:smollm2", trained("lora", "offline:smollm2")
     note = export_adapter(adapter, base, "peft", str(tmp_path / "unnamed"))["notes"]
     assert "PEFT cannot load" in note[0] and "export-base" in note[0]
-    hf = export_base(base, str(tmp_path / "base"))
+    hf = smollm2_folder
     export_adapter(adapter, base, "peft", str(tmp_path / "p"), base_name=hf)
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == hf
     ids = prompt_ids(base)

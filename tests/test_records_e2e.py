@@ -28,10 +28,11 @@ def ingest(source: str, out: str, so: dict, max_shard_bytes: int = 1 << 20) -> l
 
 
 @pytest.mark.slow  # SmolLM2-135M: 56 s on the shared 2-core CPU
-def test_chat_records_train_an_adapter_mlx_lm_loads_and_answers_with(bucket, s3opts, tmp_path):
+def test_chat_records_train_an_adapter_mlx_lm_loads_and_answers_with(
+    bucket, s3opts, tmp_path, smollm2_folder
+):
     import mlx_lm
 
-    from streamtune.train.models import export_base
     from streamtune.train.trainer import train
 
     lines = []
@@ -57,8 +58,7 @@ def test_chat_records_train_an_adapter_mlx_lm_loads_and_answers_with(bucket, s3o
     )
     result = train(args, CloudStreamingDataset(f"{bucket}/features", s3opts, shuffle=True))
     assert result["loss_last"] < 0.2 * result["loss_first"]
-    base = export_base("offline:smollm2", str(tmp_path / "base"))
-    model, tokenizer = mlx_lm.load(base, adapter_path=adapter)
+    model, tokenizer = mlx_lm.load(smollm2_folder, adapter_path=adapter)
     for question, answer in QA:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False

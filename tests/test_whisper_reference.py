@@ -48,13 +48,8 @@ def same(a: str) -> str:
     return " ".join(a.split())
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("whisper-cache"))
-
-
 @pytest.mark.slow
-def test_tiny_en_matches_mlx_whisper(cache):
+def test_tiny_en_matches_mlx_whisper(model_cache):
     clips = [voice(s) for s in ENGLISH[:2]]
     # just over 30 s: sentences back to back, so a window ends inside speech and the next seeks back to
     # the last closed segment
@@ -62,7 +57,7 @@ def test_tiny_en_matches_mlx_whisper(cache):
     sentences = [voice(s) for s in ENGLISH[1:]]
     long = np.concatenate([part for k in range(10) for part in (sentences[k % 3], pause)])
     clips.append(long[: 32 * 16000])
-    model = Transcriber("offline:tiny.en", batch_size=8, cache_dir=cache)
+    model = Transcriber("offline:tiny.en", batch_size=8, cache_dir=model_cache)
     batched = model.transcribe(clips)
     assert model.stats["batches"] < model.stats["windows"]
     for clip, got in zip(clips, batched, strict=True):
@@ -75,10 +70,10 @@ def test_tiny_en_matches_mlx_whisper(cache):
 
 
 @pytest.mark.heavy  # offline:base on four languages: about a minute idle, ten on a busy machine
-def test_base_matches_mlx_whisper_in_four_languages(cache):
+def test_base_matches_mlx_whisper_in_four_languages(model_cache):
     langs = list(OTHERS)
     clips = [voice(OTHERS[lang], lang) for lang in langs]
-    model = Transcriber("offline:base", language=None, batch_size=8, cache_dir=cache)
+    model = Transcriber("offline:base", language=None, batch_size=8, cache_dir=model_cache)
     batched = model.transcribe(clips, languages=langs)
     assert model.stats["batches"] == 1
     for lang, clip, got in zip(langs, clips, batched, strict=True):
