@@ -75,7 +75,7 @@ class MultimodalModel:
             image = (
                 value if isinstance(value, Image.Image) else decode_image(bytes(value), enc["cfg"].max_pixels)
             )
-            return tokens.encode([tokens.clip.prepare(image)])[1][0]
+            return tokens.encode_tokens([tokens.clip.prepare(image)])[0]  # the tower stops after its block
         audio = value if isinstance(value, np.ndarray) else decode_audio(bytes(value), 16000)
         return enc["audio"].encode(audio)
 
