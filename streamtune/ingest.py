@@ -222,7 +222,9 @@ def write_raw_shard(
     if plan.get("records"):  # records' versions go to a file beside the shard, not into index.json
         held = chosen.select(["key", "etag", "file"])
         if unread:
-            held = held.filter(pc.invert(pc.is_in(held["key"], value_set=pa.array(sorted(unread), pa.string()))))
+            held = held.filter(
+                pc.invert(pc.is_in(held["key"], value_set=pa.array(sorted(unread), pa.string())))
+            )
         entry["record_sources"] = write_record_sources(out_prefix, plan["index"], held, out_options)
     return {"entry": entry, "quarantine": problems}
 
@@ -271,7 +273,9 @@ def rewrite_raw_shard(prefix: str, entry: dict, plan: dict, storage_options: dic
         new["sources"] = {k: v for k, v in entry["sources"].items() if sample_id_of(k) not in drop}
         if entry.get("record_sources"):
             held = read_record_sources(prefix, entry, storage_options)
-            held = held.filter(pc.invert(pc.is_in(held["key"], value_set=pa.array(sorted(drop), pa.string()))))
+            held = held.filter(
+                pc.invert(pc.is_in(held["key"], value_set=pa.array(sorted(drop), pa.string())))
+            )
             new["record_sources"] = write_record_sources(prefix, plan["index"], held, storage_options)
         # lets the decode stage derive this shard's features from the old one's instead of decoding again
         new["derived_from"] = {"path": entry["path"], "checksum": entry["checksum"], "dropped": sorted(drop)}

@@ -35,7 +35,10 @@ SCHEMA = pa.schema(
         ("key", pa.string()),
         ("size", pa.int64()),
         ("etag", pa.string()),
-        ("modality", pa.string()),  # audio | image | text | json | record | sidecar | dataset_info | unknown | superseded
+        (
+            "modality",
+            pa.string(),
+        ),  # audio | image | text | json | record | sidecar | dataset_info | unknown | superseded
         ("detected_by", pa.string()),  # content | extension | unknown | record:<format>
         ("sidecar", pa.string()),  # JSON object of sidecar fields for this file, or null
         *record_files.MANIFEST_FIELDS,  # where a record lives in its record file (null for other objects)
@@ -255,7 +258,9 @@ def _scan_record_file(fs, obj: dict, fmt: tuple[str, str | None], id_column: str
         except (OSError, ValueError, EOFError, pa.ArrowException) as e:  # chunks listed before it stay
             listed = sum(t.num_rows for t in tables)
             problems.append(
-                quarantine.record(None, obj["key"], "manifest", Reason.CORRUPT, f"after {listed} records: {e}")
+                quarantine.record(
+                    None, obj["key"], "manifest", Reason.CORRUPT, f"after {listed} records: {e}"
+                )
             )
             break
         problems += bad
@@ -355,7 +360,9 @@ def build_manifest(
 
 def _unheld(table: pa.Table, held: dict[str, str]) -> pa.Table:
     """Rows of `table` whose (key, etag) the shard set does not hold already."""
-    keep = [held.get(k) != v for k, v in zip(table["key"].to_pylist(), table["etag"].to_pylist(), strict=True)]
+    keep = [
+        held.get(k) != v for k, v in zip(table["key"].to_pylist(), table["etag"].to_pylist(), strict=True)
+    ]
     return table.filter(pa.array(keep, pa.bool_()))
 
 
@@ -391,7 +398,9 @@ def summarize_manifest(table: pa.Table) -> dict:
     records = by_modality.get("record", 0)
     record_files_seen = pc.count_distinct(table["file"]).as_py() if records else 0  # null for objects
     # only object rows are selected (copied): a manifest may hold millions of records, each its own sample
-    objects = pc.and_(pc.is_in(modality, value_set=pa.array(SAMPLE_MODALITIES)), pc.not_equal(modality, "record"))
+    objects = pc.and_(
+        pc.is_in(modality, value_set=pa.array(SAMPLE_MODALITIES)), pc.not_equal(modality, "record")
+    )
     usable = table.select(["sample_id"]).filter(objects)
     superseded = table.select(["sample_id"]).filter(pc.equal(modality, "superseded"))
     return {
@@ -400,7 +409,9 @@ def summarize_manifest(table: pa.Table) -> dict:
         "bytes": pc.sum(table["size"]).as_py() or 0,
         "by_modality": dict(sorted(by_modality.items())),
         "with_sidecar": table.num_rows - table["sidecar"].null_count,
-        "superseded_samples": pc.count_distinct(superseded["sample_id"]).as_py() if superseded.num_rows else 0,
+        "superseded_samples": pc.count_distinct(superseded["sample_id"]).as_py()
+        if superseded.num_rows
+        else 0,
         "records": records,
         "record_files": record_files_seen,
     }

@@ -107,7 +107,10 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
         blocked: list[str] = []
 
         def only_loopback(route):
-            if route.request.url.split("/")[2] == prefect_server.url.split("/")[2] or "://" not in route.request.url[:10]:
+            if (
+                route.request.url.split("/")[2] == prefect_server.url.split("/")[2]
+                or "://" not in route.request.url[:10]
+            ):
                 return route.continue_()
             blocked.append(route.request.url)
             return route.abort()
@@ -126,7 +129,14 @@ def test_flow_run_and_artifact_pages_show_stages_and_loss_curve(finished_run, pr
         page.screenshot(path=str(tmp_path / "flow-run.png"), full_page=True)
 
         page.goto(f"{prefect_server.url}/artifacts")
-        for key in ("loss-curve", "manifest-summary", "shard-set", "decode-stats", "training-progress", "run-summary"):
+        for key in (
+            "loss-curve",
+            "manifest-summary",
+            "shard-set",
+            "decode-stats",
+            "training-progress",
+            "run-summary",
+        ):
             expect(page.get_by_text(key, exact=True).first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(tmp_path / "artifacts.png"), full_page=True)
 

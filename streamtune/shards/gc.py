@@ -42,7 +42,9 @@ def collect_garbage(
     if not storage.exists(index_url, storage_options):
         return []
     entries = read_index(prefix, storage_options)["shards"]
-    listed = {e["path"] for e in entries} | {e["record_sources"]["path"] for e in entries if e.get("record_sources")}
+    listed = {e["path"] for e in entries} | {
+        e["record_sources"]["path"] for e in entries if e.get("record_sources")
+    }
     fs, root = storage.get_fs(prefix, storage_options)
     root = root.rstrip("/")
     now = time.time()

@@ -90,7 +90,12 @@ class CloudStreamingDataset:
         cache = RangeCache(cache_dir, cache_limit_bytes) if cache_dir else None
         policy = RetryPolicy(retries=retries, backoff_s=backoff_s, checksum_retries=checksum_retries)
         self._fetcher = RangeFetcher(
-            self._one_file[0] if self._one_file else self.url, storage_options, policy=policy, timeout_s=timeout_s, cache=cache, stats=self._stats
+            self._one_file[0] if self._one_file else self.url,
+            storage_options,
+            policy=policy,
+            timeout_s=timeout_s,
+            cache=cache,
+            stats=self._stats,
         )
         self.index = self._read_index(policy.checksum_retries)
         schema: pa.Schema = self.index["schema"]

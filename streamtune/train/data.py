@@ -115,7 +115,9 @@ def chat_texts(tokenizer, prompt: str, completion: str, system: str | None = Non
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": completion}], tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [*messages, {"role": "assistant", "content": completion}], tokenize=False
+    )
     if not full.startswith(head):
         raise ValueError("chat template does not render the prompt as a prefix of the conversation")
     return head, full

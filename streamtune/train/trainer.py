@@ -223,7 +223,11 @@ class SampleStream:
     def _encode(self, row: dict, longest: int):
         if self.media is None:
             return encode_sample(
-                row, self.tokenizer, seq_len=longest, template=self.args.template, records=record_options(self.args)
+                row,
+                self.tokenizer,
+                seq_len=longest,
+                template=self.args.template,
+                records=record_options(self.args),
             )
         from streamtune.train.mm_train import Quarantined
 
@@ -353,7 +357,9 @@ def train(
         if mm is not None:
             mm.load_init(model, args.init_adapter, args.storage_options)
         mx.eval(model.parameters())
-        offset = int((adapters.read_config(args.init_adapter, args.storage_options) or {}).get("global_step", 0))
+        offset = int(
+            (adapters.read_config(args.init_adapter, args.storage_options) or {}).get("global_step", 0)
+        )
 
     def compute(inputs, positions, segments, index, targets, weights, *soft):
         return loss_at(
