@@ -80,3 +80,9 @@ def prefect_api_env(**extra: str) -> dict[str, str]:
         server.start()
         url = server.api_url
     return {**os.environ, "PREFECT_API_URL": url, **extra}
+
+
+def cli_outputs(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`cli_in_process` as (exit code, stdout, stderr)."""
+    r = cli_in_process(monkeypatch, capsys, *args)
+    return r.returncode, r.stdout, r.stderr

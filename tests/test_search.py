@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import cli_outputs
 
 from streamtune import storage
 from streamtune.config import IndexConfig
@@ -237,22 +238,6 @@ def test_incremental_rebuild_embeds_only_changes_and_drops_removed(s3server):
         assert any(h.sample_id == "interviews/clip010" for h in index.search("the", top=100))
 
 
-def cli_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`streamtune ARGS` through app.cli.main in this process (the text model stays loaded)."""
-    import sys
-
-    from app.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["streamtune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_index_and_search(built, s3server, monkeypatch, capsys):
     features, _, opts, truth, _ = built
     for name, value in s3server.env().items():
@@ -260,25 +245,25 @@ def test_cli_index_and_search(built, s3server, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "240")  # the table's width when not on a terminal
     endpoint = ["--endpoint-url", opts["endpoint_url"]]
     out = features.rsplit("/", 1)[0] + "/cli-index"
-    code, stdout, err = cli_in_process(monkeypatch, capsys, "index", features, "--out", out, *endpoint)
+    code, stdout, err = cli_outputs(monkeypatch, capsys, "index", features, "--out", out, *endpoint)
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["rows"] == len(truth) and summary["embedded"] + summary["reused"] == len(truth)
     t = truth[0]
     args = ["search", f"{t['place']} {t['subject']}", "--index", out, "--top", "3", *endpoint]
-    code, stdout, err = cli_in_process(monkeypatch, capsys, *args, "--json", "--where", "project=city")
+    code, stdout, err = cli_outputs(monkeypatch, capsys, *args, "--json", "--where", "project=city")
     assert code == 0, err
     lines = stdout.strip().splitlines()
     assert len(lines) == 1
     found = json.loads(lines[0])
     assert found["count"] == 3 and found["hits"][0]["sample_id"] == t["sample_id"]
     assert found["hits"][0]["snippet_marked"].count("[") >= 2
-    code, stdout, err = cli_in_process(monkeypatch, capsys, *args, "--semantic-weight", "0")
+    code, stdout, err = cli_outputs(monkeypatch, capsys, *args, "--semantic-weight", "0")
     assert code == 0, err
     assert t["sample_id"] in stdout and json.loads(stdout.strip().splitlines()[-1])["count"] == 3
-    code, stdout, err = cli_in_process(monkeypatch, capsys, "search", "  ", "--index", out, *endpoint)
+    code, stdout, err = cli_outputs(monkeypatch, capsys, "search", "  ", "--index", out, *endpoint)
     assert code == 2 and err.startswith("error:") and "empty query" in err and "Traceback" not in err
-    code, _, err = cli_in_process(monkeypatch, capsys, "search", "x", "--index", out + "-none", *endpoint)
+    code, _, err = cli_outputs(monkeypatch, capsys, "search", "x", "--index", out + "-none", *endpoint)
     assert code == 2 and "no search index" in err
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import cli_outputs
 from PIL import Image, ImageDraw
 
 import streamtune  # noqa: F401
@@ -90,19 +91,6 @@ def test_sheet_pieces():
     assert media_link("file:///x/a.mp4", 1.5, 3.0) == "file:///x/a.mp4#t=1.50,3.00"
 
 
-def cli_in_process(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from app.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["streamtune", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_contact_sheet_in_chromium(index_url, s3server, tmp_path, monkeypatch, capsys):
     from playwright.sync_api import sync_playwright
 
@@ -112,9 +100,9 @@ def test_contact_sheet_in_chromium(index_url, s3server, tmp_path, monkeypatch, c
     common = ["--index", url, "--endpoint-url", opts["endpoint_url"], "--json"]
     sheet = tmp_path / "results.html"
     args = ["search", "harbour budget", *common, "--html", str(sheet), "--source-url", f"{bucket}/src"]
-    code, _, err = cli_in_process(monkeypatch, capsys, *args)
+    code, _, err = cli_outputs(monkeypatch, capsys, *args)
     assert code == 0, err
-    code, _, err = cli_in_process(
+    code, _, err = cli_outputs(
         monkeypatch, capsys, "search", HOSTILE, *common, "--html", str(tmp_path / "museum.html")
     )
     assert code == 0, err
@@ -271,7 +259,7 @@ def test_rerank_rescores_top_hits_with_the_adapter(index_url, adapter, s3server,
         monkeypatch.setenv(name, value)
     args = ["search", "council budget", "--index", url, "--endpoint-url", opts["endpoint_url"], "--json",
             "--top", "3", "--rerank", str(folder), "--model", model]  # fmt: skip
-    code, stdout, err = cli_in_process(monkeypatch, capsys, *args)
+    code, stdout, err = cli_outputs(monkeypatch, capsys, *args)
     assert code == 0, err
     found = json.loads(stdout.strip().splitlines()[-1])
     assert "rerank" in found["signals"] and all("rerank" in h["signals"] for h in found["hits"])

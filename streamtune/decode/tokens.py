@@ -287,12 +287,7 @@ class AudioTokens:
         window)."""
         import mlx.core as mx
 
-        windows, owner = [], []
-        for i, audio in enumerate(audios):
-            audio = np.asarray(audio, np.float32).reshape(-1)
-            for s in range(0, max(audio.size, 1), WINDOW_SAMPLES):
-                windows.append(audio[s : s + WINDOW_SAMPLES])
-                owner.append(i)
+        windows, owner = _windows(audios)
         parts: list[list[np.ndarray]] = [[] for _ in audios]
         batch_size = batch_size if self.context == "window" else 1
         for b in range(0, len(windows), batch_size):
@@ -311,12 +306,7 @@ class AudioTokens:
 
         if self.context == "window":
             return self.encode_many(audios, batch_size)
-        windows, owner = [], []
-        for i, audio in enumerate(audios):
-            audio = np.asarray(audio, np.float32).reshape(-1)
-            for s in range(0, max(audio.size, 1), WINDOW_SAMPLES):
-                windows.append(audio[s : s + WINDOW_SAMPLES])
-                owner.append(i)
+        windows, owner = _windows(audios)
         parts: list[dict[int, np.ndarray]] = [{} for _ in audios]
         order = sorted(range(len(windows)), key=lambda j: windows[j].size)  # similar lengths: less padding
         for b in range(0, len(order), batch_size):
@@ -450,3 +440,14 @@ def build_encoders(cfg, kinds) -> dict:
             context=cfg.audio_context,
         )
     return out
+
+
+def _windows(audios: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """Every clip cut into 30 s windows, and the clip each window belongs to."""
+    windows, owner = [], []
+    for i, audio in enumerate(audios):
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        for s in range(0, max(audio.size, 1), WINDOW_SAMPLES):
+            windows.append(audio[s : s + WINDOW_SAMPLES])
+            owner.append(i)
+    return windows, owner
