@@ -160,7 +160,7 @@ def run_build(root: str, n: int) -> dict:
 
 def run_size(root: str, n: int, frames: bool, dtypes: list[str]) -> dict:
     from streamtune.config import IndexConfig
-    from streamtune.search import build_index, open_index
+    from streamtune.search import ann, build_index, open_index
     from streamtune.search.index import read_manifest
 
     feats = os.path.join(root, "features")
@@ -222,7 +222,8 @@ def run_size(root: str, n: int, frames: bool, dtypes: list[str]) -> dict:
             found += len(exact_rows & set(rows.tolist()))
     out["baseline_exact_scan"] = percentiles(exact_ms)  # every float32 vector scored: the search without ANN
     if ann_ms:
-        out["ann"] = {"lists": len(index.text_ann.centroids), "nprobe": index.cfg.ann_nprobe,
+        lists = len(index.text_ann.centroids)
+        out["ann"] = {"lists": lists, "nprobe": ann.default_nprobe(lists, index.cfg.ann_nprobe),
                       "recall_at_10": round(found / (10 * len(probes)), 4), **percentiles(ann_ms),
                       "memory_mb": round(index.text_ann.nbytes / 2**20, 1)}  # fmt: skip
     fts = []

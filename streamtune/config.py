@@ -237,7 +237,11 @@ class IndexConfig(Settings):
         100_000, ge=0, description="Rows from which vectors get an IVF index (below: exact scan); 0: never."
     )
     ann_lists: int = Field(0, ge=0, description="IVF lists; 0: about sqrt(rows).")
-    ann_nprobe: int = Field(32, ge=1, description="IVF lists a query reads (more: better recall, slower).")
+    ann_nprobe: int = Field(
+        0,
+        ge=0,
+        description="IVF lists a query reads (more: better recall, slower); 0: a quarter of the lists.",
+    )
     max_query_chars: int = Field(2000, ge=1, description="Longer queries are refused with an error.")
     sample_queries: list[str] = Field(
         default_factory=list,

@@ -135,7 +135,9 @@ def test_recall_hybrid_and_ablations(built):
                 "semantic": recall_at(index, queries, weights={"lexical": 0}),
             }
         print(json.dumps(report))
+        # seed 7 was never used to tune the fusion (tuned on seeds 1-3): said 1.0, natural 0.95, paraphrased 0.94
         assert report["said"]["hybrid"] >= 0.9 and report["natural"]["hybrid"] >= 0.9
+        assert report["paraphrased"]["hybrid"] >= 0.9  # a reworded query's incidental word matches are damped
         assert report["natural"]["hybrid"] > report["natural"]["lexical"]
         assert report["paraphrased"]["semantic"] > report["paraphrased"]["lexical"]
 

@@ -31,6 +31,14 @@ def test_ivf_recall_and_filters():
         assert np.all(np.diff(scores) <= 0)
         hits += len(set(rows.tolist()) & set(exact.tolist()))
     assert hits / (10 * len(queries)) >= 0.95
+    assert (
+        ann.default_nprobe(1000) == 250
+        and ann.default_nprobe(141) == 35
+        and ann.default_nprobe(100) == 32
+        and ann.default_nprobe(141, 8) == 8
+    )
+    rows, _ = ivf.search(queries[0], 10, nprobe=0)  # 0: the default share of the lists
+    assert len(rows) == 10
     mask = np.zeros(len(data), bool)
     mask[::997] = True  # 21 rows: the probe must widen to find 10 of them
     rows, _ = ivf.search(queries[0], 10, nprobe=1, mask=mask)

@@ -28,10 +28,15 @@ def words(text: str) -> list[str]:
     return [w.lower() for w in WORD.findall(text or "")]
 
 
+def query_terms(query: str) -> list[str]:
+    """The distinct words of `query` that are searched: stopwords left out unless nothing else remains."""
+    terms = list(dict.fromkeys(words(query)))
+    return ([t for t in terms if t not in STOPWORDS] or terms)[:MAX_TERMS]
+
+
 def match_expression(query: str) -> str | None:
     """An FTS5 MATCH expression for the words of `query` (None when it has none)."""
-    terms = list(dict.fromkeys(words(query)))
-    terms = ([t for t in terms if t not in STOPWORDS] or terms)[:MAX_TERMS]
+    terms = query_terms(query)
     if not terms:
         return None
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
