@@ -208,7 +208,8 @@ def run_size(root: str, n: int, frames: bool, dtypes: list[str]) -> dict:
     out["query_without_model"] = percentiles(cached)
     vectors = index.text_ann.vectors if index.text_ann is not None else index.text_vectors
     exact_ms, ann_ms, found = [], [], 0
-    probes = ClusteredEmbedder(topics=max(100, n // 50)).queries(50)
+    # float32 like a real query: a float64 vector would turn the product into a 3 GB float64 copy at 1M
+    probes = ClusteredEmbedder(topics=max(100, n // 50)).queries(50).astype(np.float32)
     for q in probes:
         t0 = time.perf_counter()
         scores = vectors @ q
