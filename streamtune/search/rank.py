@@ -12,6 +12,7 @@ per row. A query never writes: the FTS5 database is opened immutable and the res
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -95,6 +96,7 @@ def normalise_query(query: str, max_chars: int) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _stem(word: str) -> str:
     for suffix in ("ing", "es", "ed", "s"):
         if len(word) > len(suffix) + 2 and word.endswith(suffix):
@@ -364,10 +366,10 @@ class Index:
         terms = {_stem(t) for t in lexical.query_terms(text)}
         if not rows or not terms:
             return dict.fromkeys(rows, 1.0)
-        texts = self.table.column("transcript").take(pa.array(rows, pa.int64())).to_pylist()
+        # row by row: `take` on the 1M-row chunked column cost 88 ms a query, 100 lookups ~2 ms
         out = {}
-        for r, t in zip(rows, texts, strict=True):
-            held = len(terms & {_stem(w) for w in lexical.words(t or "")})
+        for r in rows:
+            held = len(terms & {_stem(w) for w in set(lexical.words(self.value("transcript", r) or ""))})
             out[r] = max(held, 1) / len(terms)
         return out
 
