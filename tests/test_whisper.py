@@ -262,3 +262,38 @@ def test_cached_decoder_step_matches_mlx_whisper_decoder(tiny_dir):
     ref, _, _ = model.decoder(step, features, kv_cache=ref_cache)
     got, _ = decoder_step(model, step, cross, cache)
     np.testing.assert_allclose(np.array(got), np.array(ref), atol=1e-3)
+
+
+def test_chunked_log_mel_and_encoder_are_bit_identical_to_mlx_whisper(tiny_dir, clips):
+    # log-mel 777 frames at a time and self-attention 300 query rows at a time hold a fraction of the
+    # reference's memory; the text can only stay the same if the numbers do
+    import mlx.core as mx
+    from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
+    from mlx_whisper.load_models import load_model
+
+    from streamtune.decode.whisper import encode_window, log_mel
+
+    model = load_model(tiny_dir, dtype=mx.float32)
+    for audio in (clips[-1], clips[0][:401]):
+        ref = log_mel_spectrogram(mx.array(audio), n_mels=80, padding=N_SAMPLES)
+        mel = log_mel(audio, 80, N_SAMPLES, chunk_frames=777)
+        assert mel.shape == ref.shape and mx.array_equal(mel, ref).item()
+    window = log_mel(clips[-1], 80, N_SAMPLES)[3000:6000]  # speech after the silence
+    assert mx.array_equal(encode_window(model, window), model.encoder(window[None])).item()
+
+
+def test_transcriber_imports_mlx_whisper_without_its_transcribe_module(tiny_dir):
+    # the package __init__ would import mlx_whisper.transcribe -> timing -> numba + scipy (~150 MB)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from streamtune.decode.whisper import Transcriber\n"
+        f"Transcriber({tiny_dir!r})\n"
+        "print(sorted(m for m in ('numba', 'scipy', 'mlx_whisper.transcribe') if m in sys.modules))\n"
+        "import mlx_whisper\n"
+        "print(callable(mlx_whisper.transcribe), 'numba' in sys.modules, mlx_whisper.__version__ != '')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True True True"]

@@ -55,6 +55,7 @@ import numpy as np
 
 import streamtune  # noqa: F401  (OpenBLAS before mlx)
 from streamtune.decode.whisper_convert import resolve_whisper
+from streamtune.decode.whisper_import import skip_package_init
 
 SAMPLE_RATE = 16000
 WINDOW_SECONDS = 30
@@ -96,6 +97,72 @@ def split_at_pauses(
                 continue
         target += piece // FRAME
     return cuts
+
+
+def log_mel(audio: np.ndarray, n_mels: int, padding: int, chunk_frames: int = 3000):
+    """`mlx_whisper.audio.log_mel_spectrogram(audio, n_mels, padding)`, bit for bit, computed
+    `chunk_frames` frames at a time: the reference holds the whole clip's frames (400 samples each), their
+    spectrum and its magnitudes at once, about 0.5 MB per second of audio (330 MB for a 10-minute piece);
+    here only the (frames, n_mels) log-mel is whole, and the max - 8 dB floor is taken over all of it."""
+    import mlx.core as mx
+    from mlx_whisper.audio import N_FFT, hanning, mel_filters
+
+    x = np.concatenate([np.asarray(audio, np.float32).reshape(-1), np.zeros(padding, np.float32)])
+    half = N_FFT // 2
+    x = np.concatenate([x[1 : half + 1][::-1], x, x[-(half + 1) : -1][::-1]])  # stft's reflect padding
+    frames = (x.size - N_FFT) // HOP_LENGTH  # stft's frame count less its last frame, as the reference
+    window, filters = hanning(N_FFT), mel_filters(n_mels).T
+    parts = []
+    for a in range(0, frames, chunk_frames):
+        n = min(chunk_frames, frames - a)
+        seg = mx.array(x[a * HOP_LENGTH : (a + n - 1) * HOP_LENGTH + N_FFT])
+        spectrum = mx.fft.rfft(mx.as_strided(seg, shape=[n, N_FFT], strides=[HOP_LENGTH, 1]) * window)
+        parts.append(mx.maximum(spectrum.abs().square() @ filters, 1e-10).log10())
+        mx.eval(parts[-1])
+    log_spec = mx.concatenate(parts) if len(parts) > 1 else parts[0]
+    log_spec = mx.maximum(log_spec, log_spec.max() - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def encode_window(model, mel, rows: int = 300):
+    """`model.encoder(mel[None])` for one (3000, n_mels) log-mel window, bit for bit, with self-attention
+    computed `rows` query positions at a time: mlx-whisper's encoder holds a layer's scores and their
+    softmax for all 1500 x 1500 positions (2 x 54 MB for tiny's 6 heads, 72 MB each for base); here they
+    are 2 x heads x rows x 1500 (11 MB for tiny). Softmax is per query row, so the rows are independent."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    enc = model.encoder
+    x = nn.gelu(enc.conv2(nn.gelu(enc.conv1(mel[None])))) + enc._positional_embedding
+    for block in enc.blocks:
+        attn = block.attn
+        a = block.attn_ln(x)
+        b, n, d = a.shape
+        scale = (d // attn.n_head) ** -0.25  # mlx-whisper's qkv_attention, split over query rows
+        q = attn.query(a).reshape(b, n, attn.n_head, -1).transpose(0, 2, 1, 3) * scale
+        k = attn.key(a).reshape(b, n, attn.n_head, -1).transpose(0, 2, 3, 1) * scale
+        v = attn.value(a).reshape(b, n, attn.n_head, -1).transpose(0, 2, 1, 3)
+        mx.eval(q, k, v)
+        out = []
+        for r in range(0, n, rows):
+            out.append(mx.softmax(q[:, :, r : r + rows] @ k, axis=-1, precise=True) @ v)
+            mx.eval(out[-1])
+        x = x + attn.out(mx.concatenate(out, axis=2).transpose(0, 2, 1, 3).reshape(b, n, d))
+        x = x + block.mlp2(nn.gelu(block.mlp1(block.mlp_ln(x))))
+        mx.eval(x)
+    return enc.ln_post(x)
+
+
+def release_memory() -> None:
+    """Hand MLX's cache of freed buffers and glibc's freed heap pages back to the OS between calls: the
+    log-mel, encoder and decoder buffers of one call (~100-250 MB) would otherwise stay resident while the
+    caller decodes video frames and runs CLIP."""
+    import mlx.core as mx
+
+    from streamtune.decode.clip import trim_heap
+
+    mx.clear_cache()
+    trim_heap()
 
 
 def _logsumexp(x: np.ndarray) -> np.ndarray:
@@ -219,6 +286,8 @@ class Transcriber:
         self, model: str, language: str | None = None, batch_size: int = 8, cache_dir: str | None = None
     ):
         import mlx.core as mx
+
+        skip_package_init()  # mlx_whisper.transcribe's numba + scipy (~150 MB) are not needed here
         from mlx_whisper.load_models import load_model
         from mlx_whisper.tokenizer import get_tokenizer
 
@@ -284,6 +353,7 @@ class Transcriber:
             if votes[i]:
                 res["language"] = max(votes[i], key=votes[i].get)
         self.stats["audio_seconds"] += sum(r["seconds"] for r in results)
+        release_memory()
         return results
 
     def _advance(self, piece: _Piece, res: dict) -> None:
@@ -345,6 +415,14 @@ class Transcriber:
             return list(tok.sot_sequence)
         return [tok.sot, tok.to_language_token(language), tok.transcribe]
 
+    def _encode(self, mels: list) -> object:
+        """Encoder features (B, 1500, D) of 30 s log-mel windows (3000, n_mels), one window at a time
+        (`encode_window`): a batch of 8 held 8 x 2 x heads x 1500 x 1500 f32 (0.9 GB for tiny) at once."""
+        import mlx.core as mx
+
+        features = [encode_window(self.model, mel) for mel in mels]
+        return mx.concatenate(features) if len(features) > 1 else features[0]
+
     def _decode_batch(self, batch: list[_Piece]) -> list[dict]:
         """Encode one window of each piece at once, then greedy-decode them together with a shared KV cache.
 
@@ -353,7 +431,7 @@ class Transcriber:
         """
         import mlx.core as mx
         from mlx.utils import tree_map
-        from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
+        from mlx_whisper.audio import N_SAMPLES
         from mlx_whisper.decoding import detect_language
 
         t0 = time.perf_counter()
@@ -362,17 +440,17 @@ class Transcriber:
         segments, detect = [], []
         for piece in batch:
             if piece.mel is None:  # mlx_whisper's layout: mel of the audio + 30 s of zeros, (frames, n_mels)
-                piece.mel = log_mel_spectrogram(mx.array(piece.audio), n_mels=n_mels, padding=N_SAMPLES)
+                piece.mel = log_mel(piece.audio, n_mels, N_SAMPLES)
             size = min(N_FRAMES, piece.frames - piece.seek)
             seg = piece.mel[piece.seek : piece.seek + size]
             segments.append(mx.pad(seg, [(0, N_FRAMES - size), (0, 0)]) if size < N_FRAMES else seg)
             if piece.language is None and self.model.is_multilingual:
                 detect.append(piece)
-        features = self.model.encoder(mx.stack(segments))
+        features = self._encode(segments)
         if detect:
             # mlx_whisper detects once per clip, on the first 30 s of the padded mel (zeros' log-mel, not
             # zeros, past the end of a short clip)
-            detect_features = self.model.encoder(mx.stack([p.mel[:N_FRAMES] for p in detect]))
+            detect_features = self._encode([p.mel[:N_FRAMES] for p in detect])
             _, probs = detect_language(self.model, detect_features, tok)
             for piece, p in zip(detect, probs, strict=True):
                 piece.language = max(p, key=p.get)
