@@ -25,8 +25,10 @@ the reference has 0.13); base, one clip each of en/de/es/fr/it: 5/5 identical (b
 characters differing), detected language 5/5 the reference's. Parity is not accuracy: on those base
 clips the reference's word error rate is 0.41 and the earlier padding (log-mel of silence) gave 0.33.
 
-Windows of several clips are encoded and greedy-decoded as one batch (a shared KV cache with cross-attention
-keys laid out once); a window's log-mel does not depend on the batch, and a batch of one gives the same text.
+Windows of several clips are greedy-decoded as one batch (a shared KV cache with cross-attention keys laid
+out once); a window's log-mel does not depend on the batch, and a batch of one gives the same text. Memory:
+the log-mel is computed a chunk of frames at a time (`log_mel`) and the encoder takes one window at a time
+with its self-attention split over query rows (`encode_window`), both bit-identical to mlx-whisper's.
 
 Deliberate differences, each only where the reference itself misbehaves or cannot batch:
 
