@@ -20,6 +20,7 @@ encoders. Outputs are float16 arrays of shape (tokens, dim).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,10 @@ import threading
 import numpy as np
 
 import streamtune  # noqa: F401  (OpenBLAS before mlx)
+
+# On CUDA, build_encoders gives torch's image tower a stream of its own: on the legacy default stream
+# each tower call waits for (and holds up) the training step's work on MLX's streams
+TORCH_SIDE_STREAM = True
 
 SAMPLE_RATE = 16000
 FRAMES_PER_SECOND = 50  # Whisper encoder frames: 20 ms each
@@ -170,21 +175,28 @@ class ImageTokens:
         `images`: `clip.prepare` tensors, or `image_pixels` arrays (scaled and normalised on the device)."""
         torch = self.clip.torch
         tokens: list[np.ndarray] = []
+        side = getattr(self, "cuda_stream", None)
         for b in range(0, len(images), batch_size):
             chunk = images[b : b + batch_size]
-            if isinstance(chunk[0], np.ndarray):
-                batch = self._normalise(torch.from_numpy(np.stack(chunk)).to(self.clip.device))
-            else:
-                batch = torch.stack(chunk).to(self.clip.device)
-            with torch.inference_mode():
-                out = self.visual.forward_intermediates(
-                    batch, indices=[self.block], stop_early=True, intermediates_only=True, output_fmt="NCHW"
-                )
-                flat = self._merge(out["image_intermediates"][0].float()).half()
-            tokens += list(flat.cpu().numpy())
-            self.clip.stats["images"] += len(batch)
-            self.clip.stats["batches"] += 1
+            with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+                tokens += self._tokens(chunk)
         return tokens
+
+    def _tokens(self, chunk: list) -> list[np.ndarray]:
+        torch = self.clip.torch
+        dtype = next(self.visual.parameters()).dtype
+        if isinstance(chunk[0], np.ndarray):
+            batch = self._normalise(torch.from_numpy(np.stack(chunk)).to(self.clip.device)).to(dtype)
+        else:
+            batch = torch.stack(chunk).to(self.clip.device, dtype)
+        with torch.inference_mode():
+            out = self.visual.forward_intermediates(
+                batch, indices=[self.block], stop_early=True, intermediates_only=True, output_fmt="NCHW"
+            )
+            flat = self._merge(out["image_intermediates"][0].float()).half()
+        self.clip.stats["images"] += len(batch)
+        self.clip.stats["batches"] += 1
+        return list(flat.cpu().numpy())
 
     def _normalise(self, pixels):
         """(N, H, W, 3) uint8 -> the tower's input: ToTensor's scaling and Normalize, on the device."""
@@ -267,9 +279,9 @@ class AudioTokens:
         size = WINDOW_SAMPLES if self.context == "window" else -(-max(w.size for w in windows) // 320) * 320
         padded = [np.pad(w, (0, size - w.size)) for w in windows]
         mel = mx.stack([log_mel_spectrogram(mx.array(w), n_mels) for w in padded])
-        x = nn.gelu(enc.conv1(mel))
+        x = nn.gelu(enc.conv1(mel.astype(enc.conv1.weight.dtype)))
         x = nn.gelu(enc.conv2(x))
-        x = x + enc._positional_embedding[: x.shape[1]]
+        x = x + enc._positional_embedding[: x.shape[1]].astype(x.dtype)
         for block in enc.blocks[: self.block + 1]:
             x, _, _ = block(x)
         if self.final:
@@ -324,11 +336,12 @@ class AudioTokens:
 
         enc = self.encoder
         mel, frames = _batched_log_mel(windows, self.model.dims.n_mels)
+        mel = mel.astype(enc.conv1.weight.dtype)
         # mel frames past a window's end are zero: conv1 sees what its own zero padding gives, and
         # conv2's outputs inside the window never reach past it (stride 2, even frame counts)
         x = nn.gelu(enc.conv1(mel))
         x = nn.gelu(enc.conv2(x))
-        x = x + enc._positional_embedding[: x.shape[1]]
+        x = x + enc._positional_embedding[: x.shape[1]].astype(x.dtype)
         valid = [m // 2 for m in frames]
         keys = mx.arange(x.shape[1])[None, :] < mx.array(valid)[:, None]
         mask = mx.where(keys, 0.0, -mx.inf).astype(x.dtype)[:, None, None, :]  # (B, 1, 1, T)
@@ -430,6 +443,8 @@ def build_encoders(cfg, kinds) -> dict:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         clip = ClipEmbedder(cfg.clip_model, cfg.clip_pretrained, labels=[], batch_size=1, device=device)
         out["image"] = ImageTokens(clip, cfg.image_layer, cfg.image_pool, cfg.image_merge)
+        if device == "cuda" and TORCH_SIDE_STREAM:
+            out["image"].cuda_stream = torch.cuda.Stream()
     if "audio" in kinds:
         out["audio"] = AudioTokens(
             cfg.whisper_model,
