@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", default=None, help="tokenizer files for --shape (else from SmolLM2)")
     ap.add_argument("--num-layers", type=int, default=8, help="blocks with LoRA (-1: all)")
     ap.add_argument("--clip-model", default=None, help="open_clip image tower (default: decode's)")
-    ap.add_argument("--media-batch", type=int, default=32, help="online: rows encoded together")
+    ap.add_argument("--media-batch", type=int, default=64, help="online: rows encoded together")
     ap.add_argument("--media-workers", type=int, default=0, help="online: decode/augment threads (0: auto)")
     ap.add_argument("--profile", type=int, default=0, help="time the online data path's parts on N rows")
     ap.add_argument("--profile-only", action="store_true", help="only the --profile part")

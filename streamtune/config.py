@@ -351,9 +351,10 @@ class TrainArgs(Settings):
         True, description="online: seeded crop/flip/colour jitter, offset/gain/speed/noise per sample+epoch."
     )
     media_batch: int = Field(
-        32,
+        64,
         ge=1,
-        description="online: rows whose media are encoded together (one image-tower call, one audio batch).",
+        description="online: rows whose media are encoded together (one image-tower call, one audio batch; "
+        "64 kept the H200 at 0.90-0.93 x cached, 32 at 0.80).",
     )
     media_workers: int = Field(
         0,
