@@ -239,6 +239,10 @@ class AudioTokens:
         context: str = "clip",
     ):
         import mlx.core as mx
+
+        from streamtune.decode.whisper_import import skip_package_init
+
+        skip_package_init()  # as the transcriber: mlx_whisper.transcribe's numba + scipy are not needed here
         from mlx_whisper.load_models import load_model
 
         from streamtune.decode.whisper_convert import resolve_whisper
