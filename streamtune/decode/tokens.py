@@ -396,11 +396,13 @@ def _batched_log_mel(windows: list[np.ndarray], n_mels: int):
     import mlx.core as mx
     from mlx_whisper.audio import HOP_LENGTH, N_FFT, hanning, mel_filters
 
-    half = N_FFT // 2
+    from streamtune.decode.whisper import stft_pad
+
     signals = []
     for w in windows:
-        x = np.pad(np.asarray(w, np.float32), (0, -(-max(w.size, 1) // 320) * 320 - w.size))
-        signals.append(np.concatenate([x[1 : half + 1][::-1], x, x[-(half + 1) : -1][::-1]]))
+        signals.append(
+            stft_pad(np.pad(np.asarray(w, np.float32), (0, -(-max(w.size, 1) // 320) * 320 - w.size)))
+        )
     frames = [(s.size - N_FFT) // HOP_LENGTH for s in signals]  # stft's frames less the last, as there
     longest = max(s.size for s in signals)
     batch = mx.array(np.stack([np.pad(s, (0, longest - s.size)) for s in signals]))
@@ -421,14 +423,11 @@ def _masked_block(block, x, mask):
     import mlx.core as mx
     import mlx.nn as nn
 
+    from streamtune.decode.whisper import attention_heads
+
     attn = block.attn
-    h = block.attn_ln(x)
-    q, k, v = attn.query(h), attn.key(h), attn.value(h)
-    n, t, d = q.shape
-    scale = (d // attn.n_head) ** -0.25
-    q = q.reshape(n, t, attn.n_head, -1).transpose(0, 2, 1, 3) * scale
-    k = k.reshape(n, t, attn.n_head, -1).transpose(0, 2, 3, 1) * scale
-    v = v.reshape(n, t, attn.n_head, -1).transpose(0, 2, 1, 3)
+    n, t, d = x.shape
+    q, k, v = attention_heads(attn, block.attn_ln(x))
     w = mx.softmax(q @ k + mask, axis=-1, precise=True)
     x = x + attn.out((w @ v).transpose(0, 2, 1, 3).reshape(n, t, d))
     return x + block.mlp2(nn.gelu(block.mlp1(block.mlp_ln(x))))

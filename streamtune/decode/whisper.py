@@ -101,6 +101,25 @@ def split_at_pauses(
     return cuts
 
 
+def stft_pad(x: np.ndarray) -> np.ndarray:
+    """The reflect padding mlx_whisper's stft puts on each side of a clip (N_FFT / 2 samples)."""
+    from mlx_whisper.audio import N_FFT
+
+    half = N_FFT // 2
+    return np.concatenate([x[1 : half + 1][::-1], x, x[-(half + 1) : -1][::-1]])
+
+
+def attention_heads(attn, h):
+    """mlx_whisper's qkv_attention inputs: q (B, H, T, d), k (B, H, d, T), v (B, H, T, d), q and k
+    each scaled by d ** -0.25."""
+    b, n, d = h.shape
+    scale = (d // attn.n_head) ** -0.25
+    q = attn.query(h).reshape(b, n, attn.n_head, -1).transpose(0, 2, 1, 3) * scale
+    k = attn.key(h).reshape(b, n, attn.n_head, -1).transpose(0, 2, 3, 1) * scale
+    v = attn.value(h).reshape(b, n, attn.n_head, -1).transpose(0, 2, 1, 3)
+    return q, k, v
+
+
 def log_mel(audio: np.ndarray, n_mels: int, padding: int, chunk_frames: int = 3000):
     """`mlx_whisper.audio.log_mel_spectrogram(audio, n_mels, padding)`, bit for bit, computed
     `chunk_frames` frames at a time: the reference holds the whole clip's frames (400 samples each), their
@@ -109,9 +128,7 @@ def log_mel(audio: np.ndarray, n_mels: int, padding: int, chunk_frames: int = 30
     import mlx.core as mx
     from mlx_whisper.audio import N_FFT, hanning, mel_filters
 
-    x = np.concatenate([np.asarray(audio, np.float32).reshape(-1), np.zeros(padding, np.float32)])
-    half = N_FFT // 2
-    x = np.concatenate([x[1 : half + 1][::-1], x, x[-(half + 1) : -1][::-1]])  # stft's reflect padding
+    x = stft_pad(np.concatenate([np.asarray(audio, np.float32).reshape(-1), np.zeros(padding, np.float32)]))
     frames = (x.size - N_FFT) // HOP_LENGTH  # stft's frame count less its last frame, as the reference
     window, filters = hanning(N_FFT), mel_filters(n_mels).T
     parts = []
@@ -138,12 +155,8 @@ def encode_window(model, mel, rows: int = 300):
     x = nn.gelu(enc.conv2(nn.gelu(enc.conv1(mel[None])))) + enc._positional_embedding
     for block in enc.blocks:
         attn = block.attn
-        a = block.attn_ln(x)
-        b, n, d = a.shape
-        scale = (d // attn.n_head) ** -0.25  # mlx-whisper's qkv_attention, split over query rows
-        q = attn.query(a).reshape(b, n, attn.n_head, -1).transpose(0, 2, 1, 3) * scale
-        k = attn.key(a).reshape(b, n, attn.n_head, -1).transpose(0, 2, 3, 1) * scale
-        v = attn.value(a).reshape(b, n, attn.n_head, -1).transpose(0, 2, 1, 3)
+        b, n, d = x.shape
+        q, k, v = attention_heads(attn, block.attn_ln(x))  # split over query rows below
         mx.eval(q, k, v)
         out = []
         for r in range(0, n, rows):
