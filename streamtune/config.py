@@ -347,6 +347,15 @@ class TrainArgs(Settings):
         "mlp", description="Projector per modality: mlp (Linear-GELU-Linear) or linear."
     )
     projector_lr: float = Field(1e-3, gt=0, description="Peak learning rate of the projectors.")
+    projector_norm: bool = Field(
+        True,
+        description="Standardise each encoder feature before its projector, by a mean and spread fitted "
+        "on the first projector_norm_samples training rows (frozen, saved with the projector). Encoder "
+        "tokens share a large common component; without it the drawings' shapes went unlearnt.",
+    )
+    projector_norm_samples: int = Field(
+        256, ge=1, description="Rows (per rank, summed over ranks) the input standardisation is fitted on."
+    )
     augment: bool = Field(
         True, description="online: seeded crop/flip/colour jitter, offset/gain/speed/noise per sample+epoch."
     )

@@ -117,3 +117,50 @@ def test_cached_tokens_of_the_wrong_width_are_a_clear_error(tiny, tmp_path):
         train(args(tiny, tmp_path / "y", iters=1), rows(2), media={"image": {"dim": 8}})
     with pytest.raises(ValueError, match="needs encoder tokens"):
         train(args(tiny, tmp_path / "z", iters=1), rows(2))
+
+
+def test_projector_inputs_are_standardised_by_the_first_rows_and_stay_frozen(tiny, tmp_path):
+    data = rows(64)
+    for r in data:  # a large shared component, as encoder tokens have
+        r["image_tokens"] = (r["image_tokens"].astype(np.float32) * 3 + 40).astype(np.float16)
+    source = ListSource(data, shuffle=True)
+    first = [data[i] for i in source._order()[:32]]
+    out = tmp_path / "stage1"
+    train(args(tiny, out, iters=3, projector_norm_samples=32), source, media=SPEC)
+
+    w = mx.load(str(out / "projector.safetensors"))
+    tokens = np.concatenate([r["image_tokens"].astype(np.float64) for r in first])
+    shift, scale = np.array(w["image.shift"]), np.array(w["image.scale"])
+    np.testing.assert_allclose(shift, tokens.mean(0), rtol=1e-5)
+    standardised = (tokens - shift) * scale
+    np.testing.assert_allclose(standardised.std(0), 1.0, atol=1e-3)
+    assert json.loads((out / "multimodal.json").read_text())["projector_norm"] is True
+
+    # stage 2 keeps the fitted statistics (frozen) while the projector's layers learn
+    stage2 = tmp_path / "stage2"
+    train(args(tiny, stage2, stage="instruct", iters=3, init_adapter=str(out)), ListSource(data), media=SPEC)
+    w2 = mx.load(str(stage2 / "projector.safetensors"))
+    assert mx.array_equal(w2["image.shift"], w["image.shift"]) and mx.array_equal(
+        w2["image.scale"], w["image.scale"]
+    )
+    assert not mx.array_equal(w2["image.layers.0.weight"], w["image.layers.0.weight"])
+    loaded = load_multimodal(tiny, str(stage2)).net.projectors.image
+    assert mx.array_equal(loaded.shift, w2["image.shift"])
+
+    with pytest.raises(ValueError, match="projector_norm"):
+        train(
+            args(
+                tiny, tmp_path / "x", stage="instruct", iters=1, init_adapter=str(out), projector_norm=False
+            ),
+            ListSource(data),
+            media=SPEC,
+        )
+
+
+def test_peek_leaves_a_resumable_dataset_where_it_was():
+    from streamtune.train.data import peek
+
+    source = ListSource(rows(8), shuffle=True)
+    it = iter(source)
+    next(it)
+    assert [r["sample_id"] for r in peek(source, 3)] == [r["sample_id"] for r in list(iter(source))[:3]]

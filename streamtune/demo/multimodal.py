@@ -304,7 +304,8 @@ def _untrained(model: str, trained_dir: str):
 
     meta = read_meta(trained_dir)
     net, tokenizer, _ = load_base(model, dequantize=True)
-    attach_projectors(net, {k: s["dim"] for k, s in meta["media"].items()}, meta["projector"], seed=0)
+    dims = {k: s["dim"] for k, s in meta["media"].items()}
+    attach_projectors(net, dims, meta["projector"], seed=0, norm=meta.get("projector_norm", False))
     net.projectors.meta_json = json.dumps(meta)
     net.eval()
     return MultimodalModel(net, tokenizer, meta)

@@ -10,6 +10,7 @@ interleaved stream partitions, the same rows as one process with all lanes.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import string
@@ -334,6 +335,19 @@ def padded_batch(pull: Callable[[], tuple[list[int], int] | None], rows: int, se
     if not samples:
         return None
     return pack_rows([[s] for s in samples] + [[] for _ in range(rows - len(samples))], seq_len)
+
+
+def peek(dataset: Iterable[dict], n: int) -> list[dict]:
+    """The next `n` rows of `dataset`, leaving a resumable dataset (one with `state_dict`) where it was."""
+    state = dataset.state_dict() if hasattr(dataset, "state_dict") else None
+    rows = iter(dataset)
+    try:
+        return list(itertools.islice(rows, n))
+    finally:
+        if hasattr(rows, "close"):
+            rows.close()
+        if state is not None:
+            dataset.load_state_dict(state)
 
 
 class ListSource:

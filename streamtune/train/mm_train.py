@@ -36,9 +36,11 @@ from streamtune.decode.augment import prepare_medium
 from streamtune.train.data import DEFAULT_TEMPLATE, Template, render
 from streamtune.train.multimodal import (
     KINDS,
+    NORM_PARAMS,
     PROJECTOR_FILE,
     attach_projectors,
     encode_with_media,
+    fit_input_norm,
     placeholder_fields,
     save_projector,
     soft_inputs,
@@ -103,7 +105,7 @@ class MultimodalRun:
         self.template = args.template if "template" in args.model_fields_set else MEDIA_TEMPLATE
         if self.template is DEFAULT_TEMPLATE:
             self.template = MEDIA_TEMPLATE
-        attach_projectors(model, self.dims, args.projector, seed=args.seed)
+        attach_projectors(model, self.dims, args.projector, seed=args.seed, norm=args.projector_norm)
         model.projectors.meta_json = json.dumps(self.meta())
         model.freeze()
         if args.stage == "instruct":
@@ -114,6 +116,7 @@ class MultimodalRun:
         elif args.stage != "align":
             raise ValueError(f"stage must be text, align or instruct, got {args.stage!r}")
         model.projectors.unfreeze()
+        model.projectors.freeze_norm()
         self._media_cfg = media
         self._encoders = None
 
@@ -122,6 +125,7 @@ class MultimodalRun:
         return {
             "stage": self.args.stage,
             "projector": self.args.projector,
+            "projector_norm": self.args.projector_norm,
             "placeholders": {k: f"<{k}>" for k in self.kinds},
             "media": self.spec,
             "template": self.template.__dict__ if isinstance(self.template, Template) else None,
@@ -148,9 +152,39 @@ class MultimodalRun:
             return False
         with _local(path, storage_options) as local:
             weights = mx.load(local)
+        has_norm = any(k.rsplit(".", 1)[-1] in NORM_PARAMS for k in weights)
+        if has_norm != self.args.projector_norm:
+            raise ValueError(
+                f"init_adapter {url}: its projectors were trained with projector_norm={has_norm}, "
+                f"this run has projector_norm={self.args.projector_norm}; set the same"
+            )
         model.projectors.load_weights(list(weights.items()), strict=True)
         mx.eval(model.projectors.parameters())
         return True
+
+    def fit_norm(self, model: nn.Module, rows: list[dict], world: int = 1) -> dict[str, int]:
+        """Fit the projectors' input standardisation on the encoder tokens of `rows` (unaugmented; rows
+        whose media cannot be encoded are left out), summed over the `world` ranks so every rank holds
+        the same. Returns the tokens seen per kind."""
+        sums = {k: np.zeros(2 * self.dims[k] + 1) for k in self.kinds}
+        for row in rows:
+            try:
+                media = self.media_of(row, 0, augment=False)
+            except (Quarantined, ValueError):
+                continue
+            for kind, items in media.items():
+                for tokens in items:
+                    t = np.asarray(tokens, np.float64)
+                    dim = self.dims[kind]
+                    sums[kind][:dim] += t.sum(0)
+                    sums[kind][dim : 2 * dim] += (t * t).sum(0)
+                    sums[kind][-1] += len(t)
+        if world > 1:
+            sums = {
+                k: np.asarray(mx.distributed.all_sum(mx.array(v, mx.float32)), np.float64)
+                for k, v in sums.items()
+            }
+        return fit_input_norm(model.projectors, sums)
 
     # ------------------------------------------------------------------------------------ data path
 

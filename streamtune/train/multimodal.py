@@ -32,6 +32,7 @@ SLOT_ID = 0  # token id under a soft token (its embedding is replaced)
 PROJECTOR_FILE = "projector.safetensors"
 MULTIMODAL_FILE = "multimodal.json"
 Media = tuple[str, int, np.ndarray]
+NORM_PARAMS = ("shift", "scale")
 
 
 class MediaMismatch(ValueError):
@@ -39,10 +40,17 @@ class MediaMismatch(ValueError):
 
 
 class Projector(nn.Module):
-    """Encoder tokens -> LM hidden size: Linear -> GELU -> Linear (`mlp`), or one Linear (`linear`)."""
+    """Encoder tokens -> LM hidden size: Linear -> GELU -> Linear (`mlp`), or one Linear (`linear`).
+    With `norm`, each input feature is first standardised by a frozen `shift` and `scale` fitted on
+    training tokens (`fit_input_norm`)."""
 
-    def __init__(self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int | None = None):
+    def __init__(
+        self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int | None = None, norm: bool = False
+    ):
         super().__init__()
+        if norm:
+            self.shift = mx.zeros((in_dim,))
+            self.scale = mx.ones((in_dim,))
         if kind == "linear":
             self.layers = [nn.Linear(in_dim, out_dim)]
         elif kind == "mlp":
@@ -52,6 +60,8 @@ class Projector(nn.Module):
             raise ValueError(f"projector must be mlp or linear, got {kind!r}")
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "shift" in self:
+            x = (x - self.shift) * self.scale
         for layer in self.layers:
             x = layer(x)
         return x
@@ -60,11 +70,16 @@ class Projector(nn.Module):
 class Projectors(nn.Module):
     """One projector per modality, as children named after the modality."""
 
-    def __init__(self, dims: dict[str, int], out_dim: int, kind: str = "mlp"):
+    def __init__(self, dims: dict[str, int], out_dim: int, kind: str = "mlp", norm: bool = False):
         super().__init__()
         for name in KINDS:
             if name in dims:
-                setattr(self, name, Projector(int(dims[name]), out_dim, kind))
+                setattr(self, name, Projector(int(dims[name]), out_dim, kind, norm=norm))
+        self.freeze_norm()
+
+    def freeze_norm(self) -> None:
+        """Input standardisation is fitted on data, never trained."""
+        self.freeze(keys=list(NORM_PARAMS), strict=False)
 
     @property
     def kinds(self) -> list[str]:
@@ -76,13 +91,16 @@ class Projectors(nn.Module):
         return {k: int(getattr(self, k).layers[0].weight.shape[-1]) for k in self.kinds}
 
 
-def attach_projectors(model: nn.Module, dims: dict[str, int], kind: str = "mlp", seed: int = 0) -> Projectors:
-    """Add `model.projectors` (trainable, float32, seeded init) to an mlx-lm model."""
+def attach_projectors(
+    model: nn.Module, dims: dict[str, int], kind: str = "mlp", seed: int = 0, norm: bool = False
+) -> Projectors:
+    """Add `model.projectors` (trainable, float32, seeded init; `norm`: with an identity input
+    standardisation until `fit_input_norm`) to an mlx-lm model."""
     unknown = set(dims) - set(KINDS)
     if unknown or not dims:
         raise ValueError(f"media kinds must be among {KINDS}, got {sorted(dims)}")
     mx.random.seed(seed * 7919 + 17)
-    model.projectors = Projectors(dims, hidden_size(model), kind)
+    model.projectors = Projectors(dims, hidden_size(model), kind, norm)
     mx.eval(model.projectors.parameters())
     return model.projectors
 
@@ -215,6 +233,38 @@ def prompt_with_media(
 
 def projector_weights(model: nn.Module) -> dict[str, mx.array]:
     return dict(tree_flatten(model.projectors.parameters()))
+
+
+def norm_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The projectors' frozen input standardisation, under the model's parameter names (a checkpoint
+    keeps it beside the trainable parameters)."""
+    if not hasattr(model, "projectors"):
+        return {}
+    flat = tree_flatten(model.projectors.parameters())
+    return {f"projectors.{k}": v for k, v in flat if k.rsplit(".", 1)[-1] in NORM_PARAMS}
+
+
+def fit_input_norm(projectors: Projectors, sums: dict[str, np.ndarray]) -> dict[str, int]:
+    """Set each projector's `shift`/`scale` to the mean and inverse spread of its encoder tokens.
+    `sums[kind]` = [sum over tokens, sum of squares, token count] (float64, 2 * dim + 1). A feature
+    whose spread is under 1 % of the average spread is scaled as if it had that much, so a feature
+    that is constant in the fitting tokens cannot blow up on other inputs. Returns tokens per kind."""
+    counts = {}
+    for kind, total in sums.items():
+        proj = getattr(projectors, kind)
+        dim = proj.shift.shape[0]
+        count = float(total[-1])
+        counts[kind] = int(count)
+        if count == 0:
+            continue
+        mean = total[:dim] / count
+        spread = np.sqrt(np.maximum(total[dim : 2 * dim] / count - mean * mean, 0.0))
+        spread = np.maximum(spread, 0.01 * spread.mean() + 1e-6)
+        proj.shift = mx.array(mean.astype(np.float32))
+        proj.scale = mx.array((1.0 / spread).astype(np.float32))
+    mx.eval(projectors.parameters())
+    projectors.freeze_norm()
+    return counts
 
 
 def save_projector(model: nn.Module, folder: str, meta: dict) -> None:

@@ -37,12 +37,14 @@ from streamtune.train.data import (
     Packer,
     encode_sample,
     padded_batch,
+    peek,
     sample_from_json,
     sample_to_json,
 )
 from streamtune.train.formats import record_options
 from streamtune.train.forward import loss_at, supports_packing
 from streamtune.train.models import load_base
+from streamtune.train.multimodal import norm_weights
 
 
 def peak_memory_mb() -> float:
@@ -161,7 +163,7 @@ class SampleStream:
                     "(CloudStreamingDataset(rank=..., world_size=...)) or a list"
                 )
             dataset = ListSource(dataset.rows[rank::world], shuffle=dataset.shuffle, seed=dataset.seed)
-        self.dataset = dataset
+        self.dataset = self.rows = dataset
         self.tokenizer = tokenizer
         self.args = args
         self.epoch = 0
@@ -336,6 +338,7 @@ def train(
         optimizer = mm.optimizer(schedule, projector_schedule)
     optimizer.init(model.trainable_parameters())
     step, losses, history, resumed_from = 0, [], [], None
+    warm_projectors = False
     offset = 0  # steps the starting adapter was trained for, so a warm start continues the global count
     if args.resume:
         params, opt_state, state = checkpoint.load(args.checkpoint_dir, args.storage_options)
@@ -355,11 +358,15 @@ def train(
             raise ValueError(f"init_adapter: no adapters.safetensors at {args.init_adapter}")
         model.load_weights(list(weights.items()), strict=False)
         if mm is not None:
-            mm.load_init(model, args.init_adapter, args.storage_options)
+            warm_projectors = mm.load_init(model, args.init_adapter, args.storage_options)
         mx.eval(model.parameters())
         offset = int(
             (adapters.read_config(args.init_adapter, args.storage_options) or {}).get("global_step", 0)
         )
+
+    if mm is not None and args.projector_norm and not args.resume and not warm_projectors:
+        rows = [r for r in peek(stream.rows, args.projector_norm_samples) if not stream._held_out(r)]
+        mm.fit_norm(model, rows, world)
 
     def compute(inputs, positions, segments, index, targets, weights, *soft):
         return loss_at(
@@ -624,7 +631,7 @@ def _save_checkpoint(args, model, optimizer, local: str, step, losses, group, st
         checkpoint.save(
             args.checkpoint_dir,
             step,
-            params=dict(tree_flatten(model.trainable_parameters())),
+            params=dict(tree_flatten(model.trainable_parameters())) | norm_weights(model),
             optimizer_state=optimizer.state,
             state={
                 "stream": [s["stream"] for s in states],
