@@ -10,6 +10,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 # Prefect state and persisted task results of this test session stay in a fresh folder, never ~/.prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="streamtune-prefect-")
+# Task retries back off from 0.1 s instead of 2 s (2 + 4 + 8 s of sleep per failed task); read when tasks/
+# is imported, so it is set before any test module imports flows.
+os.environ.setdefault("STREAMTUNE_RETRY_DELAY_S", "0.1")
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,10 @@
 Python API it wraps; wrong inputs are one-line errors."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from corpus import speech, tiny_clip_config
+from helpers import cli_in_process
 from PIL import Image, ImageDraw
 
 import streamtune  # noqa: F401
@@ -15,10 +14,6 @@ from streamtune.decode.clip import save_random_checkpoint
 from streamtune.train.data import ListSource, Template
 from streamtune.train.synthetic import write_random_model
 from streamtune.train.trainer import TrainArgs, train
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=300)
 
 
 def picture(colour) -> bytes:
@@ -68,10 +63,11 @@ def adapter(tmp_path_factory):
     return {"model": model, "adapter": folder / "adapter", "folder": folder}
 
 
-def test_generate_with_image_and_audio_through_the_cli(adapter):
+def test_generate_with_image_and_audio_through_the_cli(adapter, monkeypatch, capsys):
     folder = adapter["folder"]
     base = ["generate", "--model", adapter["model"], "--adapter-path", str(adapter["adapter"])]
-    result = _cli(
+    result = cli_in_process(
+        monkeypatch, capsys,
         *base,
         "--image", str(folder / "pic.png"),
         "--audio", str(folder / "clip.wav"),
@@ -110,31 +106,32 @@ def test_generate_with_image_and_audio_through_the_cli(adapter):
         (["--prompt", "<audio> what?", "--image", "{folder}/pic.png"], "<audio> placeholder"),
     ],
 )
-def test_bad_media_inputs_are_one_line_errors(adapter, extra, reason):
+def test_bad_media_inputs_are_one_line_errors(adapter, extra, reason, monkeypatch, capsys):
     folder = adapter["folder"]
     extra = [e.format(folder=folder) for e in extra]
     args = ["generate", "--model", adapter["model"], "--adapter-path", str(adapter["adapter"])]
     if "--prompt" not in extra:
         extra += ["--prompt", "hi"]
-    result = _cli(*args, *extra)
+    result = cli_in_process(monkeypatch, capsys, *args, *extra)
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1, result.stderr
     assert reason in lines[0] and "Traceback" not in result.stderr
 
 
-def test_a_text_adapter_is_not_a_multimodal_one(adapter, tmp_path):
+def test_a_text_adapter_is_not_a_multimodal_one(adapter, tmp_path, monkeypatch, capsys):
     train(
         TrainArgs(model=adapter["model"], adapter_path=str(tmp_path / "text"), iters=1, save_every=0),
         [{"transcript": "a", "text": "b"}],
     )
-    result = _cli(
+    result = cli_in_process(
+        monkeypatch, capsys,
         "generate", "--model", adapter["model"], "--adapter-path", str(tmp_path / "text"),
         "--image", str(adapter["folder"] / "pic.png"), "--prompt", "hi",
     )  # fmt: skip
     assert result.returncode != 0 and "no multimodal.json" in result.stderr
 
 
-def test_decode_then_two_stages_and_online_through_the_cli(adapter, tmp_path):
+def test_decode_then_two_stages_and_online_through_the_cli(adapter, tmp_path, monkeypatch, capsys):
     import pyarrow as pa
 
     from streamtune import storage
@@ -149,8 +146,17 @@ def test_decode_then_two_stages_and_online_through_the_cli(adapter, tmp_path):
     commit_index(raw, [write_shard(pa.Table.from_pylist(rows, RAW_SCHEMA), storage.join(raw, shard_name(0)))], RAW_SCHEMA)  # fmt: skip
     clip = json.loads((adapter["adapter"] / "multimodal.json").read_text())["media"]["image"]
     decode = ["--clip-model", clip["model"], "--clip-pretrained", clip["pretrained"]]
-    result = _cli(
-        "decode", raw, "--out", features, *decode, "--media-tokens", "[image, audio]", "--no-transcribe"
+    result = cli_in_process(
+        monkeypatch,
+        capsys,
+        "decode",
+        raw,
+        "--out",
+        features,
+        *decode,
+        "--media-tokens",
+        "[image, audio]",
+        "--no-transcribe",
     )
     assert result.returncode == 0, result.stderr
     common = [
@@ -166,15 +172,17 @@ def test_decode_then_two_stages_and_online_through_the_cli(adapter, tmp_path):
         "0",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
-    result = _cli("train", features, *common, "--stage", "align", "--adapter-path", str(one))
+    result = cli_in_process(
+        monkeypatch, capsys, "train", features, *common, "--stage", "align", "--adapter-path", str(one)
+    )
     assert result.returncode == 0, result.stderr
-    result = _cli("train", features, *common, "--stage", "instruct", "--init-adapter", str(one), "--adapter-path", str(two))  # fmt: skip
+    result = cli_in_process(monkeypatch, capsys, "train", features, *common, "--stage", "instruct", "--init-adapter", str(one), "--adapter-path", str(two))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads((two / "multimodal.json").read_text())["stage"] == "instruct"
     # online: the raw shards, encoders from the decode section of a pipeline file
     (tmp_path / "p.yaml").write_text(json.dumps({"decode": {"clip_model": clip["model"], "clip_pretrained": clip["pretrained"]}, "train": {}}))  # fmt: skip
     three = tmp_path / "three"
-    result = _cli("train", raw, "-c", str(tmp_path / "p.yaml"), *common, "--stage", "align", "--media-source", "online", "--adapter-path", str(three))  # fmt: skip
+    result = cli_in_process(monkeypatch, capsys, "train", raw, "-c", str(tmp_path / "p.yaml"), *common, "--stage", "align", "--media-source", "online", "--adapter-path", str(three))  # fmt: skip
     assert result.returncode == 0, result.stderr
     meta = json.loads((three / "multimodal.json").read_text())
     assert meta["media"]["image"]["pretrained"] == clip["pretrained"] and set(meta["media"]) == {
