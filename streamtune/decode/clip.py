@@ -8,6 +8,7 @@ for a random init (seeded, so reruns agree).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -28,9 +29,46 @@ def trim_heap() -> None:
         pass
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
+
+
+def bound_heap(mmap_bytes: int = 1 << 20, arenas: int = 2) -> None:
+    """Keep freed large buffers out of the heap (glibc only; a no-op elsewhere): blocks of `mmap_bytes` or
+    more (decoded frames, PCM windows, tensors) get their own mappings, returned to the OS when freed, instead
+    of glibc's default threshold, which rises to 32 MB after the first such free and then leaves them
+    fragmenting the heap; and at most `arenas` malloc arenas for all threads (FFmpeg's and torch's)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, int(mmap_bytes))
+        libc.mallopt(M_TRIM_THRESHOLD, int(mmap_bytes))
+        libc.mallopt(M_ARENA_MAX, int(arenas))
+    except (OSError, AttributeError):
+        pass
+
+
+def import_open_clip():
+    """`open_clip` without the package `__init__`s of torchvision, `torchvision.ops`, `torchvision.models`
+    and timm (see `whisper_import`): building and running an open_clip model needs a few of their submodules,
+    while those `__init__`s import every model, dataset and op, and with them `torch._dynamo` and sympy
+    (import open_clip 260 -> 95 MB resident). Anything else of theirs still loads on first use."""
+    if "open_clip" not in sys.modules:
+        from streamtune.decode.whisper_import import skip_package_init
+
+        skip_package_init("torchvision")
+        skip_package_init("torchvision.ops")
+        skip_package_init("torchvision.models")
+        skip_package_init("timm")
+    import open_clip
+
+    return open_clip
+
+
 def resolve_model_name(model_name: str) -> str:
     """An open_clip config name, or a path to a config .json (registered under its file stem)."""
-    import open_clip
+    open_clip = import_open_clip()
 
     if model_name.endswith(".json") and os.path.isfile(model_name):
         open_clip.add_model_config(model_name)
@@ -41,8 +79,9 @@ def resolve_model_name(model_name: str) -> str:
 
 
 def _seeded_model(model_name: str, seed: int):
-    import open_clip
     import torch
+
+    open_clip = import_open_clip()
 
     model_name = resolve_model_name(model_name)
 
@@ -72,7 +111,7 @@ def save_random_checkpoint(model_name: str, path: str, seed: int = 0) -> str:
 
 def embed_dim(model_name: str) -> int:
     """Embedding width of an open_clip config, without building the model."""
-    import open_clip
+    open_clip = import_open_clip()
 
     return int(open_clip.get_model_config(resolve_model_name(model_name))["embed_dim"])
 
@@ -87,9 +126,9 @@ class ClipEmbedder:
         device: str = "cpu",
         seed: int = 0,
     ):
-        import open_clip
         import torch
 
+        open_clip = import_open_clip()
         model_name = resolve_model_name(model_name)
         if pretrained and os.path.sep in pretrained and not os.path.exists(pretrained):
             raise FileNotFoundError(f"CLIP checkpoint {pretrained} does not exist")

@@ -3,8 +3,9 @@
 Windows from `media.iter_audio_windows` are gathered into a buffer of about `buffer_seconds`; the buffer
 is cut at its last pause (`whisper.split_at_pauses`, as the transcriber cuts long clips into pieces) and
 everything before the cut goes through `Transcriber.transcribe` as one clip (its pieces batched), while
-the rest waits for the next windows. Speech is never cut mid-sentence unless a whole buffer holds no pause,
-and segment times are absolute in the recording.
+the rest waits for the next windows. Speech is never cut mid-sentence unless a whole buffer holds no pause
+(then the buffer goes through whole: pause-free audio never holds more than one buffer), and segment times
+are absolute in the recording.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ def transcribe_stream(
             buf = np.concatenate(parts) if len(parts) > 1 else parts[0]
             parts = []
             cuts = split_at_pauses(buf, piece)
-            # no pause anywhere in two buffers: cut hard rather than grow without bound
-            cut = cuts[-1] if cuts else (buf.size if buf.size >= 2 * limit else 0)
+            # no pause in a whole buffer (a tone, music): cut hard there rather than hold a second buffer
+            cut = cuts[-1] if cuts else buf.size
             if cut:
                 run(buf[:cut], start)
                 start += cut / SAMPLE_RATE

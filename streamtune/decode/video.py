@@ -18,7 +18,7 @@ from typing import BinaryIO
 import numpy as np
 
 from streamtune.config import DecodeConfig
-from streamtune.decode.clip import trim_heap
+from streamtune.decode.clip import bound_heap, trim_heap
 from streamtune.decode.longform import transcribe_stream
 from streamtune.decode.media import TRUNCATED_FRACTION, MediaError, iter_audio_windows, open_container
 from streamtune.quarantine import Reason
@@ -98,6 +98,7 @@ def decode_video(
     (`whisper.Transcriber`) and `clip` (`clip.ClipEmbedder`) are optional: without them segments have no
     transcript / no embeddings and tags. Raises MediaError when nothing at all decodes."""
     stats = {"frames_sampled": 0, "frames_decoded": 0, "seeks": 0, "scene_changes": 0, "audio_seconds": 0.0}
+    bound_heap()  # an hour of frames and PCM windows would otherwise grow the heap (bench.footage)
     with _open_video(src) as container:
         if not container.streams.video:
             raise MediaError(Reason.WRONG_CONTENT, f"no video stream in {container.format.name} container")
