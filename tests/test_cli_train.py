@@ -44,13 +44,14 @@ def setup(tmp_path_factory):
 
 def test_killed_run_resumes_to_the_same_adapter(setup):
     tmp, features, config = setup
-    full, _ = _finish(_cli("train", features, "-c", str(config), "--adapter-path", str(tmp / "a")))
-    assert full["steps"] == 40 and full["resumed_from_step"] is None
+    uninterrupted = _cli("train", features, "-c", str(config), "--adapter-path", str(tmp / "a"))
 
-    adapter = tmp / "b"
+    adapter = tmp / "b"  # the run to be killed starts alongside: separate processes, the same bits
     proc = _cli("train", features, "-c", str(config), "--adapter-path", str(adapter))
     ckpt = str(adapter / "checkpoints")  # the default place: next to the adapter
     kill_at_step(proc, lambda: checkpoint.latest(ckpt), 8, poll_s=0.005)
+    full, _ = _finish(uninterrupted)
+    assert full["steps"] == 40 and full["resumed_from_step"] is None
     assert not (adapter / "adapters.safetensors").exists(), "the run finished before it was killed"
     killed_at = checkpoint.latest(ckpt)["step"]
     assert 8 <= killed_at < 40

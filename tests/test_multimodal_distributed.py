@@ -2,13 +2,13 @@
 encoders included, and an undecodable medium is quarantined the same way whatever the number of ranks."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import mlx.core as mx  # noqa: I001
 import pytest
 from corpus import speech, tiny_clip_config
+from helpers import launch_two_ranks, mlx_launch
 
 import streamtune  # noqa: F401
 from streamtune.decode.clip import save_random_checkpoint
@@ -48,10 +48,7 @@ with open(cfg["out"] + f".{rank}", "w") as f:
 """
 
 
-@pytest.mark.skipif(
-    shutil.which("mlx.launch") is None and not shutil.which("mlx.launch", path=sys.prefix + "/bin"),
-    reason="mlx.launch not installed",
-)
+@pytest.mark.skipif(mlx_launch() is None, reason="mlx.launch not installed")
 def test_two_processes_match_one_with_online_encoders(tmp_path):
     clip = tiny_clip_config(tmp_path)
     speeches = tmp_path / "speech.json"
@@ -64,17 +61,14 @@ def test_two_processes_match_one_with_online_encoders(tmp_path):
     }
     one = base | {"adapter": str(tmp_path / "one"), "out": str(tmp_path / "one.json")}
     two = base | {"adapter": str(tmp_path / "two"), "out": str(tmp_path / "two.json")}
-    proc = subprocess.run([sys.executable, "-c", WORKER, json.dumps(one)], capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    single_run = subprocess.Popen(  # alongside the ranks
+        [sys.executable, "-c", WORKER, json.dumps(one)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    launch = shutil.which("mlx.launch", path=sys.prefix + "/bin") or "mlx.launch"
-    proc = subprocess.run(
-        [launch, "--backend", "ring", "-n", "2", "--", sys.executable, str(script), json.dumps(two)],
-        capture_output=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    launch_two_ranks(script, json.dumps(two))
+    _, err = single_run.communicate(timeout=600)
+    assert single_run.returncode == 0, err.decode()[-3000:]
     single = json.loads((tmp_path / "one.json.0").read_text())
     r0, r1 = (json.loads((tmp_path / f"two.json.{r}").read_text()) for r in (0, 1))
     assert single["world"] == 1 and r0["world"] == r1["world"] == 2

@@ -9,13 +9,13 @@ import os
 import random
 import subprocess
 import sys
-import time
 
 import mlx.core as mx  # noqa: I001
 import numpy as np
 import pyarrow as pa
 import pytest
 from corpus import image_bytes, speech, tiny_clip_config
+from helpers import kill_at_step
 
 import streamtune  # noqa: F401
 from streamtune import storage
@@ -47,31 +47,41 @@ print(json.dumps({"steps": res["steps"], "losses": res["losses"], "quarantined":
 """
 
 AUGMENT = r"""
-import hashlib, json, sys
+import json, sys
 import streamtune
-from streamtune.config import DecodeConfig
-from streamtune.train.data import Template
-from streamtune.train.mm_train import MultimodalRun
-from streamtune.train.models import load_base
-from streamtune.train.trainer import TrainArgs
-
-cfg = json.loads(sys.argv[1])
-rows = json.loads(open(cfg["rows"]).read())
-media = DecodeConfig(clip_model=cfg["clip"], clip_pretrained=cfg["ckpt"], media_tokens=["image", "audio"])
-model, tokenizer, _ = load_base(cfg["model"])
-out = {}
-for seed in (1, 2):
-    args = TrainArgs(model=cfg["model"], stage="align", media_source="online", seed=seed)
-    run = MultimodalRun(args, model, tokenizer, {"image": {"dim": 64}, "audio": {"dim": 1920}}, media)
-    for row in rows:
-        row = {"sample_id": row["sample_id"], "image": bytes.fromhex(row["image"]),
-               "audio": bytes.fromhex(row["audio"])}
-        for epoch in (0, 1):
-            got = run.media_of(row, epoch, augment=True)
-            key = f"{seed}/{row['sample_id']}/{epoch}"
-            out[key] = {k: hashlib.sha256(v[0].tobytes()).hexdigest() for k, v in got.items()}
-print(json.dumps(out))
+sys.path.insert(0, sys.argv[2])
+from test_multimodal_online import augment_hashes
+print(json.dumps(augment_hashes(json.loads(sys.argv[1]))))
 """
+
+
+def augment_hashes(cfg: dict) -> dict:
+    """sha256 of each augmented medium's encoder tokens, by seed/sample id/epoch."""
+    import hashlib
+
+    from streamtune.config import DecodeConfig
+    from streamtune.train.mm_train import MultimodalRun
+    from streamtune.train.models import load_base
+    from streamtune.train.trainer import TrainArgs
+
+    rows = json.loads(open(cfg["rows"]).read())
+    media = DecodeConfig(clip_model=cfg["clip"], clip_pretrained=cfg["ckpt"], media_tokens=["image", "audio"])
+    model, tokenizer, _ = load_base(cfg["model"])
+    out = {}
+    for seed in (1, 2):
+        args = TrainArgs(model=cfg["model"], stage="align", media_source="online", seed=seed)
+        run = MultimodalRun(args, model, tokenizer, {"image": {"dim": 64}, "audio": {"dim": 1920}}, media)
+        for row in rows:
+            row = {
+                "sample_id": row["sample_id"],
+                "image": bytes.fromhex(row["image"]),
+                "audio": bytes.fromhex(row["audio"]),
+            }
+            for epoch in (0, 1):
+                got = run.media_of(row, epoch, augment=True)
+                key = f"{seed}/{row['sample_id']}/{epoch}"
+                out[key] = {k: hashlib.sha256(v[0].tobytes()).hexdigest() for k, v in got.items()}
+    return out
 
 
 def drawing(colour, size: int = 64) -> bytes:
@@ -128,21 +138,14 @@ def test_kill_and_resume_online_gives_identical_adapter_and_projector(tmp_path, 
     raw = f"{bucket}/raw"
     commit_index(raw, [write_shard(pa.Table.from_pylist(raw_rows(), RAW_SCHEMA), storage.join(raw, shard_name(0)), s3opts)], RAW_SCHEMA, s3opts)  # fmt: skip
     base = {k: world[k] for k in ("clip", "ckpt", "model")} | {"so": s3opts, "raw": raw, "resume": False}
-    full = _finish(_run({**base, "adapter": str(tmp_path / "a"), "ckpt_url": f"{bucket}/full"}))
+    uninterrupted = _run({**base, "adapter": str(tmp_path / "a"), "ckpt_url": f"{bucket}/full"})
 
-    ckpt = f"{bucket}/killed"
+    ckpt = f"{bucket}/killed"  # the run to be killed starts alongside: separate processes, the same bits
     kill_after = random.Random().choice([2, 4])
     proc = _run({**base, "adapter": str(tmp_path / "b"), "ckpt_url": ckpt, "slow": 0.5})
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        head = checkpoint.latest(ckpt, s3opts)
-        if head and head["step"] >= kill_after:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.05)
-    os.kill(proc.pid, 9)
-    proc.wait()
-    assert proc.returncode == -9 and checkpoint.latest(ckpt, s3opts)["step"] < 6
+    kill_at_step(proc, lambda: checkpoint.latest(ckpt, s3opts), kill_after, timeout=400)
+    full = _finish(uninterrupted)
+    assert checkpoint.latest(ckpt, s3opts)["step"] < 6
     resumed = _finish(_run({**base, "adapter": str(tmp_path / "b"), "ckpt_url": ckpt, "resume": True}))
 
     assert resumed["steps"] == full["steps"] == 6 and resumed["losses"] == full["losses"]
@@ -172,14 +175,13 @@ def test_same_augmented_sample_for_the_same_seed_epoch_and_id_in_any_process(tmp
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     cfg = {k: world[k] for k in ("clip", "ckpt", "model")} | {"rows": str(tmp_path / "rows.json")}
 
-    def hashes():
-        out = subprocess.run(
-            [sys.executable, "-c", AUGMENT, json.dumps(cfg)], capture_output=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr.decode()[-3000:]
-        return json.loads(out.stdout.decode().splitlines()[-1])
-
-    first, second = hashes(), hashes()
+    other = subprocess.run(
+        [sys.executable, "-c", AUGMENT, json.dumps(cfg), os.path.dirname(__file__)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert other.returncode == 0, other.stderr.decode()[-3000:]
+    first, second = augment_hashes(cfg), json.loads(other.stdout.decode().splitlines()[-1])
     assert first == second and len(first) == 8
     for kind in ("image", "audio"):
         assert first["1/x0/0"][kind] != first["1/x0/1"][kind], "another epoch, another augmentation"

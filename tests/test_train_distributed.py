@@ -37,10 +37,11 @@ def test_two_processes_match_one(tmp_path):
     model = write_random_model(str(tmp_path / "tiny"), "tiny", seed=2)
     one = {"model": model, "adapter": str(tmp_path / "one"), "out": str(tmp_path / "one.json")}
     two = {"model": model, "adapter": str(tmp_path / "two"), "out": str(tmp_path / "two.json")}
-    subprocess.run([sys.executable, "-c", WORKER, json.dumps(one)], check=True, timeout=300)
+    single_run = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(one)])  # alongside the ranks
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     launch_two_ranks(script, json.dumps(two), timeout=300)
+    assert single_run.wait(timeout=300) == 0
     single = json.loads((tmp_path / "one.json.0").read_text())
     r0 = json.loads((tmp_path / "two.json.0").read_text())
     r1 = json.loads((tmp_path / "two.json.1").read_text())

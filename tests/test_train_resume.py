@@ -77,12 +77,13 @@ def test_kill_and_resume_gives_identical_adapter(tmp_path, bucket, s3opts):
     features = f"{bucket}/features"
     _write_features(features, s3opts)
     base = {"model": model, "so": s3opts, "resume": False, "features": features}
-    full = _finish(_run({**base, "adapter": str(tmp_path / "a"), "ckpt": f"{bucket}/full"}))
+    uninterrupted = _run({**base, "adapter": str(tmp_path / "a"), "ckpt": f"{bucket}/full"})
 
-    ckpt = f"{bucket}/killed"
+    ckpt = f"{bucket}/killed"  # the run to be killed starts alongside: separate processes, the same bits
     kill_after = random.Random().choice([2, 4, 6])
     proc = _run({**base, "adapter": str(tmp_path / "b"), "ckpt": ckpt, "slow": 0.3})
     kill_at_step(proc, lambda: checkpoint.latest(ckpt, s3opts), kill_after)
+    full = _finish(uninterrupted)
     assert not (tmp_path / "b" / "adapters.safetensors").exists()
     killed_at = checkpoint.latest(ckpt, s3opts)["step"]
     assert killed_at < 8
