@@ -369,3 +369,19 @@ def test_pipeline_run_failing_mid_decode_then_retried_keeps_every_segment_once(t
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["decode-stats"]))
         )
     assert any("video segments" in (a.data or "") for a in arts)
+
+
+def test_open_clip_imports_without_torch_dynamo():
+    # torchvision's and timm's package __init__s would import torch._dynamo + sympy (~160 MB resident)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from streamtune.decode.clip import embed_dim\n"
+        "print(embed_dim('ViT-B-32'), sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
+        "import torchvision\n"
+        "print(torchvision.__version__ != '', callable(torchvision.models.resnet18))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["512 []", "True True"]

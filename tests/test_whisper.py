@@ -297,3 +297,25 @@ def test_transcriber_imports_mlx_whisper_without_its_transcribe_module(tiny_dir)
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[:2] == ["[]", "True True True"]
+
+
+def test_pause_free_audio_is_cut_after_one_buffer():
+    from streamtune.decode.longform import transcribe_stream
+
+    class Lengths:  # records the clips the stream hands over; no model needed for the cutting rule
+        piece_seconds = 4.0
+
+        def __init__(self):
+            self.clips = []
+
+        def transcribe(self, audios):
+            self.clips.append(audios[0].size / 16000)
+            return [{"text": "", "segments": [], "language": "en", "seconds": self.clips[-1]}]
+
+    t = np.arange(35 * 16000) / 16000
+    tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    windows = [(a / 16000, tone[a : a + 5 * 16000]) for a in range(0, tone.size, 5 * 16000)]
+    rec, stats = Lengths(), {}
+    out = transcribe_stream(rec, windows, buffer_seconds=10.0, stats=stats)
+    assert rec.clips == [10.0, 10.0, 10.0, 5.0] and out["seconds"] == 35.0
+    assert stats["peak_pcm_bytes"] == 10 * 16000 * 4, "never more than one buffer held"
