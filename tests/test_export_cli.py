@@ -4,8 +4,6 @@ nothing at --out; fused-mlx of a QLoRA adapter; a multimodal adapter folder expo
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
@@ -16,13 +14,12 @@ from helpers import cli_in_process
 from streamtune.export import export_adapter
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_export_command_prints_a_json_summary(tmp_path):
+def test_export_command_prints_a_json_summary(tmp_path, monkeypatch, capsys):
     out = tmp_path / "peft"
-    result = cli("export", trained("lora"), "--to", "peft", "--out", str(out))  # base from adapter_config
+    adapter = trained("lora")
+    result = cli_in_process(
+        monkeypatch, capsys, "export", adapter, "--to", "peft", "--out", str(out)
+    )  # base from adapter_config
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["format"] == "peft" and summary["lora_alpha"] == 160.0 and summary["base"] == tiny_model()

@@ -175,13 +175,15 @@ def test_same_augmented_sample_for_the_same_seed_epoch_and_id_in_any_process(tmp
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     cfg = {k: world[k] for k in ("clip", "ckpt", "model")} | {"rows": str(tmp_path / "rows.json")}
 
-    other = subprocess.run(
+    other = subprocess.Popen(  # another process, while this one computes the same
         [sys.executable, "-c", AUGMENT, json.dumps(cfg), os.path.dirname(__file__)],
-        capture_output=True,
-        timeout=300,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    assert other.returncode == 0, other.stderr.decode()[-3000:]
-    first, second = augment_hashes(cfg), json.loads(other.stdout.decode().splitlines()[-1])
+    first = augment_hashes(cfg)
+    out, err = other.communicate(timeout=300)
+    assert other.returncode == 0, err.decode()[-3000:]
+    second = json.loads(out.decode().splitlines()[-1])
     assert first == second and len(first) == 8
     for kind in ("image", "audio"):
         assert first["1/x0/0"][kind] != first["1/x0/1"][kind], "another epoch, another augmentation"

@@ -18,7 +18,7 @@ def pipeline_run(tmp_path_factory, s3server):
     from flows.pipeline import PipelineParams, pipeline
 
     work = tmp_path_factory.mktemp("e2e")
-    generate_demo_source(str(work / "source"), n=8)
+    generate_demo_source(str(work / "source"), n=6)  # every audio and image format the demo writes
     bucket = s3server.create_bucket("e2e-pipeline")
     os.environ.update(s3server.env())
     upload_dir(str(work / "source"), f"{bucket}/raw")
@@ -37,9 +37,9 @@ def pipeline_run(tmp_path_factory, s3server):
 def test_summary_fields(pipeline_run):
     summary, _, _ = pipeline_run
     json.dumps(summary)  # serialisable as summary.json
-    assert summary["samples"] == 10  # 8 good + 2 broken
+    assert summary["samples"] == 8  # 6 good + 2 broken
     assert summary["shards"] >= 2
-    assert summary["decoded"]["audio"] == 8 and summary["decoded"]["image"] == 8
+    assert summary["decoded"]["audio"] == 6 and summary["decoded"]["image"] == 6
     assert summary["quarantined"] >= 2
     assert summary["flow_run_id"]
     train = summary["train"]
@@ -53,11 +53,11 @@ def test_features_hold_transcripts_and_embeddings(pipeline_run):
     assert len(index["shards"]) >= 2
     rows = list(CloudStreamingDataset(f"{bucket}/st/features"))
     good = [r for r in rows if r["transcript"]]
-    assert len(good) == 8
+    assert len(good) == 6
     heard = " ".join(r["transcript"].lower() for r in good)
     assert sum(word in heard for word in ("circle", "square", "triangle", "cross", "picture")) >= 2, heard
     emb = np.array([r["clip_embedding"] for r in rows if r["clip_embedding"] is not None], dtype=np.float32)
-    assert emb.shape == (8, TINY_CLIP["embed_dim"])
+    assert emb.shape == (6, TINY_CLIP["embed_dim"])
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
 

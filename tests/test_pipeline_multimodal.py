@@ -98,6 +98,7 @@ def test_two_stages_run_as_cached_tasks_and_a_rerun_reuses_them(s3server, tmp_pa
             "num_layers": 2,
         },
         align_iters=3,
+        skip=["index"],
     )
     first = pipeline(params)
     runs = _task_runs(first["flow_run_id"])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import s3fs
+from corpus import tiny_clip_config
 from prefect_server import (
     ROOT,
     compose,
@@ -45,7 +46,7 @@ def params(source_url: str, work_url: str, **extra) -> dict:
         "source_url": source_url,
         "work_url": work_url,
         "shard": {"max_shard_bytes": 600},
-        "skip": ["train"],
+        "skip": ["index", "train"],  # the search index has its own flow tests (test_search)
         **extra,
     }
 
@@ -169,8 +170,10 @@ def test_served_schedule_is_incremental(stack, prefect_client, tmp_path):
     source = f"s3://{BUCKET}/served-{uuid.uuid4().hex[:8]}/raw"
     work = str(tmp_path / "served-work")
     config = tmp_path / "params.yaml"
+    # the broken picture is opened with the decoder's CLIP: a small one (the default ViT-B-32 takes ~20 s)
     config.write_text(
-        f"source_url: {source}\nwork_url: {work}\nshard: {{max_shard_bytes: 600}}\nskip: [train]\n"
+        f"source_url: {source}\nwork_url: {work}\nshard: {{max_shard_bytes: 600}}\nskip: [index, train]\n"
+        f"decode: {{clip_model: {tiny_clip_config(tmp_path)}}}\n"
     )
     env = stack["server"].client_env("worker", **stack["env"])
     served = subprocess.Popen(

@@ -6,12 +6,12 @@ import shutil
 import subprocess
 import sys
 
-from helpers import prefect_api_env
+from helpers import cli_in_process, prefect_api_env
 
 import flows  # noqa: F401
 
 
-def test_retry_reruns_the_same_flow_run_and_only_what_failed(tmp_path):
+def test_retry_reruns_the_same_flow_run_and_only_what_failed(tmp_path, monkeypatch, capsys):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
@@ -57,10 +57,5 @@ def test_retry_reruns_the_same_flow_run_and_only_what_failed(tmp_path):
     assert states["write-shard-00000"][-1] == "Cached" and states["write-shard-00002"][-1] == "Cached"
     assert (work / "shards" / "index.json").exists()
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "app", "retry", "no-such-run"],
-        capture_output=True,
-        text=True,
-        env=prefect_api_env(),
-    )
+    bad = cli_in_process(monkeypatch, capsys, "retry", "no-such-run")
     assert bad.returncode != 0 and "no-such-run" in bad.stderr and "Traceback" not in bad.stderr
