@@ -21,7 +21,7 @@ def test_pipeline_trains_then_exports_and_a_noop_rerun_keeps_the_adapter(tmp_pat
     params = PipelineParams(
         source_url=str(src),
         work_url=str(work),
-        skip=["decode"],
+        skip=["decode", "index"],
         train={"model": model, "iters": 3, "batch_size": 2, "seq_len": 64, "rank": 4, "num_layers": -1},
         export=["peft"],
     )
