@@ -149,11 +149,12 @@ def _targets(colours: list[str], shapes: list[str], caps) -> list[tuple[list[int
 def train_clip(out_dir: str, recipe: ClipRecipe = ClipRecipe(), log=None) -> tuple[str, str]:
     """Train from random init; writes out_dir/<name>.json (open_clip config) and out_dir/<name>.safetensors.
     Returns (config path, checkpoint path)."""
-    import open_clip
     import torch
     from safetensors.torch import save_file
 
-    from streamtune.decode.clip import resolve_model_name
+    from streamtune.decode.clip import import_open_clip, resolve_model_name
+
+    open_clip = import_open_clip()
 
     os.makedirs(out_dir, exist_ok=True)
     name = f"streamtune-shapes-{recipe.key()}"

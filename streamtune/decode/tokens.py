@@ -40,11 +40,9 @@ WINDOW_SAMPLES = 30 * SAMPLE_RATE
 
 
 def _clip_config(model_name: str) -> dict:
-    import open_clip
+    from streamtune.decode.clip import import_open_clip, resolve_model_name
 
-    from streamtune.decode.clip import resolve_model_name
-
-    return open_clip.get_model_config(resolve_model_name(model_name))
+    return import_open_clip().get_model_config(resolve_model_name(model_name))
 
 
 def _grid(vision: dict) -> int:
@@ -375,9 +373,9 @@ def image_pixels(image, options: dict) -> np.ndarray:
     process pool can run it."""
     key = repr(options)
     if key not in _GEOMETRY:
-        import open_clip
+        from streamtune.decode.clip import import_open_clip
 
-        full = open_clip.image_transform(
+        full = import_open_clip().image_transform(
             options["image_size"], is_train=False, mean=options["mean"], std=options["std"]
         )
         names = [type(t).__name__ for t in full.transforms]
