@@ -359,6 +359,9 @@ class TrainArgs(Settings):
     augment: bool = Field(
         True, description="online: seeded crop/flip/colour jitter, offset/gain/speed/noise per sample+epoch."
     )
+    augment_media: list[Literal["image", "audio"]] | None = Field(
+        None, description="online: the media augment applies to (null: every medium the run sees)."
+    )
     media_batch: int = Field(
         64,
         ge=1,

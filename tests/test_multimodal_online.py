@@ -215,3 +215,30 @@ def test_augmentations_keep_the_medium_recognisable():
     assert hashlib.sha256(augment_audio(tone, rng_for(0, 0, "a", "audio")).tobytes()).hexdigest() == (
         hashlib.sha256(augment_audio(tone, rng_for(0, 0, "a", "audio")).tobytes()).hexdigest()
     )
+
+
+def test_augment_media_names_the_media_that_are_augmented(world):
+    from streamtune.config import DecodeConfig
+    from streamtune.train.mm_train import MultimodalRun
+    from streamtune.train.models import load_base
+    from streamtune.train.trainer import TrainArgs
+
+    media = DecodeConfig(
+        clip_model=world["clip"], clip_pretrained=world["ckpt"], media_tokens=["image", "audio"]
+    )
+    model, tokenizer, _ = load_base(world["model"])
+    row = {"sample_id": "x", "image": drawing((200, 40, 30)), "audio": speech("number one")}
+    spec = {"image": {"dim": 64}, "audio": {"dim": 1920}}
+    tokens = {}
+    for name, kinds in (("all", None), ("audio", ["audio"])):
+        args = TrainArgs(model=world["model"], stage="align", media_source="online", augment_media=kinds)
+        run = MultimodalRun(args, model, tokenizer, spec, media)
+        tokens[name] = {e: run.media_of(dict(row), e, augment=True) for e in (0, 1)}
+    plain = MultimodalRun(TrainArgs(model=world["model"], stage="align", media_source="online", augment=False),
+                          model, tokenizer, spec, media).media_of(dict(row), 0, augment=True)  # fmt: skip
+    only_audio, everything = tokens["audio"], tokens["all"]
+    np.testing.assert_array_equal(only_audio[0]["image"][0], plain["image"][0])
+    np.testing.assert_array_equal(only_audio[1]["image"][0], plain["image"][0])
+    assert not np.array_equal(only_audio[0]["audio"][0], plain["audio"][0])
+    np.testing.assert_array_equal(only_audio[0]["audio"][0], everything[0]["audio"][0])
+    assert not np.array_equal(everything[0]["image"][0], plain["image"][0])
