@@ -63,8 +63,8 @@ def augment_audio(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def prepare_medium(kind, data: bytes, sid, sources, epoch: int, augment: bool, opts: dict) -> tuple:
     """("ok", image pixels or 16 kHz audio) or ("quarantined", record): one medium decoded and, if
-    `augment` and `opts["augment"]` names its kind, augmented from (seed, epoch, sample id). A plain function of its arguments, so a thread
-    or a process pool can run it."""
+    `augment` and its kind is in `opts["augment"]`, augmented from (seed, epoch, sample id). A plain
+    function of its arguments, so a thread or a process pool can run it."""
     from streamtune.decode.media import MediaError, decode_audio, decode_image
     from streamtune.decode.tokens import image_pixels
 

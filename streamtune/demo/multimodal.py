@@ -230,7 +230,7 @@ def run(
         "multimodal: manifest -> shards -> "
         + ("encoders in the data path" if online else "decode (CLIP patch tokens, Whisper encoder frames)")
     )
-    features = ingest(source, join(work_url, "multimodal"), decode_cfg, storage_options, decode=not online)
+    rows_url = ingest(source, join(work_url, "multimodal"), decode_cfg, storage_options, decode=not online)
     seconds["ingest_decode"] = time.perf_counter() - t0
 
     template = Template(prompt="{image}\n{audio}\n{meta_question}", completion="{meta_answer}", system=SYSTEM)
@@ -246,7 +246,7 @@ def run(
         TrainArgs(
             stage="align", adapter_path=stage1, iters=align_iters, projector_lr=projector_lr[0], **common
         ),
-        CloudStreamingDataset(features, **stream),
+        CloudStreamingDataset(rows_url, **stream),
         media=media,
     )
     seconds["stage1"] = time.perf_counter() - t0
@@ -257,7 +257,7 @@ def run(
             stage="instruct", adapter_path=stage2, init_adapter=stage1, iters=instruct_iters, lr=lora_lr,
             projector_lr=projector_lr[1], **common,
         ),
-        CloudStreamingDataset(features, **stream),
+        CloudStreamingDataset(rows_url, **stream),
         media=media,
     )  # fmt: skip
     seconds["stage2"] = time.perf_counter() - t0

@@ -261,8 +261,8 @@ class MultimodalRun:
         """What `prepare_medium` needs besides the medium (picklable: it may run in another process)."""
         enc = self.encoders()
         cfg = enc["cfg"]
-        kinds = self.args.augment_media or self.kinds if self.args.augment else []
-        opts = {"seed": self.args.seed, "augment": [k for k in self.kinds if k in kinds]}
+        augmented = (self.args.augment_media or self.kinds) if self.args.augment else []
+        opts = {"seed": self.args.seed, "augment": [k for k in self.kinds if k in augmented]}
         opts |= {"max_pixels": cfg.max_pixels, "max_audio_seconds": cfg.max_audio_seconds}
         if "image" in enc:
             opts |= {"min_side": enc["image"].clip.image_size, "pixels": enc["image"].pixel_options()}
