@@ -229,14 +229,14 @@ def test_augment_media_names_the_media_that_are_augmented(world):
     model, tokenizer, _ = load_base(world["model"])
     row = {"sample_id": "x", "image": drawing((200, 40, 30)), "audio": speech("number one")}
     spec = {"image": {"dim": 64}, "audio": {"dim": 1920}}
-    tokens = {}
-    for name, kinds in (("all", None), ("audio", ["audio"])):
-        args = TrainArgs(model=world["model"], stage="align", media_source="online", augment_media=kinds)
-        run = MultimodalRun(args, model, tokenizer, spec, media)
-        tokens[name] = {e: run.media_of(dict(row), e, augment=True) for e in (0, 1)}
-    plain = MultimodalRun(TrainArgs(model=world["model"], stage="align", media_source="online", augment=False),
-                          model, tokenizer, spec, media).media_of(dict(row), 0, augment=True)  # fmt: skip
-    only_audio, everything = tokens["audio"], tokens["all"]
+
+    def encoded(epoch: int, **settings) -> dict:
+        args = TrainArgs(model=world["model"], stage="align", media_source="online", **settings)
+        return MultimodalRun(args, model, tokenizer, spec, media).media_of(dict(row), epoch, augment=True)
+
+    only_audio = {e: encoded(e, augment_media=["audio"]) for e in (0, 1)}
+    everything = {0: encoded(0)}
+    plain = encoded(0, augment=False)
     np.testing.assert_array_equal(only_audio[0]["image"][0], plain["image"][0])
     np.testing.assert_array_equal(only_audio[1]["image"][0], plain["image"][0])
     assert not np.array_equal(only_audio[0]["audio"][0], plain["audio"][0])
