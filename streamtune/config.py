@@ -347,6 +347,11 @@ class TrainArgs(Settings):
         "mlp", description="Projector per modality: mlp (Linear-GELU-Linear) or linear."
     )
     projector_lr: float = Field(1e-3, gt=0, description="Peak learning rate of the projectors.")
+    media_lr: dict[str, float] = Field(
+        default_factory=dict,
+        description="Peak learning rate of a medium's projector where it should differ from projector_lr, "
+        "e.g. {image: 0.01}: an encoder whose features say less needs larger steps.",
+    )
     projector_norm: bool = Field(
         True,
         description="Standardise each encoder feature before its projector, by a mean and spread fitted "

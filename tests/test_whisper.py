@@ -271,6 +271,7 @@ def test_chunked_log_mel_and_encoder_are_bit_identical_to_mlx_whisper(tiny_dir, 
     from mlx_whisper.audio import N_SAMPLES, log_mel_spectrogram
     from mlx_whisper.load_models import load_model
 
+    from streamtune import cpu_ops
     from streamtune.decode.whisper import encode_window, log_mel
 
     model = load_model(tiny_dir, dtype=mx.float32)
@@ -279,7 +280,11 @@ def test_chunked_log_mel_and_encoder_are_bit_identical_to_mlx_whisper(tiny_dir, 
         mel = log_mel(audio, 80, N_SAMPLES, chunk_frames=777)
         assert mel.shape == ref.shape and mx.array_equal(mel, ref).item()
     window = log_mel(clips[-1], 80, N_SAMPLES)[3000:6000]  # speech after the silence
-    assert mx.array_equal(encode_window(model, window), model.encoder(window[None])).item()
+    reference = model.encoder(window[None])
+    with cpu_ops.enabled(False):  # MLX's own softmax: mlx-whisper's encoder bit for bit
+        assert mx.array_equal(encode_window(model, window), reference).item()
+    # numpy's softmax on the CPU: the last bits differ
+    assert mx.allclose(encode_window(model, window), reference, rtol=1e-4, atol=1e-4).item()
 
 
 def test_transcriber_imports_mlx_whisper_without_its_transcribe_module(tiny_dir):

@@ -28,7 +28,8 @@ clips the reference's word error rate is 0.41 and the earlier padding (log-mel o
 Windows of several clips are greedy-decoded as one batch (a shared KV cache with cross-attention keys laid
 out once); a window's log-mel does not depend on the batch, and a batch of one gives the same text. Memory:
 the log-mel is computed a chunk of frames at a time (`log_mel`) and the encoder takes one window at a time
-with its self-attention split over query rows (`encode_window`), both bit-identical to mlx-whisper's.
+with its self-attention split over query rows (`encode_window`), both bit-identical to mlx-whisper's
+(the encoder with `cpu_ops` off; on the CPU its numpy softmax differs in the last bits).
 
 Deliberate differences, each only where the reference itself misbehaves or cannot batch:
 
@@ -147,9 +148,13 @@ def encode_window(model, mel, rows: int = 300):
     """`model.encoder(mel[None])` for one (3000, n_mels) log-mel window, bit for bit, with self-attention
     computed `rows` query positions at a time: mlx-whisper's encoder holds a layer's scores and their
     softmax for all 1500 x 1500 positions (2 x 54 MB for tiny's 6 heads, 72 MB each for base); here they
-    are 2 x heads x rows x 1500 (11 MB for tiny). Softmax is per query row, so the rows are independent."""
+    are 2 x heads x rows x 1500 (11 MB for tiny). Softmax is per query row, so the rows are independent. On
+    the CPU the softmax runs in numpy (`cpu_ops`; tiny.en's encoder took 2.1-2.8 s per window on 2 cores,
+    1.3-1.5 s with it); with `cpu_ops.enabled(False)` the result is mlx-whisper's bit for bit."""
     import mlx.core as mx
     import mlx.nn as nn
+
+    from streamtune import cpu_ops
 
     enc = model.encoder
     x = nn.gelu(enc.conv2(nn.gelu(enc.conv1(mel[None])))) + enc._positional_embedding
@@ -160,7 +165,13 @@ def encode_window(model, mel, rows: int = 300):
         mx.eval(q, k, v)
         out = []
         for r in range(0, n, rows):
-            out.append(mx.softmax(q[:, :, r : r + rows] @ k, axis=-1, precise=True) @ v)
+            scores = q[:, :, r : r + rows] @ k
+            probs = (
+                cpu_ops.softmax(scores)
+                if cpu_ops.active(scores)
+                else mx.softmax(scores, axis=-1, precise=True)
+            )
+            out.append(probs @ v)
             mx.eval(out[-1])
         x = x + attn.out(mx.concatenate(out, axis=2).transpose(0, 2, 1, 3).reshape(b, n, d))
         x = x + block.mlp2(nn.gelu(block.mlp1(block.mlp_ln(x))))

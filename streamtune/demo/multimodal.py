@@ -186,6 +186,7 @@ def run(
     batch_size: int = 2,
     lora_lr: float = 1e-4,
     projector_lr: tuple[float, float] = (2e-3, 2e-3),
+    media_lr: tuple[dict, dict] = ({}, {}),
     model: str = "offline:smollm2",
     media_source: str = "cached",
     augment_media: tuple[str, ...] = ("audio",),
@@ -244,7 +245,12 @@ def run(
     log(f"multimodal: stage 1, projectors only, {align_iters} steps")
     align = train(
         TrainArgs(
-            stage="align", adapter_path=stage1, iters=align_iters, projector_lr=projector_lr[0], **common
+            stage="align",
+            adapter_path=stage1,
+            iters=align_iters,
+            projector_lr=projector_lr[0],
+            media_lr=media_lr[0],
+            **common,
         ),
         CloudStreamingDataset(rows_url, **stream),
         media=media,
@@ -255,7 +261,7 @@ def run(
     instruct = train(
         TrainArgs(
             stage="instruct", adapter_path=stage2, init_adapter=stage1, iters=instruct_iters, lr=lora_lr,
-            projector_lr=projector_lr[1], **common,
+            projector_lr=projector_lr[1], media_lr=media_lr[1], **common,
         ),
         CloudStreamingDataset(rows_url, **stream),
         media=media,
@@ -295,6 +301,7 @@ def run(
             "rows": batch_size,
             "seq_len": 256,
             "projector_lr": list(projector_lr),
+            "media_lr": list(media_lr),
             "lora_lr": lora_lr,
             "media_source": media_source,
             "augment_media": list(augment_media) if online else [],

@@ -11,6 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from streamtune import cpu_ops
+
 PACKED_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 Mask = mx.array | tuple[mx.array, int]  # dense boolean mask, or (segments, window) for local attention
 
@@ -73,7 +75,7 @@ def local_attention(
     allowed = (seg_q[..., :, None] == seg_k[..., None, :]) & causal  # B n W 2W
     scores = qc @ kk[:, :, :, None].swapaxes(-1, -2)  # B KV n r W 2W
     scores = mx.where(allowed[:, None, :, None], scores, mx.array(-1e30, scores.dtype))
-    probs = mx.softmax(scores, axis=-1, precise=True)
+    probs = cpu_ops.softmax(scores) if cpu_ops.active(scores) else mx.softmax(scores, axis=-1, precise=True)
     out = probs @ vv[:, :, :, None]  # B KV n r W D
     return out.transpose(0, 1, 3, 2, 4, 5).reshape(B, H, L, D)
 
@@ -99,6 +101,8 @@ def _attention(attn: nn.Module, x: mx.array, positions: mx.array, mask: Mask) ->
     if isinstance(mask, tuple):
         segments, window = mask
         out = local_attention(q, k, v, segments, attn.scale, window)
+    elif cpu_ops.active(q):
+        out = cpu_ops.attention(q, k, v, attn.scale, mask)
     else:
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask=mask)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -106,7 +110,10 @@ def _attention(attn: nn.Module, x: mx.array, positions: mx.array, mask: Mask) ->
 
 def _block(layer: nn.Module, h: mx.array, positions: mx.array, mask: Mask) -> mx.array:
     h = h + _attention(layer.self_attn, layer.input_layernorm(h), positions, mask)
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    x = layer.post_attention_layernorm(h)
+    if cpu_ops.active(x) and type(layer.mlp).__name__ == "MLP" and hasattr(layer.mlp, "gate_proj"):
+        return h + cpu_ops.swiglu_mlp(layer.mlp, x)
+    return h + layer.mlp(x)
 
 
 def _checkpointed_block(layer: nn.Module, h: mx.array, positions: mx.array, mask: Mask) -> mx.array:

@@ -133,15 +133,22 @@ class MultimodalRun:
 
     # ----------------------------------------------------------------------------- optimizer, files
 
-    def optimizer(self, schedule, projector_schedule):
-        """AdamW at `projector_lr` for the projectors; in stage instruct a second AdamW at `lr` for the
-        adapters."""
+    def optimizer(self, schedule, projector_schedule, media_schedules: dict | None = None):
+        """AdamW at `projector_lr` for the projectors (a medium named in `media_schedules` gets its own
+        AdamW at that schedule); in stage instruct a last AdamW at `lr` for the adapters."""
         wd = self.args.weight_decay
-        projector = optim.AdamW(learning_rate=projector_schedule, weight_decay=wd)
-        if self.args.stage == "align":
-            return projector
-        rest = optim.AdamW(learning_rate=schedule, weight_decay=wd)
-        return optim.MultiOptimizer([projector, rest], [lambda path, _: path.startswith("projectors.")])
+        unknown = sorted(set(media_schedules or {}) - set(KINDS))
+        if unknown:
+            raise ValueError(f"media_lr names {unknown}; media are {list(KINDS)}")
+        optimizers, filters = [], []
+        for kind, medium_schedule in (media_schedules or {}).items():
+            optimizers.append(optim.AdamW(learning_rate=medium_schedule, weight_decay=wd))
+            filters.append(lambda path, _, prefix=f"projectors.{kind}.": path.startswith(prefix))
+        optimizers.append(optim.AdamW(learning_rate=projector_schedule, weight_decay=wd))
+        if self.args.stage != "align":  # the last optimizer takes what no filter claimed
+            filters.append(lambda path, _: path.startswith("projectors."))
+            optimizers.append(optim.AdamW(learning_rate=schedule, weight_decay=wd))
+        return optimizers[0] if len(optimizers) == 1 else optim.MultiOptimizer(optimizers, filters)
 
     def load_init(self, model: nn.Module, url: str, storage_options=None) -> bool:
         """Projector weights of an earlier run's output folder (stage 1 -> stage 2), if it has them."""

@@ -27,6 +27,7 @@ import numpy as np
 import xxhash
 from mlx.utils import tree_flatten, tree_map
 
+from streamtune import cpu_ops
 from streamtune.accel import default_dtype
 from streamtune.config import TrainArgs
 from streamtune.train import adapters, checkpoint
@@ -335,7 +336,8 @@ def train(
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=args.weight_decay)
     if mm is not None:
         projector_schedule = _schedule(args.model_copy(update={"lr": args.projector_lr}))
-        optimizer = mm.optimizer(schedule, projector_schedule)
+        media_schedules = {k: _schedule(args.model_copy(update={"lr": v})) for k, v in args.media_lr.items()}
+        optimizer = mm.optimizer(schedule, projector_schedule, media_schedules)
     optimizer.init(model.trainable_parameters())
     step, losses, history, resumed_from = 0, [], [], None
     warm_projectors = False
@@ -391,7 +393,11 @@ def train(
         grad_checkpoint(model.layers[0])
     if args.compile or (args.compile is None and on_gpu):
         state = [model.state, mx.random.state]
-        value_and_grad = partial(mx.compile, inputs=state, outputs=state)(value_and_grad)
+        compiled = partial(mx.compile, inputs=state, outputs=state)(value_and_grad)
+
+        def value_and_grad(*a):  # a trace cannot evaluate arrays midway, as the numpy CPU ops do
+            with cpu_ops.enabled(False):
+                return compiled(*a)
 
     def make_batch() -> Batch | None:
         if packed:
