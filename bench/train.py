@@ -267,6 +267,24 @@ def _stream_vs_ram(results, opts, args, bundle, rows, ram, url, storage_options)
     )
 
 
+def _cpu_ops_ratio(results: dict, args, bundle, rows, first_on: dict, warmup: int) -> None:
+    """Tokens/s with the numpy softmax/SiLU (`streamtune.cpu_ops`) on and off, runs in ABBA order."""
+    from streamtune import cpu_ops
+    from streamtune.train.data import ListSource
+
+    rates = {True: [_steady(first_on["history"], warmup)], False: []}
+    for on in (False, False, True):
+        with cpu_ops.enabled(on):
+            rates[on].append(_steady(run_ours(args, bundle, ListSource(rows))["history"], warmup))
+    on, off = float(np.mean(rates[True])), float(np.mean(rates[False]))
+    results.update(
+        cpu_ops_tokens_s=round(on, 1),
+        no_cpu_ops_tokens_s=round(off, 1),
+        cpu_ops_ratio=round(on / off, 3),
+        cpu_ops_runs={"on": [round(r, 1) for r in rates[True]], "off": [round(r, 1) for r in rates[False]]},
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="offline:smollm2")
@@ -297,6 +315,11 @@ def main() -> None:
     ap.add_argument("--mlx-lm-iters", type=int, default=40)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--prefetch", type=int, default=2, help="batches prepared ahead (0: inline)")
+    ap.add_argument(
+        "--cpu-ops-ratio",
+        action="store_true",
+        help="CPU: also train with streamtune.cpu_ops off (ABBA) and report on / off tokens/s",
+    )
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (GIL)")
     opts = ap.parse_args()
 
@@ -362,6 +385,8 @@ def main() -> None:
         pad_fraction=round(float(np.mean([h["pad_fraction"] for h in ram["history"]])), 3),
         packed=ram["packed"],
     )
+    if opts.cpu_ops_ratio:
+        _cpu_ops_ratio(results, args, bundle, rows, ram, opts.warmup)
     if opts.runs == "abba":
         _stream_vs_ram(results, opts, args, bundle, rows, ram, url, storage_options)
         ram_tps = results["tokens_s"]

@@ -164,3 +164,31 @@ def test_peek_leaves_a_resumable_dataset_where_it_was():
     it = iter(source)
     next(it)
     assert [r["sample_id"] for r in peek(source, 3)] == [r["sample_id"] for r in list(iter(source))[:3]]
+
+
+def test_media_lr_gives_a_medium_its_own_projector_learning_rate(tiny, tmp_path):
+    spec = {"image": SPEC["image"], "audio": {"encoder": "synthetic", "dim": 8, "tokens": 2}}
+    template = Template(prompt="{image}\n{audio}\nWhat colour is it?", completion="{text}")
+    data = [r | {"audio_tokens": np.ones((2, 8), np.float16) * (i % 3)} for i, r in enumerate(rows(16))]
+    weights = {}
+    for name, media_lr in (("init", None), ("shared", {}), ("own", {"audio": 1e-9})):
+        out = tmp_path / name
+        kw = dict(template=template, iters=0 if media_lr is None else 3, media_lr=media_lr or {})
+        train(args(tiny, out, **kw), ListSource(data), media=spec)
+        weights[name] = mx.load(str(out / "projector.safetensors"))
+
+    def moved(name: str, kind: str) -> float:
+        keys = [k for k in weights["init"] if k.startswith(f"{kind}.layers")]
+        assert keys
+        return max(mx.abs(weights[name][k] - weights["init"][k]).max().item() for k in keys)
+
+    assert moved("shared", "image") > 1e-3 and moved("shared", "audio") > 1e-3
+    # the image projector keeps projector_lr (its later steps see a different audio projector)
+    assert moved("own", "image") == pytest.approx(moved("shared", "image"), rel=0.05)
+    assert moved("own", "audio") < 1e-6  # its own AdamW at 1e-9
+    with pytest.raises(ValueError, match="media_lr names"):
+        train(
+            args(tiny, tmp_path / "bad", template=template, media_lr={"video": 1e-3}),
+            ListSource(data),
+            media=spec,
+        )
