@@ -343,8 +343,10 @@ class TrainArgs(Settings):
         "cached",
         description="cached: encoder tokens stored by decode; online: raw media encoded (and augmented) while training.",
     )
-    projector: Literal["mlp", "linear"] = Field(
-        "mlp", description="Projector per modality: mlp (Linear-GELU-Linear) or linear."
+    projector: Literal["mlp", "linear"] | dict[str, Literal["mlp", "linear"]] = Field(
+        "mlp",
+        description="Projector per modality: mlp (Linear-GELU-Linear) or linear; or one per medium, "
+        "e.g. {image: linear} (media not named: mlp).",
     )
     projector_lr: float = Field(1e-3, gt=0, description="Peak learning rate of the projectors.")
     media_lr: dict[str, float] = Field(

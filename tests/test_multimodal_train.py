@@ -192,3 +192,24 @@ def test_media_lr_gives_a_medium_its_own_projector_learning_rate(tiny, tmp_path)
             ListSource(data),
             media=spec,
         )
+
+
+def test_projector_kind_per_medium_round_trips_through_the_output_folder(tiny, tmp_path):
+    spec = {"image": SPEC["image"], "audio": {"encoder": "synthetic", "dim": 8, "tokens": 2}}
+    template = Template(prompt="{image}\n{audio}\nWhat colour is it?", completion="{text}")
+    data = [r | {"audio_tokens": np.ones((2, 8), np.float16) * (i % 3)} for i, r in enumerate(rows(8))]
+    out = tmp_path / "out"
+    train(
+        args(tiny, out, template=template, iters=2, projector={"image": "linear"}),
+        ListSource(data),
+        media=spec,
+    )
+    assert json.loads((out / "multimodal.json").read_text())["projector"] == {"image": "linear"}
+    projectors = load_multimodal(tiny, str(out)).net.projectors
+    assert len(projectors.image.layers) == 1 and len(projectors.audio.layers) == 3  # audio: mlp by default
+    with pytest.raises(ValueError, match="projector names"):
+        train(
+            args(tiny, tmp_path / "bad", template=template, projector={"video": "linear"}),
+            ListSource(data),
+            media=spec,
+        )

@@ -70,11 +70,14 @@ class Projector(nn.Module):
 class Projectors(nn.Module):
     """One projector per modality, as children named after the modality."""
 
-    def __init__(self, dims: dict[str, int], out_dim: int, kind: str = "mlp", norm: bool = False):
+    def __init__(self, dims: dict[str, int], out_dim: int, kind: str | dict = "mlp", norm: bool = False):
         super().__init__()
+        if isinstance(kind, dict) and set(kind) - set(KINDS):
+            raise ValueError(f"projector names {sorted(set(kind) - set(KINDS))}; media are {list(KINDS)}")
         for name in KINDS:
             if name in dims:
-                setattr(self, name, Projector(int(dims[name]), out_dim, kind, norm=norm))
+                own = kind.get(name, "mlp") if isinstance(kind, dict) else kind
+                setattr(self, name, Projector(int(dims[name]), out_dim, own, norm=norm))
         self.freeze_norm()
 
     def freeze_norm(self) -> None:
@@ -92,7 +95,7 @@ class Projectors(nn.Module):
 
 
 def attach_projectors(
-    model: nn.Module, dims: dict[str, int], kind: str = "mlp", seed: int = 0, norm: bool = False
+    model: nn.Module, dims: dict[str, int], kind: str | dict = "mlp", seed: int = 0, norm: bool = False
 ) -> Projectors:
     """Add `model.projectors` (trainable, float32, seeded init; `norm`: with an identity input
     standardisation until `fit_input_norm`) to an mlx-lm model."""
