@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 from streamtune import storage
@@ -42,6 +43,7 @@ def run_demo(workdir: str, *, samples: int = 24, iters: int | None = None, multi
         f"[demo] generating {samples} samples (speech + drawings + captions) and {DEMO_VIDEOS} videos in {source_dir}",
         flush=True,
     )
+    server = _start_prefect_server()
     generate_demo_source(source_dir, n=samples, videos=DEMO_VIDEOS)
 
     s3 = start_local_s3()
@@ -55,6 +57,7 @@ def run_demo(workdir: str, *, samples: int = 24, iters: int | None = None, multi
 
         from flows.pipeline import PipelineParams, pipeline
 
+        server.join()
         summary = pipeline(PipelineParams(**demo_params(workdir, samples=samples, iters=iters)))
         summary = dict(summary)
         summary["generation"] = _before_after(summary, workdir)
@@ -69,6 +72,22 @@ def run_demo(workdir: str, *, samples: int = 24, iters: int | None = None, multi
         s3.stop()
     storage.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def _start_prefect_server() -> threading.Thread:
+    """Without PREFECT_API_URL the first flow starts a temporary Prefect server (13-25 s on 2 cores): start
+    it on a thread while the source set is generated; join before the first flow."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    def start() -> None:
+        if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            from prefect.server.api.server import SubprocessASGIServer
+
+            SubprocessASGIServer().start()  # the instance the flow's client then finds running
+
+    thread = threading.Thread(target=start, name="prefect-server", daemon=True)
+    thread.start()
+    return thread
 
 
 def _log(message: str) -> None:

@@ -185,8 +185,9 @@ def run(
     instruct_iters: int = 36,
     batch_size: int = 2,
     lora_lr: float = 1e-4,
+    projector: str | dict = "linear",
     projector_lr: tuple[float, float] = (2e-3, 2e-3),
-    media_lr: tuple[dict, dict] = ({}, {}),
+    media_lr: tuple[dict, dict] = ({"image": 1e-2}, {"image": 5e-3}),
     model: str = "offline:smollm2",
     media_source: str = "cached",
     augment_media: tuple[str, ...] = ("audio",),
@@ -237,6 +238,7 @@ def run(
     template = Template(prompt="{image}\n{audio}\n{meta_question}", completion="{meta_answer}", system=SYSTEM)
     common = dict(model=model, template=template, batch_size=batch_size, seq_len=256, save_every=0, seed=0)
     common |= dict(num_layers=8, rank=8, warmup=1, storage_options=storage_options, media_source=media_source)
+    common |= dict(projector=projector)
     common |= dict(augment_media=list(augment_media), **(train_overrides or {}))
     media = decode_cfg if online else None
     stage1, stage2 = os.path.join(workdir, "multimodal-stage1"), os.path.join(workdir, "multimodal-stage2")
@@ -300,6 +302,7 @@ def run(
             "steps": [align_iters, instruct_iters],
             "rows": batch_size,
             "seq_len": 256,
+            "projector": projector,
             "projector_lr": list(projector_lr),
             "media_lr": list(media_lr),
             "lora_lr": lora_lr,
