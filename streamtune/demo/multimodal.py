@@ -6,7 +6,7 @@ espeak-ng voices saying a colour and a shape; each sample has one medium and a q
 raw shards -> decode (CLIP patch tokens, Whisper tiny.en encoder frames, kept as float16) -> streamed
 feature rows -> stage 1 (projectors only) -> stage 2 (projectors + LoRA). `media_source="online"` instead
 encodes the media in the data path, the voices augmented (speed, offset, gain, noise) afresh in every epoch
-(on 2 cores it trained at 65-70 tokens/s against 82-87 cached). Held-out renderings (new sizes,
+(slower than cached features on 2 cores). Held-out renderings (new sizes,
 positions and noise; voices at other speeds and pitches, with noise) are then asked "What does this
 picture show?" / "What shape and colour do you hear?" with only the medium in the prompt: the summary
 reports colour and shape accuracy and the counterfactual loss ratio per modality, and one answer before
