@@ -35,7 +35,8 @@ def active(x: mx.array) -> bool:
 @mx.custom_function
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis."""
-    e = np.asarray(x) - np.asarray(x).max(axis=-1, keepdims=True)
+    a = np.asarray(x)
+    e = a - a.max(axis=-1, keepdims=True)
     np.exp(e, out=e)
     e /= e.sum(axis=-1, keepdims=True)
     return mx.array(e)
