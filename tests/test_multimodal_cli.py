@@ -189,3 +189,20 @@ def test_decode_then_two_stages_and_online_through_the_cli(adapter, tmp_path, mo
         "image",
         "audio",
     }
+
+
+def test_batched_generation_gives_each_request_its_own_answer(adapter):
+    from streamtune.train.mm_generate import load_multimodal
+
+    mm = load_multimodal(adapter["model"], str(adapter["adapter"]))
+    folder = adapter["folder"]
+    requests = [
+        {"prompt": "What is it?", "image": picture((200, 0, 0))},
+        {"prompt": "What is it?", "image": picture((0, 0, 200)), "audio": folder / "clip.wav"},
+        {"prompt": "Name it.", "image": picture((0, 200, 0))},
+        {"prompt": "What is it?", "image": picture((0, 200, 200))},
+    ]
+    batched = mm.generate_batch(requests, max_tokens=8)
+    one_by_one = [mm.generate(r.pop("prompt"), **r, max_tokens=8) for r in [dict(r) for r in requests]]
+    assert batched == one_by_one
+    assert any(batched), "the tiny LM says something"

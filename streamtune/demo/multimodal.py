@@ -155,15 +155,10 @@ def ingest(source_url: str, work_url: str, decode_cfg, storage_options=None, dec
 
 def accuracy(mm, rows: list[dict], kind: str) -> dict:
     """Colour and shape named in the greedy answer to the sample's question, given only its medium."""
-    colour = shape = 0
-    answers = []
-    for row in rows:
-        question = json.loads(row["meta"])["question"]
-        text = mm.generate(question, **{kind: row[kind]}, max_tokens=8)
-        low = text.lower()
-        colour += row["colour"] in low
-        shape += row["shape"] in low
-        answers.append(text)
+    requests = [{"prompt": json.loads(row["meta"])["question"], kind: row[kind]} for row in rows]
+    answers = mm.generate_batch(requests, max_tokens=8)
+    colour = sum(row["colour"] in text.lower() for row, text in zip(rows, answers, strict=True))
+    shape = sum(row["shape"] in text.lower() for row, text in zip(rows, answers, strict=True))
     n = max(len(rows), 1)
     return {
         "colour_accuracy": colour / n,

@@ -117,6 +117,53 @@ class MultimodalModel:
         text = mlx_generate(self.net, self.tokenizer, ids, max_tokens=max_tokens, input_embeddings=embeddings)
         return text.strip()
 
+    def generate_batch(
+        self, requests: list[dict], max_tokens: int = 64, system: str | None = None
+    ) -> list[str]:
+        """Greedy completions of several requests (`{"prompt": ..., "image": ..., "audio": ...}`), the
+        prompts of one length decoded together: one pass over the weights per token for the whole
+        group instead of one per request (what evaluation costs on a CPU). Same answers as `generate`
+        up to float summation order."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if system is None:
+            system = (self.meta.get("template") or {}).get("system")
+        prepared = []
+        for request in requests:
+            prompt, media = request["prompt"], {}
+            for kind in ("image", "audio"):
+                if request.get(kind) is None:
+                    continue
+                media[kind] = [self.encode(kind, request[kind])]
+                if PLACEHOLDER[kind] not in prompt:
+                    prompt = f"{PLACEHOLDER[kind]}\n{prompt}"
+            ids, placed = prompt_with_media(self.tokenizer, prompt, media, system)
+            prepared.append((ids, sample_embeddings(self.net, ids, placed)))
+        stops = set(self.tokenizer.eos_token_ids)
+        answers: list[str] = [""] * len(requests)
+        by_length: dict[int, list[int]] = {}
+        for i, (ids, _) in enumerate(prepared):
+            by_length.setdefault(len(ids), []).append(i)
+        for group in by_length.values():
+            ids = mx.array([prepared[i][0] for i in group])
+            embeddings = mx.concatenate([prepared[i][1] for i in group])
+            cache = make_prompt_cache(self.net)
+            logits = self.net(ids, cache=cache, input_embeddings=embeddings)[:, -1]
+            out: list[list[int]] = [[] for _ in group]
+            done = [False] * len(group)
+            for _ in range(max_tokens):
+                token = mx.argmax(logits, axis=-1)
+                for j, t in enumerate(token.tolist()):
+                    done[j] = done[j] or t in stops
+                    if not done[j]:
+                        out[j].append(t)
+                if all(done):
+                    break
+                logits = self.net(token[:, None], cache=cache)[:, -1]
+            for i, tokens in zip(group, out, strict=True):
+                answers[i] = self.tokenizer.decode(tokens).strip()
+        return answers
+
     def counterfactual(self, rows: list[dict], template=None, **kw) -> dict:
         """Held-out loss with own vs another sample's media (`counterfactual.counterfactual`)."""
         from streamtune.train.counterfactual import counterfactual
