@@ -360,6 +360,15 @@ class TrainArgs(Settings):
         "on the first projector_norm_samples training rows (frozen, saved with the projector). Encoder "
         "tokens share a large common component; without it the drawings' shapes went unlearnt.",
     )
+    projector_whiten: float | dict[str, float] | None = Field(
+        None,
+        description="Also decorrelate the standardised encoder features (frozen matrix fitted with the "
+        "standardisation): the correlation's eigenvalues are lifted by this times their mean before the "
+        "inverse square root, so the few directions that dominate (colour, in the demo's drawings) are "
+        "scaled down to the rest and the projector learns the rare ones (shape) at the same pace. "
+        "One number for every medium or one per medium ({image: 1.0}; media not named: standardise "
+        "only). null: standardise only.",
+    )
     projector_norm_samples: int = Field(
         256, ge=1, description="Rows (per rank, summed over ranks) the input standardisation is fitted on."
     )
@@ -380,6 +389,14 @@ class TrainArgs(Settings):
         ge=0,
         description="online: worker processes decoding and augmenting media (0: 4 threads of this process).",
     )
+
+    @field_validator("projector_whiten")
+    @classmethod
+    def _whiten(cls, value: Any) -> Any:
+        values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(v < 0 for v in values):
+            raise ValueError("projector_whiten must be >= 0 (0: full whitening)")
+        return value
 
     @property
     def adapter_dir(self) -> str:

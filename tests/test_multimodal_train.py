@@ -213,3 +213,58 @@ def test_projector_kind_per_medium_round_trips_through_the_output_folder(tiny, t
             ListSource(data),
             media=spec,
         )
+
+
+def test_projector_whitening_decorrelates_the_standardised_tokens(tiny, tmp_path):
+    data = rows(64)
+    mixing = np.random.default_rng(3).standard_normal((16, 16)) * np.linspace(0.1, 3, 16)
+    for r in data:  # strongly correlated features with a few dominant directions
+        r["image_tokens"] = (r["image_tokens"].astype(np.float32) @ mixing + 5).astype(np.float16)
+    tokens = np.concatenate([r["image_tokens"].astype(np.float64) for r in data])
+    for lift in (0.0, 1.0):
+        out = tmp_path / f"w{lift}"
+        kw = dict(iters=1, projector_whiten=lift, projector_norm_samples=64)
+        train(args(tiny, out, **kw), ListSource(data, shuffle=True), media=SPEC)
+        w = mx.load(str(out / "projector.safetensors"))
+        standardised = (tokens - np.array(w["image.shift"])) * np.array(w["image.scale"])
+        white = standardised @ np.array(w["image.whiten"], np.float64)
+        eig = np.linalg.eigvalsh(np.corrcoef(tokens.T))  # the reference: numpy's correlation matrix
+        got = np.sort(np.linalg.eigvalsh(np.cov(white.T, bias=True)))
+        np.testing.assert_allclose(got, eig / (eig + lift * eig.mean()), atol=2e-3)
+    np.testing.assert_allclose(np.cov(white.T, bias=True), np.cov(white.T, bias=True).T, atol=1e-6)
+    assert json.loads((out / "multimodal.json").read_text())["projector_whiten"] == 1.0
+
+    # stage 2 keeps the matrix frozen and generation rebuilds it; a run without whitening cannot start there
+    stage2 = tmp_path / "stage2"
+    train(
+        args(tiny, stage2, stage="instruct", iters=2, init_adapter=str(out), projector_whiten=1.0),
+        ListSource(data),
+        media=SPEC,
+    )
+    assert mx.array_equal(mx.load(str(stage2 / "projector.safetensors"))["image.whiten"], w["image.whiten"])
+    assert mx.array_equal(load_multimodal(tiny, str(stage2)).net.projectors.image.whiten, w["image.whiten"])
+    with pytest.raises(ValueError, match=r"whitening \[.image.\]"):
+        train(
+            args(tiny, tmp_path / "x", stage="instruct", iters=1, init_adapter=str(out)),
+            ListSource(data),
+            media=SPEC,
+        )
+
+    # one medium whitened, the other only standardised; an unknown medium or a negative lift is an error
+    spec = {"image": SPEC["image"], "audio": {"encoder": "synthetic", "dim": 8, "tokens": 2}}
+    template = Template(prompt="{image}\n{audio}\nWhat colour is it?", completion="{text}")
+    noisy = np.random.default_rng(5).standard_normal((len(data), 2, 8))
+    both = [r | {"audio_tokens": noisy[i].astype(np.float16)} for i, r in enumerate(data)]
+    one = tmp_path / "one"
+    kw = dict(template=template, iters=1, projector_whiten={"image": 0.5})
+    train(args(tiny, one, **kw), ListSource(both), media=spec)
+    w = mx.load(str(one / "projector.safetensors"))
+    assert "image.whiten" in w and "audio.whiten" not in w and "audio.scale" in w
+    with pytest.raises(ValueError, match="projector_whiten names"):
+        train(
+            args(tiny, tmp_path / "v", template=template, projector_whiten={"video": 1.0}),
+            ListSource(both),
+            media=spec,
+        )
+    with pytest.raises(ValueError, match=">= 0"):
+        args(tiny, tmp_path / "n", projector_whiten=-1.0)

@@ -327,7 +327,14 @@ def _untrained(model: str, trained_dir: str):
     meta = read_meta(trained_dir)
     net, tokenizer, _ = load_base(model, dequantize=True)
     dims = {k: s["dim"] for k, s in meta["media"].items()}
-    attach_projectors(net, dims, meta["projector"], seed=0, norm=meta.get("projector_norm", False))
+    attach_projectors(
+        net,
+        dims,
+        meta["projector"],
+        seed=0,
+        norm=meta.get("projector_norm", False),
+        whiten=meta.get("projector_whiten"),
+    )
     net.projectors.meta_json = json.dumps(meta)
     net.eval()
     return MultimodalModel(net, tokenizer, meta)

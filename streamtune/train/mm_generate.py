@@ -184,7 +184,13 @@ def load_multimodal(model: str, adapter_path: str, dtype: str | None = None) -> 
         raise FileNotFoundError(f"no multimodal.json in {adapter_path}: not a multimodal adapter folder")
     net, tokenizer, _ = load_with_adapter(model, adapter_path, dtype=dtype)
     dims = {k: int(s["dim"]) for k, s in meta["media"].items() if k in KINDS}
-    attach_projectors(net, dims, meta["projector"], norm=meta.get("projector_norm", False))
+    attach_projectors(
+        net,
+        dims,
+        meta["projector"],
+        norm=meta.get("projector_norm", False),
+        whiten=meta.get("projector_whiten"),
+    )
     net.projectors.load_weights(os.path.join(adapter_path, PROJECTOR_FILE), strict=True)
     net.projectors.meta_json = json.dumps(meta)
     net.eval()

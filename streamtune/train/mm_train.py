@@ -41,9 +41,11 @@ from streamtune.train.multimodal import (
     attach_projectors,
     encode_with_media,
     fit_input_norm,
+    norm_sums,
     placeholder_fields,
     save_projector,
     soft_inputs,
+    whiten_for,
 )
 
 MEDIA_TEMPLATE = Template(prompt="{image}\n{audio}", completion="{text}")
@@ -105,7 +107,14 @@ class MultimodalRun:
         self.template = args.template if "template" in args.model_fields_set else MEDIA_TEMPLATE
         if self.template is DEFAULT_TEMPLATE:
             self.template = MEDIA_TEMPLATE
-        attach_projectors(model, self.dims, args.projector, seed=args.seed, norm=args.projector_norm)
+        attach_projectors(
+            model,
+            self.dims,
+            args.projector,
+            seed=args.seed,
+            norm=args.projector_norm,
+            whiten=args.projector_whiten,
+        )
         model.projectors.meta_json = json.dumps(self.meta())
         model.freeze()
         if args.stage == "instruct":
@@ -126,6 +135,7 @@ class MultimodalRun:
             "stage": self.args.stage,
             "projector": self.args.projector,
             "projector_norm": self.args.projector_norm,
+            "projector_whiten": self.args.projector_whiten,
             "placeholders": {k: f"<{k}>" for k in self.kinds},
             "media": self.spec,
             "template": self.template.__dict__ if isinstance(self.template, Template) else None,
@@ -160,10 +170,14 @@ class MultimodalRun:
         with _local(path, storage_options) as local:
             weights = mx.load(local)
         has_norm = any(k.rsplit(".", 1)[-1] in NORM_PARAMS for k in weights)
-        if has_norm != self.args.projector_norm:
+        has_whiten = sorted(k.split(".")[0] for k in weights if k.endswith(".whiten"))
+        want_whiten = [k for k in self.kinds if whiten_for(self.args.projector_whiten, k) is not None]
+        if has_norm != (self.args.projector_norm or bool(want_whiten)) or has_whiten != want_whiten:
             raise ValueError(
                 f"init_adapter {url}: its projectors were trained with projector_norm={has_norm}, "
-                f"this run has projector_norm={self.args.projector_norm}; set the same"
+                f"whitening {has_whiten or 'off'}; this run has "
+                f"projector_norm={self.args.projector_norm}, projector_whiten={self.args.projector_whiten}; "
+                "set the same"
             )
         model.projectors.load_weights(list(weights.items()), strict=True)
         mx.eval(model.projectors.parameters())
@@ -173,7 +187,9 @@ class MultimodalRun:
         """Fit the projectors' input standardisation on the encoder tokens of `rows` (unaugmented; rows
         whose media cannot be encoded are left out), summed over the `world` ranks so every rank holds
         the same. Returns the tokens seen per kind."""
-        sums = {k: np.zeros(2 * self.dims[k] + 1) for k in self.kinds}
+        whiten = {k: whiten_for(self.args.projector_whiten, k) is not None for k in self.kinds}
+        width = {k: d * d if whiten[k] else d for k, d in self.dims.items()}
+        sums = {k: np.zeros(self.dims[k] + width[k] + 1) for k in self.kinds}
         for row in rows:
             try:
                 media = self.media_of(row, 0, augment=False)
@@ -181,17 +197,13 @@ class MultimodalRun:
                 continue
             for kind, items in media.items():
                 for tokens in items:
-                    t = np.asarray(tokens, np.float64)
-                    dim = self.dims[kind]
-                    sums[kind][:dim] += t.sum(0)
-                    sums[kind][dim : 2 * dim] += (t * t).sum(0)
-                    sums[kind][-1] += len(t)
+                    sums[kind] += norm_sums(tokens, whiten[kind])
         if world > 1:
             sums = {
                 k: np.asarray(mx.distributed.all_sum(mx.array(v, mx.float32)), np.float64)
                 for k, v in sums.items()
             }
-        return fit_input_norm(model.projectors, sums)
+        return fit_input_norm(model.projectors, sums, self.args.projector_whiten)
 
     # ------------------------------------------------------------------------------------ data path
 

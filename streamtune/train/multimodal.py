@@ -32,7 +32,7 @@ SLOT_ID = 0  # token id under a soft token (its embedding is replaced)
 PROJECTOR_FILE = "projector.safetensors"
 MULTIMODAL_FILE = "multimodal.json"
 Media = tuple[str, int, np.ndarray]
-NORM_PARAMS = ("shift", "scale")
+NORM_PARAMS = ("shift", "scale", "whiten")
 
 
 class MediaMismatch(ValueError):
@@ -42,15 +42,24 @@ class MediaMismatch(ValueError):
 class Projector(nn.Module):
     """Encoder tokens -> LM hidden size: Linear -> GELU -> Linear (`mlp`), or one Linear (`linear`).
     With `norm`, each input feature is first standardised by a frozen `shift` and `scale` fitted on
-    training tokens (`fit_input_norm`)."""
+    training tokens (`fit_input_norm`); with `whiten` as well, the standardised features are then
+    decorrelated by a frozen (dim, dim) matrix."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, kind: str = "mlp", hidden: int | None = None, norm: bool = False
+        self,
+        in_dim: int,
+        out_dim: int,
+        kind: str = "mlp",
+        hidden: int | None = None,
+        norm: bool = False,
+        whiten: bool = False,
     ):
         super().__init__()
-        if norm:
+        if norm or whiten:
             self.shift = mx.zeros((in_dim,))
             self.scale = mx.ones((in_dim,))
+        if whiten:
+            self.whiten = mx.eye(in_dim)
         if kind == "linear":
             self.layers = [nn.Linear(in_dim, out_dim)]
         elif kind == "mlp":
@@ -62,6 +71,8 @@ class Projector(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         if "shift" in self:
             x = (x - self.shift) * self.scale
+        if "whiten" in self:
+            x = x @ self.whiten
         for layer in self.layers:
             x = layer(x)
         return x
@@ -70,14 +81,23 @@ class Projector(nn.Module):
 class Projectors(nn.Module):
     """One projector per modality, as children named after the modality."""
 
-    def __init__(self, dims: dict[str, int], out_dim: int, kind: str | dict = "mlp", norm: bool = False):
+    def __init__(
+        self,
+        dims: dict[str, int],
+        out_dim: int,
+        kind: str | dict = "mlp",
+        norm: bool = False,
+        whiten: float | dict | None = None,
+    ):
         super().__init__()
-        if isinstance(kind, dict) and set(kind) - set(KINDS):
-            raise ValueError(f"projector names {sorted(set(kind) - set(KINDS))}; media are {list(KINDS)}")
+        for name, setting in (("projector", kind), ("projector_whiten", whiten)):
+            if isinstance(setting, dict) and set(setting) - set(KINDS):
+                raise ValueError(f"{name} names {sorted(set(setting) - set(KINDS))}; media are {list(KINDS)}")
         for name in KINDS:
             if name in dims:
                 own = kind.get(name, "mlp") if isinstance(kind, dict) else kind
-                setattr(self, name, Projector(int(dims[name]), out_dim, own, norm=norm))
+                white = whiten_for(whiten, name) is not None
+                setattr(self, name, Projector(int(dims[name]), out_dim, own, norm=norm, whiten=white))
         self.freeze_norm()
 
     def freeze_norm(self) -> None:
@@ -95,17 +115,27 @@ class Projectors(nn.Module):
 
 
 def attach_projectors(
-    model: nn.Module, dims: dict[str, int], kind: str | dict = "mlp", seed: int = 0, norm: bool = False
+    model: nn.Module,
+    dims: dict[str, int],
+    kind: str | dict = "mlp",
+    seed: int = 0,
+    norm: bool = False,
+    whiten: float | dict | None = None,
 ) -> Projectors:
-    """Add `model.projectors` (trainable, float32, seeded init; `norm`: with an identity input
-    standardisation until `fit_input_norm`) to an mlx-lm model."""
+    """Add `model.projectors` (trainable, float32, seeded init; `norm` / `whiten`: with an identity input
+    standardisation / whitening until `fit_input_norm`) to an mlx-lm model."""
     unknown = set(dims) - set(KINDS)
     if unknown or not dims:
         raise ValueError(f"media kinds must be among {KINDS}, got {sorted(dims)}")
     mx.random.seed(seed * 7919 + 17)
-    model.projectors = Projectors(dims, hidden_size(model), kind, norm)
+    model.projectors = Projectors(dims, hidden_size(model), kind, norm, whiten)
     mx.eval(model.projectors.parameters())
     return model.projectors
+
+
+def whiten_for(setting: float | dict | None, kind: str) -> float | None:
+    """A medium's `projector_whiten` (a number for every medium, or one per medium)."""
+    return setting.get(kind) if isinstance(setting, dict) else setting
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -247,24 +277,49 @@ def norm_weights(model: nn.Module) -> dict[str, mx.array]:
     return {f"projectors.{k}": v for k, v in flat if k.rsplit(".", 1)[-1] in NORM_PARAMS}
 
 
-def fit_input_norm(projectors: Projectors, sums: dict[str, np.ndarray]) -> dict[str, int]:
-    """Set each projector's `shift`/`scale` to the mean and inverse spread of its encoder tokens.
-    `sums[kind]` = [sum over tokens, sum of squares, token count] (float64, 2 * dim + 1). A feature
-    whose spread is under 1 % of the average spread is scaled as if it had that much, so a feature
-    that is constant in the fitting tokens cannot blow up on other inputs. Returns tokens per kind."""
+def norm_sums(tokens: np.ndarray, whiten: bool) -> np.ndarray:
+    """What `fit_input_norm` needs of some (n, dim) tokens, as one float64 vector ranks can sum:
+    [sum, sum of squares (or with `whiten` the flattened sum of outer products), count]."""
+    t = np.asarray(tokens, np.float64)
+    second = (t.T @ t).ravel() if whiten else (t * t).sum(0)
+    return np.concatenate([t.sum(0), second, [len(t)]])
+
+
+def fit_input_norm(
+    projectors: Projectors, sums: dict[str, np.ndarray], whiten: float | dict | None = None
+) -> dict[str, int]:
+    """Set each projector's `shift`/`scale` to the mean and inverse spread of its encoder tokens
+    (`sums[kind]`: summed `norm_sums`). A feature whose spread is under 1 % of the average spread is
+    scaled as if it had that much, so a feature that is constant in the fitting tokens cannot blow up
+    on other inputs. With `whiten`, the projector's `whiten` matrix becomes the inverse square root of
+    the standardised features' correlation, each eigenvalue lifted by `whiten` times their mean
+    (shrinkage: the few directions that dominate are scaled down to the others, rare directions are not
+    blown up). Returns tokens per kind."""
     counts = {}
     for kind, total in sums.items():
         proj = getattr(projectors, kind)
         dim = proj.shift.shape[0]
         count = float(total[-1])
         counts[kind] = int(count)
+        lift = whiten_for(whiten, kind)
         if count == 0:
             continue
         mean = total[:dim] / count
-        spread = np.sqrt(np.maximum(total[dim : 2 * dim] / count - mean * mean, 0.0))
+        if lift is None:
+            var = total[dim : 2 * dim] / count - mean * mean
+        else:
+            cov = total[dim:-1].reshape(dim, dim) / count - np.outer(mean, mean)
+            var = np.diag(cov)
+        spread = np.sqrt(np.maximum(var, 0.0))
         spread = np.maximum(spread, 0.01 * spread.mean() + 1e-6)
         proj.shift = mx.array(mean.astype(np.float32))
         proj.scale = mx.array((1.0 / spread).astype(np.float32))
+        if lift is not None:
+            corr = cov / np.outer(spread, spread)
+            eig, vec = np.linalg.eigh((corr + corr.T) / 2)
+            eig = np.maximum(eig, 0.0)
+            lifted = eig + lift * max(eig.mean(), 1e-12)
+            proj.whiten = mx.array(((vec / np.sqrt(lifted)) @ vec.T).astype(np.float32))
     mx.eval(projectors.parameters())
     projectors.freeze_norm()
     return counts

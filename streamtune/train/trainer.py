@@ -366,7 +366,8 @@ def train(
             (adapters.read_config(args.init_adapter, args.storage_options) or {}).get("global_step", 0)
         )
 
-    if mm is not None and args.projector_norm and not args.resume and not warm_projectors:
+    fit = args.projector_norm or args.projector_whiten is not None
+    if mm is not None and fit and not args.resume and not warm_projectors:
         rows = [r for r in peek(stream.rows, args.projector_norm_samples) if not stream._held_out(r)]
         mm.fit_norm(model, rows, world)
 
