@@ -171,7 +171,7 @@ class MultimodalRun:
             weights = mx.load(local)
         has_norm = any(k.rsplit(".", 1)[-1] in NORM_PARAMS for k in weights)
         has_whiten = sorted(k.split(".")[0] for k in weights if k.endswith(".whiten"))
-        want_whiten = [k for k in self.kinds if whiten_for(self.args.projector_whiten, k) is not None]
+        want_whiten = sorted(k for k in self.kinds if whiten_for(self.args.projector_whiten, k) is not None)
         if has_norm != (self.args.projector_norm or bool(want_whiten)) or has_whiten != want_whiten:
             raise ValueError(
                 f"init_adapter {url}: its projectors were trained with projector_norm={has_norm}, "
