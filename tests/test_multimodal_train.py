@@ -268,3 +268,12 @@ def test_projector_whitening_decorrelates_the_standardised_tokens(tiny, tmp_path
         )
     with pytest.raises(ValueError, match=">= 0"):
         args(tiny, tmp_path / "n", projector_whiten=-1.0)
+    # both media whitened: stage 2 starts from stage 1
+    both_dir, kw = tmp_path / "both", dict(template=template, projector_whiten=1.0)
+    train(args(tiny, both_dir, iters=1, **kw), ListSource(both), media=spec)
+    res = train(
+        args(tiny, tmp_path / "both2", stage="instruct", iters=1, init_adapter=str(both_dir), **kw),
+        ListSource(both),
+        media=spec,
+    )
+    assert res["steps"] == 1
