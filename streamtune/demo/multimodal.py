@@ -30,6 +30,9 @@ AUDIO_QUESTION = "What shape and colour do you hear?"
 ANSWER = "A {colour} {shape}."
 SYSTEM = "Answer briefly."
 VOICES = ("en-us", "en-gb", "en-us+f2", "en-gb+m3")
+# Whitening the picture token lets its projector learn shape; whitening the voices' tokens as much costs
+# voice colour, and not at all left picture shape lower on average (3 seeds each, README).
+WHITEN = {"image": 1.0, "audio": 3.0}
 
 
 def render(shape: str, colour: str, rng: np.random.Generator, size: int = 224) -> Image.Image:
@@ -183,6 +186,7 @@ def run(
     projector: str | dict = "linear",
     projector_lr: tuple[float, float] = (2e-3, 2e-3),
     media_lr: tuple[dict, dict] = ({"image": 1e-2}, {"image": 5e-3}),
+    projector_whiten: float | dict | None = WHITEN,
     model: str = "offline:smollm2",
     media_source: str = "cached",
     augment_media: tuple[str, ...] = ("audio",),
@@ -233,7 +237,7 @@ def run(
     template = Template(prompt="{image}\n{audio}\n{meta_question}", completion="{meta_answer}", system=SYSTEM)
     common = dict(model=model, template=template, batch_size=batch_size, seq_len=256, save_every=0, seed=0)
     common |= dict(num_layers=8, rank=8, warmup=1, storage_options=storage_options, media_source=media_source)
-    common |= dict(projector=projector)
+    common |= dict(projector=projector, projector_whiten=projector_whiten)
     common |= dict(augment_media=list(augment_media), **(train_overrides or {}))
     media = decode_cfg if online else None
     stage1, stage2 = os.path.join(workdir, "multimodal-stage1"), os.path.join(workdir, "multimodal-stage2")
@@ -300,6 +304,7 @@ def run(
             "projector": projector,
             "projector_lr": list(projector_lr),
             "media_lr": list(media_lr),
+            "projector_whiten": projector_whiten,
             "lora_lr": lora_lr,
             "media_source": media_source,
             "augment_media": list(augment_media) if online else [],
