@@ -327,19 +327,10 @@ def _untrained(model: str, trained_dir: str):
     """The base LM with freshly initialised projectors (what the model 'sees' before training)."""
     from streamtune.train.mm_generate import MultimodalModel
     from streamtune.train.models import load_base
-    from streamtune.train.multimodal import attach_projectors, read_meta
+    from streamtune.train.multimodal import attach_from_meta, read_meta
 
     meta = read_meta(trained_dir)
     net, tokenizer, _ = load_base(model, dequantize=True)
-    dims = {k: s["dim"] for k, s in meta["media"].items()}
-    attach_projectors(
-        net,
-        dims,
-        meta["projector"],
-        seed=0,
-        norm=meta.get("projector_norm", False),
-        whiten=meta.get("projector_whiten"),
-    )
-    net.projectors.meta_json = json.dumps(meta)
+    attach_from_meta(net, meta, seed=0)
     net.eval()
     return MultimodalModel(net, tokenizer, meta)

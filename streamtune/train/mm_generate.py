@@ -12,7 +12,6 @@ default training template uses.
 
 from __future__ import annotations
 
-import json
 import os
 
 import mlx.core as mx
@@ -20,10 +19,9 @@ import mlx.nn as nn
 import numpy as np
 
 from streamtune.train.multimodal import (
-    KINDS,
     PLACEHOLDER,
     PROJECTOR_FILE,
-    attach_projectors,
+    attach_from_meta,
     prompt_with_media,
     read_meta,
     sample_embeddings,
@@ -103,19 +101,26 @@ class MultimodalModel:
         system message unless `system` is given)."""
         from mlx_lm.generate import generate as mlx_generate
 
+        ids, embeddings = self._prompt(prompt, {"image": image, "audio": audio}, system)
+        text = mlx_generate(
+            self.net, self.tokenizer, ids, max_tokens=max_tokens, input_embeddings=embeddings[0]
+        )
+        return text.strip()
+
+    def _prompt(self, prompt: str, inputs: dict, system: str | None) -> tuple[list[int], mx.array]:
+        """Prompt ids and (1, L, H) input embeddings with the given media as soft tokens (and the
+        training template's system message unless `system` is given)."""
         if system is None:
             system = (self.meta.get("template") or {}).get("system")
         media = {}
-        for kind, value in (("image", image), ("audio", audio)):
-            if value is None:
+        for kind in ("image", "audio"):
+            if inputs.get(kind) is None:
                 continue
-            media[kind] = [self.encode(kind, value)]
+            media[kind] = [self.encode(kind, inputs[kind])]
             if PLACEHOLDER[kind] not in prompt:
                 prompt = f"{PLACEHOLDER[kind]}\n{prompt}"
         ids, placed = prompt_with_media(self.tokenizer, prompt, media, system)
-        embeddings = sample_embeddings(self.net, ids, placed)[0]
-        text = mlx_generate(self.net, self.tokenizer, ids, max_tokens=max_tokens, input_embeddings=embeddings)
-        return text.strip()
+        return ids, sample_embeddings(self.net, ids, placed)
 
     def generate_batch(
         self, requests: list[dict], max_tokens: int = 64, system: str | None = None
@@ -126,19 +131,7 @@ class MultimodalModel:
         up to float summation order."""
         from mlx_lm.models.cache import make_prompt_cache
 
-        if system is None:
-            system = (self.meta.get("template") or {}).get("system")
-        prepared = []
-        for request in requests:
-            prompt, media = request["prompt"], {}
-            for kind in ("image", "audio"):
-                if request.get(kind) is None:
-                    continue
-                media[kind] = [self.encode(kind, request[kind])]
-                if PLACEHOLDER[kind] not in prompt:
-                    prompt = f"{PLACEHOLDER[kind]}\n{prompt}"
-            ids, placed = prompt_with_media(self.tokenizer, prompt, media, system)
-            prepared.append((ids, sample_embeddings(self.net, ids, placed)))
+        prepared = [self._prompt(r["prompt"], r, system) for r in requests]
         stops = set(self.tokenizer.eos_token_ids)
         answers: list[str] = [""] * len(requests)
         by_length: dict[int, list[int]] = {}
@@ -183,16 +176,8 @@ def load_multimodal(model: str, adapter_path: str, dtype: str | None = None) -> 
     if meta is None:
         raise FileNotFoundError(f"no multimodal.json in {adapter_path}: not a multimodal adapter folder")
     net, tokenizer, _ = load_with_adapter(model, adapter_path, dtype=dtype)
-    dims = {k: int(s["dim"]) for k, s in meta["media"].items() if k in KINDS}
-    attach_projectors(
-        net,
-        dims,
-        meta["projector"],
-        norm=meta.get("projector_norm", False),
-        whiten=meta.get("projector_whiten"),
-    )
+    attach_from_meta(net, meta)
     net.projectors.load_weights(os.path.join(adapter_path, PROJECTOR_FILE), strict=True)
-    net.projectors.meta_json = json.dumps(meta)
     net.eval()
     mx.eval(net.parameters())
     return MultimodalModel(net, tokenizer, meta)

@@ -133,6 +133,15 @@ def attach_projectors(
     return model.projectors
 
 
+def attach_from_meta(model: nn.Module, meta: dict, seed: int = 0) -> Projectors:
+    """Projectors shaped as an output folder's `multimodal.json` describes them (weights not loaded)."""
+    dims = {k: int(s["dim"]) for k, s in meta["media"].items() if k in KINDS}
+    norm, whiten = meta.get("projector_norm", False), meta.get("projector_whiten")
+    projectors = attach_projectors(model, dims, meta["projector"], seed=seed, norm=norm, whiten=whiten)
+    projectors.meta_json = json.dumps(meta)
+    return projectors
+
+
 def whiten_for(setting: float | dict | None, kind: str) -> float | None:
     """A medium's `projector_whiten` (a number for every medium, or one per medium)."""
     return setting.get(kind) if isinstance(setting, dict) else setting
