@@ -268,6 +268,15 @@ def test_projector_whitening_decorrelates_the_standardised_tokens(tiny, tmp_path
         )
     with pytest.raises(ValueError, match=">= 0"):
         args(tiny, tmp_path / "n", projector_whiten=-1.0)
+    # full whitening fitted on fewer tokens than features (one row: 16 tokens, rank 15) stays bounded:
+    # no direction is scaled by more than 1 / sqrt(1e-4 x the mean eigenvalue)
+    few = tmp_path / "few"
+    train(
+        args(tiny, few, iters=1, projector_whiten=0.0, projector_norm_samples=1), ListSource(data), media=SPEC
+    )
+    gain = np.linalg.norm(np.array(mx.load(str(few / "projector.safetensors"))["image.whiten"]), 2)
+    assert np.isfinite(gain) and gain <= 101, gain
+
     # both media whitened: stage 2 starts from stage 1
     both_dir, kw = tmp_path / "both", dict(template=template, projector_whiten=1.0)
     train(args(tiny, both_dir, iters=1, **kw), ListSource(both), media=spec)

@@ -303,7 +303,7 @@ def fit_input_norm(
     on other inputs. With `whiten`, the projector's `whiten` matrix becomes the inverse square root of
     the standardised features' correlation, each eigenvalue lifted by `whiten` times their mean
     (shrinkage: the few directions that dominate are scaled down to the others, rare directions are not
-    blown up). Returns tokens per kind."""
+    blown up), and never under 1e-4 of their mean. Returns tokens per kind."""
     counts = {}
     for kind, total in sums.items():
         proj = getattr(projectors, kind)
@@ -327,7 +327,8 @@ def fit_input_norm(
             corr = cov / np.outer(spread, spread)
             eig, vec = np.linalg.eigh((corr + corr.T) / 2)
             eig = np.maximum(eig, 0.0)
-            lifted = eig + lift * max(eig.mean(), 1e-12)
+            # a floor, so full whitening (lift 0) of fewer tokens than features stays finite
+            lifted = np.maximum(eig + lift * eig.mean(), 1e-4 * max(eig.mean(), 1e-12))
             proj.whiten = mx.array(((vec / np.sqrt(lifted)) @ vec.T).astype(np.float32))
     mx.eval(projectors.parameters())
     projectors.freeze_norm()
